@@ -1,0 +1,152 @@
+-- resty.autoscale: latency- and failure-aware load balancing for nginx, with statistics shared by all workers.
+--
+--     autoscale = require "resty.autoscale"                     -- init_by_lua*
+--     autoscale.configure { upstreams = { api = { peers = { "127.0.0.1:8081", "127.0.0.1:8082" } } } }
+--     autoscale.init_worker()                                   -- init_worker_by_lua* (optional)
+--     autoscale.balance("api")                                  -- balancer_by_lua*
+--     autoscale.log()                                           -- log_by_lua*
+--     local st = autoscale.status("api")                        -- anywhere
+--
+-- See docs/lua-api.md for every function and README.md for every option.
+
+local config = require "resty.autoscale.config"
+local loader = require "resty.autoscale.lib"
+local balancer = require "resty.autoscale.balancer"
+local status = require "resty.autoscale.status"
+local ffi = require "ffi"
+
+local ngx = ngx
+local error = error
+local pairs = pairs
+local ipairs = ipairs
+local sort = table.sort
+local get_phase = ngx.get_phase
+
+local _M = { _VERSION = "0.1.0" }
+
+local lib, conf, index
+local timer_started = false
+
+local function start_timer()
+    if timer_started then
+        return true
+    end
+    timer_started = true
+    local interval = conf.window.bucket / 2
+    local ok, err = ngx.timer.every(interval, function(premature)
+        if not premature then
+            lib.autoscale_region_tick()
+        end
+    end)
+    if not ok then
+        timer_started = false
+        return nil, err
+    end
+    return true
+end
+
+-- autoscale.configure(conf)
+-- Validates `conf` completely, creates (or, on reload, reuses) the shared region and applies the upstreams.
+-- Must be called in init_by_lua*. Raises an error naming the field and the reason when anything is wrong, which
+-- stops nginx from starting (or a reload from taking effect).
+function _M.configure(user_conf)
+    local phase = get_phase()
+    if phase ~= "init" then
+        error("resty.autoscale.configure must be called in init_by_lua* (called in " .. phase .. ")", 2)
+    end
+    local c, err = config.validate(user_conf)
+    if not c then
+        error("resty.autoscale: " .. err, 2)
+    end
+    local l
+    l, err = loader.load(c.lib_path)
+    if not l then
+        error("resty.autoscale: " .. err, 2)
+    end
+    local errbuf = ffi.new("char[512]")
+    local params = ffi.new("autoscale_region_params_t", {
+        max_upstreams = c.max_upstreams, max_peers = c.max_peers, max_workers = c.max_workers,
+        window_buckets = c.window.buckets, bucket_ms = math.floor(c.window.bucket * 1000 + 0.5),
+    })
+    local rc = l.autoscale_region_init(params, errbuf, 512)
+    if rc ~= 0 then
+        error("resty.autoscale: " .. ffi.string(errbuf), 2)
+    end
+
+    local names = {}
+    for name in pairs(c.upstreams) do
+        names[#names + 1] = name
+    end
+    sort(names)
+    local keep = {} -- keeps the strings and arrays alive during the call
+    local specs = ffi.new("autoscale_upstream_spec_t[?]", #names)
+    for i, name in ipairs(names) do
+        local u = c.upstreams[name]
+        local peers = ffi.new("autoscale_peer_spec_t[?]", #u.peers)
+        for j, p in ipairs(u.peers) do
+            peers[j - 1].addr = p.addr
+            peers[j - 1].addr_len = #p.addr
+            peers[j - 1].weight = p.weight
+        end
+        keep[#keep + 1] = peers
+        local s = specs[i - 1]
+        s.name, s.name_len = name, #name
+        s.algorithm = config.balancers[u.balancer]
+        s.retries = u.retries
+        s.slow_start_ms = math.floor(u.slow_start * 1000 + 0.5)
+        s.decay_ms = math.max(1, math.floor(u.ewma_decay * 1000 + 0.5))
+        s.default_rtt_us = math.max(1, math.floor(u.default_rtt * 1e6 + 0.5))
+        s.slow_start_aggression = u.slow_start_aggression
+        s.slow_start_min_weight = u.slow_start_min_weight
+        s.failure_penalty = u.failure_penalty
+        s.peers, s.npeers = peers, #u.peers
+    end
+    local indices = ffi.new("uint32_t[?]", #names + 1)
+    rc = l.autoscale_config_apply(specs, #names, indices, errbuf, 512)
+    if rc ~= 0 then
+        error("resty.autoscale: " .. ffi.string(errbuf), 2)
+    end
+    local idx = {}
+    for i, name in ipairs(names) do
+        idx[name] = indices[i - 1]
+    end
+    lib, conf, index = l, c, idx
+    balancer.init(lib, index)
+    status.init(lib, conf, index)
+    return true
+end
+
+-- autoscale.init_worker()
+-- Optional, in init_worker_by_lua*: attaches the worker and starts its upkeep timer now rather than on first use.
+function _M.init_worker()
+    if not lib then
+        return nil, "resty.autoscale is not configured"
+    end
+    balancer.attach()
+    return start_timer()
+end
+
+-- autoscale.balance(upstream_name), in balancer_by_lua*
+_M.balance = balancer.balance
+
+-- autoscale.log(), in log_by_lua*
+function _M.log()
+    balancer.log()
+    if not timer_started and lib then
+        start_timer()
+    end
+end
+
+-- st, err = autoscale.status(upstream_name)
+_M.status = status.upstream
+
+-- st = autoscale.status_all()
+_M.status_all = status.all
+
+-- autoscale.status_handler(), in content_by_lua*
+_M.status_handler = status.handler
+
+-- cls = autoscale.classify(status, connect_time, header_time): outcome code of one attempt (see balancer.lua)
+_M.classify = balancer.classify
+
+return _M

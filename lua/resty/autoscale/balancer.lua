@@ -1,0 +1,189 @@
+-- The request path: peer choice in balancer_by_lua*, accounting in log_by_lua*.
+--
+-- Nothing here allocates per request or takes a lock: the choice is one FFI call into the library, which reads and
+-- updates shared memory with atomics; the FFI out-parameters are allocated once at load time; addresses are cached
+-- per peer record and re-read only when the record changes hands (its generation changes). The log phase reads no
+-- nginx variable for a request that went to one peer and got a response below 500; only retries and 5xx responses
+-- take the slower path that reads $upstream_status, $upstream_connect_time and $upstream_header_time to tell
+-- connect errors, timeouts, gateway errors and 5xx apart.
+
+local ffi = require "ffi"
+local base = require "resty.core.base"
+local ngx_balancer = require "ngx.balancer"
+require "resty.core.misc" -- declares ngx_http_lua_ffi_get_resp_status
+
+local C = ffi.C
+local ngx = ngx
+local var = ngx.var
+local ngx_log = ngx.log
+local ngx_ERR = ngx.ERR
+local ngx_WARN = ngx.WARN
+local ngx_exit = ngx.exit
+local ngx_now = ngx.now
+local get_request = base.get_request
+local set_current_peer = ngx_balancer.set_current_peer
+local set_more_tries = ngx_balancer.set_more_tries
+local get_last_failure = ngx_balancer.get_last_failure
+local ffi_string = ffi.string
+local tonumber = tonumber
+local error = error
+local sub = string.sub
+local byte = string.byte
+local gmatch = string.gmatch
+
+local _M = {}
+
+local lib               -- the FFI library namespace, set by _M.init
+local index             -- upstream name -> index in shared memory
+local NEED_DETAIL
+local pick = ffi.new("autoscale_pick_t")
+local kinds = ffi.new("uint32_t[32]")
+local addr_buf = ffi.new("uint8_t[64]")
+
+-- Per peer record (slot + 1): generation, host and port last seen.
+local gens, hosts, ports = {}, {}, {}
+
+local attached = false
+local no_peer_logged_at = 0
+
+function _M.init(library, upstream_index)
+    lib = library
+    index = upstream_index
+    NEED_DETAIL = lib.AUTOSCALE_NEED_DETAIL
+end
+
+-- Makes sure this worker has its in-flight column (idempotent, cheap after the first call).
+function _M.attach()
+    if not attached then
+        attached = true
+        if lib.autoscale_worker_attach() < 0 then
+            ngx_log(ngx_WARN, "resty.autoscale: no free worker column (raise max_workers); ",
+                    "in-flight counts of this worker are not reclaimed if it dies")
+        end
+    end
+end
+
+local function refresh(slot, gen)
+    local n = lib.autoscale_peer_addr(slot, addr_buf, 64)
+    local text = ffi_string(addr_buf, n)
+    local colon = #text
+    while colon > 0 and byte(text, colon) ~= 58 do -- ':'
+        colon = colon - 1
+    end
+    local i = slot + 1
+    hosts[i] = sub(text, 1, colon - 1)
+    ports[i] = tonumber(sub(text, colon + 1))
+    gens[i] = gen
+end
+
+-- autoscale.balance(upstream_name)
+function _M.balance(name)
+    local idx = index and index[name]
+    if not idx then
+        error("resty.autoscale: unknown upstream " .. tostring(name) .. " (not in autoscale.configure)", 2)
+    end
+    if not attached then
+        _M.attach()
+    end
+    local last = 0
+    local state, status = get_last_failure()
+    if state then
+        last = status
+        if state == "failed" and (last < 500 or last > 599) then
+            last = 502
+        elseif last == 0 then
+            last = 502
+        end
+    end
+    local rc = lib.autoscale_balancer_pick(get_request(), idx, last, pick)
+    if rc ~= 0 then
+        local now = ngx_now()
+        if now - no_peer_logged_at >= 1 then
+            no_peer_logged_at = now
+            ngx_log(ngx_ERR, "resty.autoscale: upstream ", name, ": no peer available (code ", rc, ")")
+        end
+        return ngx_exit(502)
+    end
+    local slot = pick.slot
+    local i = slot + 1
+    if gens[i] ~= pick.gen then
+        refresh(slot, pick.gen)
+    end
+    local ok, err = set_current_peer(hosts[i], ports[i])
+    if not ok then
+        ngx_log(ngx_ERR, "resty.autoscale: set_current_peer(", hosts[i], ":", ports[i], "): ", err)
+        return ngx_exit(502)
+    end
+    if pick.attempt == 1 and pick.more_tries > 0 then
+        set_more_tries(pick.more_tries)
+    end
+end
+
+-- Outcome code of one attempt from its $upstream_status, $upstream_connect_time and $upstream_header_time entries:
+-- 0 success, 1 HTTP 5xx, 2 gateway (502/503/504, or no valid header after connecting), 3 connect error, 4 timeout,
+-- 5 aborted by the client, 99 unknown.
+local function classify(status, connect, header)
+    local st = tonumber(status)
+    if not st then
+        return 99
+    end
+    if st == 499 then
+        return 5
+    end
+    if st < 500 then
+        return 0
+    end
+    if connect == "-" or connect == nil then
+        return st == 504 and 4 or 3
+    end
+    if header == "-" or header == nil then
+        return st == 504 and 4 or 2
+    end
+    if st >= 502 and st <= 504 then
+        return 2
+    end
+    return 1
+end
+_M.classify = classify
+
+local function split(s, out)
+    local n = 0
+    if s then
+        for item in gmatch(s, "[^,:%s]+") do
+            n = n + 1
+            out[n] = item
+        end
+    end
+    for j = n + 1, #out do
+        out[j] = nil
+    end
+    return n
+end
+
+local statuses, connects, headers = {}, {}, {}
+
+local function detail(r)
+    local n = split(var.upstream_status, statuses)
+    split(var.upstream_connect_time, connects)
+    split(var.upstream_header_time, headers)
+    if n > 32 then
+        n = 32
+    end
+    for j = 1, n do
+        kinds[j - 1] = classify(statuses[j], connects[j], headers[j])
+    end
+    lib.autoscale_log_detail(r, kinds, n)
+end
+
+-- autoscale.log()
+function _M.log()
+    if not lib then
+        return
+    end
+    local r = get_request()
+    if lib.autoscale_log_finish(r, C.ngx_http_lua_ffi_get_resp_status(r)) == NEED_DETAIL then
+        detail(r)
+    end
+end
+
+return _M

@@ -1,0 +1,168 @@
+-- Reading the shared statistics: per-peer tables for code and tests, and a JSON status endpoint.
+
+local ffi = require "ffi"
+local cjson = require "cjson.safe"
+
+local ngx = ngx
+local tonumber = tonumber
+local pairs = pairs
+local ipairs = ipairs
+local tostring = tostring
+local sort = table.sort
+
+local _M = {}
+
+local lib, conf, index
+local stats = ffi.new("autoscale_peer_stats_t")
+local info = ffi.new("autoscale_region_info_t")
+local STATES = { [0] = "free", [1] = "active", [2] = "retired" }
+
+function _M.init(library, configuration, upstream_index)
+    lib, conf, index = library, configuration, upstream_index
+end
+
+local function seconds(us)
+    if us < 0 then
+        return nil
+    end
+    return us / 1e6
+end
+
+local function n(v) -- uint64 cdata -> Lua number (exact below 2^53)
+    return tonumber(v)
+end
+
+-- peer, err = status.peer(slot)
+function _M.peer(slot)
+    local rc = lib.autoscale_peer_stats(slot, stats)
+    if rc ~= 0 then
+        return nil, "no peer record " .. slot .. " (code " .. rc .. ")"
+    end
+    local buf = ffi.new("uint8_t[64]")
+    local len = lib.autoscale_peer_addr(slot, buf, 64)
+    local window = n(stats.window_us) / 1e6
+    local s = stats
+    return {
+        slot = s.slot,
+        addr = ffi.string(buf, len),
+        state = STATES[s.state] or "unknown",
+        weight = s.weight,
+        inflight = s.inflight,
+        requests = n(s.requests),
+        failures = n(s.failures),
+        fail_http_5xx = n(s.fail_http_5xx),
+        fail_gateway = n(s.fail_gateway),
+        fail_connect = n(s.fail_connect),
+        fail_timeout = n(s.fail_timeout),
+        aborted = n(s.aborted),
+        rps = window > 0 and n(s.requests) / window or 0,
+        window = window,
+        p50 = seconds(s.p50_us),
+        p90 = seconds(s.p90_us),
+        p99 = seconds(s.p99_us),
+        p999 = seconds(s.p999_us),
+        mean = n(s.requests) > 0 and n(s.latency_sum_us) / n(s.requests) / 1e6 or nil,
+        ewma = s.ewma_us / 1e6,
+        cost = s.cost,
+        slow_start = s.slow_start,
+        age = n(s.age_us) / 1e6,
+        totals = {
+            requests = n(s.total_requests),
+            failures = n(s.total_failures),
+            fail_http_5xx = n(s.total_fail_http_5xx),
+            fail_gateway = n(s.total_fail_gateway),
+            fail_connect = n(s.total_fail_connect),
+            fail_timeout = n(s.total_fail_timeout),
+            aborted = n(s.total_aborted),
+            latency_sum = n(s.total_latency_us) / 1e6,
+        },
+    }
+end
+
+-- st, err = status.upstream(name)
+function _M.upstream(name)
+    if not lib then
+        return nil, "resty.autoscale is not configured"
+    end
+    local idx = index[name]
+    if not idx then
+        return nil, "unknown upstream " .. tostring(name)
+    end
+    local count = lib.autoscale_upstream_peers(idx, nil, 0)
+    if count < 0 then
+        return nil, "cannot read upstream " .. name .. " (code " .. count .. ")"
+    end
+    local slots = ffi.new("uint32_t[?]", count + 1)
+    count = lib.autoscale_upstream_peers(idx, slots, count)
+    local peers, total = {}, 0
+    for i = 0, count - 1 do
+        local p = _M.peer(slots[i])
+        if p then
+            peers[#peers + 1] = p
+            total = total + p.requests
+        end
+    end
+    for _, p in pairs(peers) do
+        p.share = total > 0 and p.requests / total or 0
+    end
+    local u = conf.upstreams[name]
+    return {
+        name = name,
+        balancer = u.balancer,
+        retries = u.retries,
+        peers = peers,
+        requests = total,
+    }
+end
+
+-- info = status.region()
+function _M.region()
+    if not lib or lib.autoscale_region_info(info) ~= 0 then
+        return nil, "resty.autoscale is not configured"
+    end
+    return {
+        max_upstreams = info.max_upstreams,
+        max_peers = info.max_peers,
+        max_workers = info.max_workers,
+        window = { buckets = info.window_buckets, bucket = info.bucket_ms / 1000 },
+        workers_attached = info.workers_attached,
+        size_bytes = n(info.total_size),
+        config_epoch = n(info.config_epoch),
+        dropped_samples = n(info.dropped_samples),
+        evicted_requests = n(info.evicted_requests),
+    }
+end
+
+-- st = status.all()
+function _M.all()
+    local names = {}
+    for name in pairs(index or {}) do
+        names[#names + 1] = name
+    end
+    sort(names)
+    local ups = {}
+    for _, name in ipairs(names) do
+        ups[name] = _M.upstream(name)
+    end
+    return { region = _M.region(), upstreams = ups, worker = { pid = ngx.worker.pid(), id = ngx.worker.id() } }
+end
+
+-- autoscale.status_handler(): content_by_lua* handler answering JSON; `?upstream=name` narrows it to one upstream.
+function _M.handler()
+    local args = ngx.req.get_uri_args()
+    local body, err
+    if args.upstream then
+        body, err = _M.upstream(args.upstream)
+        if not body then
+            ngx.status = 404
+            body = { error = err }
+        end
+    else
+        body = _M.all()
+    end
+    ngx.header["Content-Type"] = "application/json"
+    ngx.header["Cache-Control"] = "no-store"
+    ngx.say(cjson.encode(body))
+end
+
+return _M

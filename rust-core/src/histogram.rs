@@ -1,0 +1,178 @@
+//! Logarithmic latency buckets with a bounded relative error.
+//!
+//! The mapping is the one of DDSketch (Masson, Rim, Lee: "DDSketch: a fast and fully-mergeable quantile sketch with
+//! relative-error guarantees", VLDB 2019): bucket `k` holds values in `(γ^(k-1), γ^k]` and is represented by
+//! `2·γ^k / (γ + 1)`, so any value in the bucket is reported within a relative error `α = (γ - 1) / (γ + 1)`.
+//! With `γ = 1.04`, `α ≈ 1.96 %`, which is the error this crate promises for p50/p90/p99.
+//!
+//! Values are microseconds. Bucket 0 holds everything up to 1 µs (including 0); the last bucket holds everything from
+//! [`MAX_US`] up (about 114 s), where the error bound no longer applies. Counts are merged by plain addition, which is
+//! what makes the rolling window (sum of per-second sketches) exact in count.
+
+/// Bucket growth factor γ.
+pub const GAMMA: f64 = 1.04;
+/// Guaranteed relative error of a quantile for values in `[1 µs, MAX_US)`.
+pub const RELATIVE_ERROR: f64 = (GAMMA - 1.0) / (GAMMA + 1.0);
+/// Number of buckets of one sketch.
+pub const BUCKETS: usize = 475;
+/// Smallest value (µs) that falls in the last, unbounded bucket: `γ^(BUCKETS - 2)`.
+pub const MAX_US: f64 = 113_964_473.0;
+
+const LN_GAMMA: f64 = 0.039_220_713_153_281_3; // ln(1.04)
+
+/// Index of the bucket holding `us` microseconds. Total: NaN, negatives and 0 map to bucket 0, huge values to the last.
+#[inline]
+pub fn bucket_index(us: f64) -> usize {
+    if us.is_nan() || us <= 1.0 {
+        return 0;
+    }
+    let k = (us.ln() / LN_GAMMA).ceil();
+    if k >= (BUCKETS - 1) as f64 {
+        BUCKETS - 1
+    } else {
+        k as usize
+    }
+}
+
+/// Value (µs) reported for bucket `k`: the point of `(γ^(k-1), γ^k]` with the smallest worst-case relative error.
+#[inline]
+pub fn bucket_value(k: usize) -> f64 {
+    if k == 0 {
+        return 1.0;
+    }
+    2.0 * (k as f64 * LN_GAMMA).exp() / (GAMMA + 1.0)
+}
+
+/// Upper bound (µs) of bucket `k`, used for cumulative ("le") histogram buckets.
+#[inline]
+pub fn bucket_upper(k: usize) -> f64 {
+    if k + 1 >= BUCKETS {
+        return f64::INFINITY;
+    }
+    (k as f64 * LN_GAMMA).exp()
+}
+
+/// The `q`-quantile (0 ≤ q ≤ 1) of the counts, in µs, or `None` when there are no samples.
+///
+/// The rank is `⌊q·(n-1)⌋` (0-based) over the sorted samples, the lower "nearest rank" definition; the result is within
+/// [`RELATIVE_ERROR`] of the sample at that rank.
+pub fn quantile(counts: &[u64], q: f64) -> Option<f64> {
+    let total: u64 = counts.iter().sum();
+    if total == 0 {
+        return None;
+    }
+    let q = if q.is_nan() { 0.5 } else { q.clamp(0.0, 1.0) };
+    let rank = (q * (total - 1) as f64).floor() as u64;
+    let mut seen = 0u64;
+    for (k, &c) in counts.iter().enumerate() {
+        seen += c;
+        if seen > rank {
+            return Some(bucket_value(k));
+        }
+    }
+    Some(bucket_value(counts.len().saturating_sub(1)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rng::{Rng, XorShift64};
+
+    #[test]
+    fn constants_agree() {
+        assert!((LN_GAMMA - GAMMA.ln()).abs() < 1e-15);
+        let max = GAMMA.powi(BUCKETS as i32 - 2);
+        assert!(
+            (max - MAX_US).abs() / MAX_US < 1e-6,
+            "MAX_US should be {max}"
+        );
+        assert!(RELATIVE_ERROR < 0.02);
+    }
+
+    #[test]
+    fn index_is_total_and_monotonic() {
+        for v in [
+            f64::NAN,
+            -1.0,
+            0.0,
+            0.5,
+            1.0,
+            f64::INFINITY,
+            f64::MAX,
+            1e300,
+        ] {
+            assert!(bucket_index(v) < BUCKETS);
+        }
+        let mut last = 0;
+        let mut v = 0.25;
+        while v < 1e9 {
+            let k = bucket_index(v);
+            assert!(k >= last);
+            last = k;
+            v *= 1.003;
+        }
+    }
+
+    #[test]
+    fn every_value_is_represented_within_the_error() {
+        let mut v = 1.0001;
+        while v < MAX_US {
+            let rep = bucket_value(bucket_index(v));
+            assert!(
+                (rep - v).abs() / v <= RELATIVE_ERROR + 1e-12,
+                "v={v} rep={rep}"
+            );
+            v *= 1.0007;
+        }
+    }
+
+    fn exact(sorted: &[f64], q: f64) -> f64 {
+        sorted[(q * (sorted.len() - 1) as f64).floor() as usize]
+    }
+
+    /// Property: for random sample sets of several shapes, p50/p90/p99/p99.9 are within the stated relative error.
+    #[test]
+    fn quantiles_within_stated_error() {
+        let mut rng = XorShift64::new(42);
+        for case in 0..400 {
+            let n = 1 + (rng.next_u64() % 5000) as usize;
+            let shape = case % 4;
+            let mut samples: Vec<f64> = (0..n)
+                .map(|_| {
+                    let u = rng.next_f64();
+                    match shape {
+                        0 => 1.0 + u * 1_000_000.0,             // uniform up to 1 s
+                        1 => (u * 17.0).exp(),                  // log-uniform 1 µs .. 24 s
+                        2 => 200.0 + (-(1.0 - u).ln()) * 800.0, // exponential tail
+                        _ => {
+                            if u < 0.99 {
+                                500.0
+                            } else {
+                                60_000.0
+                            }
+                        } // bimodal: 1 % slow
+                    }
+                })
+                .collect();
+            let mut counts = vec![0u64; BUCKETS];
+            for &s in &samples {
+                counts[bucket_index(s)] += 1;
+            }
+            samples.sort_by(|a, b| a.partial_cmp(b).unwrap());
+            for q in [0.0, 0.5, 0.9, 0.99, 0.999, 1.0] {
+                let want = exact(&samples, q);
+                let got = quantile(&counts, q).unwrap();
+                let err = (got - want).abs() / want;
+                assert!(
+                    err <= RELATIVE_ERROR + 1e-12,
+                    "case {case} q={q} want={want} got={got} err={err}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn empty_has_no_quantile() {
+        assert_eq!(quantile(&[0; BUCKETS], 0.5), None);
+    }
+}

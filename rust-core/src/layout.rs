@@ -1,0 +1,520 @@
+//! The shared-memory region: its header, and the fixed-size records of workers, upstreams and peers.
+//!
+//! This is the only module of the core with `unsafe` code: it turns offsets in one mapped region into references to
+//! records. Everything in a record is an atomic integer, valid for any bit pattern and shared between processes.
+//!
+//! ```text
+//! Header | worker pids [max_workers] | upstream records [max_upstreams] | peer records [max_peers]
+//! upstream record = UpstreamHead + peer slot list [max_peers]
+//! peer record     = PeerHead + window buckets [window_buckets + 1] + in-flight per worker [max_workers]
+//! ```
+//! The region is mapped `MAP_SHARED | MAP_ANONYMOUS` in the nginx master before it forks, so every worker sees the
+//! same memory; it is never unmapped, so a reload reuses it and a worker killed mid-request cannot take it away. The
+//! header carries a magic number, a layout version and the parameters; [`Region::check`] refuses a region whose header
+//! does not match what this build expects.
+#![allow(unsafe_code)]
+
+use crate::window::WindowBucket;
+use std::ptr::NonNull;
+use std::sync::atomic::{AtomicI32, AtomicU32, AtomicU64, Ordering::*};
+
+/// "ASCALE" and a format number.
+pub const MAGIC: u64 = u64::from_le_bytes(*b"ASCALE\x00\x01");
+/// Bumped whenever any record changes shape.
+pub const LAYOUT_VERSION: u32 = 1;
+
+/// Sizes of the region, fixed for its lifetime.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Params {
+    /// Upstream records.
+    pub max_upstreams: u32,
+    /// Peer records (shared by all upstreams).
+    pub max_peers: u32,
+    /// Worker processes that can be tracked at once (old and new generations during a reload count together).
+    pub max_workers: u32,
+    /// Buckets of the rolling window.
+    pub window_buckets: u32,
+    /// Width of a bucket in milliseconds.
+    pub bucket_ms: u32,
+}
+
+impl Default for Params {
+    fn default() -> Self {
+        Params {
+            max_upstreams: 64,
+            max_peers: 256,
+            max_workers: 64,
+            window_buckets: 10,
+            bucket_ms: 1000,
+        }
+    }
+}
+
+/// Why a region could not be made or used.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LayoutError {
+    #[error("{field} must be between {min} and {max} (got {got})")]
+    Range {
+        field: &'static str,
+        min: u64,
+        max: u64,
+        got: u64,
+    },
+    #[error("shared memory of {0} bytes could not be mapped: {1}")]
+    Map(usize, String),
+    #[error(
+        "the shared region is not ours or was written by another version (magic/version mismatch)"
+    )]
+    Foreign,
+    #[error("the shared region was created with {have:?}; this configuration needs {want:?}; restart nginx (not reload) to resize it")]
+    Mismatch { have: Params, want: Params },
+}
+
+impl Params {
+    /// Checks every size against its limits.
+    pub fn validate(&self) -> Result<(), LayoutError> {
+        let check = |field, got: u32, min: u32, max: u32| {
+            if got < min || got > max {
+                Err(LayoutError::Range {
+                    field,
+                    min: min as u64,
+                    max: max as u64,
+                    got: got as u64,
+                })
+            } else {
+                Ok(())
+            }
+        };
+        check("max_upstreams", self.max_upstreams, 1, 4096)?;
+        check("max_peers", self.max_peers, 1, 65536)?;
+        check("max_workers", self.max_workers, 1, 1024)?;
+        check("window.buckets", self.window_buckets, 1, 600)?;
+        check("window.bucket_ms", self.bucket_ms, 10, 60_000)?;
+        Ok(())
+    }
+}
+
+/// Text of up to 63 bytes in atomics.
+#[repr(C)]
+pub struct Text64 {
+    len: AtomicU32,
+    _pad: u32,
+    words: [AtomicU64; 8],
+}
+
+impl Text64 {
+    /// Stores `s` (truncated to 63 bytes).
+    pub fn store(&self, s: &[u8]) {
+        let s = &s[..s.len().min(63)];
+        let mut buf = [0u8; 64];
+        buf[..s.len()].copy_from_slice(s);
+        for (w, chunk) in self.words.iter().zip(buf.chunks_exact(8)) {
+            w.store(
+                u64::from_le_bytes(chunk.try_into().unwrap_or([0; 8])),
+                Relaxed,
+            );
+        }
+        self.len.store(s.len() as u32, Release);
+    }
+
+    /// Copies the text into `out` and returns its length.
+    pub fn load(&self, out: &mut [u8; 64]) -> usize {
+        let len = (self.len.load(Acquire) as usize).min(63);
+        for (w, chunk) in self.words.iter().zip(out.chunks_exact_mut(8)) {
+            chunk.copy_from_slice(&w.load(Relaxed).to_le_bytes());
+        }
+        len
+    }
+
+    /// Whether the text equals `s`.
+    pub fn eq(&self, s: &[u8]) -> bool {
+        let mut buf = [0u8; 64];
+        let len = self.load(&mut buf);
+        &buf[..len] == s
+    }
+}
+
+/// The header at offset 0.
+#[repr(C)]
+pub struct Header {
+    pub magic: AtomicU64,
+    pub version: AtomicU32,
+    pub max_upstreams: AtomicU32,
+    pub max_peers: AtomicU32,
+    pub max_workers: AtomicU32,
+    pub window_buckets: AtomicU32,
+    pub bucket_ms: AtomicU32,
+    pub total_size: AtomicU64,
+    pub created_us: AtomicU64,
+    /// Incremented by every configuration change.
+    pub config_epoch: AtomicU64,
+    /// Pid of the process changing the configuration, 0 when none.
+    pub writer: AtomicU32,
+    pub _pad: u32,
+    /// Samples dropped because their bucket was being cleared or they came late.
+    pub dropped_samples: AtomicU64,
+    /// Requests whose tracking entry was evicted before their log phase.
+    pub evicted_requests: AtomicU64,
+}
+
+/// Life of an upstream or peer record.
+pub mod state {
+    pub const FREE: u32 = 0;
+    pub const ACTIVE: u32 = 1;
+    pub const RETIRED: u32 = 2;
+}
+
+/// An upstream record; followed in memory by its peer slot list.
+#[repr(C)]
+pub struct UpstreamHead {
+    pub state: AtomicU32,
+    pub gen: AtomicU32,
+    /// Seqlock over `npeers`, the slot list and the tunables: odd while a writer changes them.
+    pub seq: AtomicU32,
+    pub npeers: AtomicU32,
+    pub algorithm: AtomicU32,
+    pub retries: AtomicU32,
+    pub slow_start_ms: AtomicU32,
+    pub slow_start_aggression_milli: AtomicU32,
+    pub slow_start_min_weight_milli: AtomicU32,
+    pub decay_ms: AtomicU32,
+    pub default_rtt_us: AtomicU32,
+    pub failure_penalty_milli: AtomicU32,
+    pub max_weight: AtomicU32,
+    pub _pad: u32,
+    pub config_epoch: AtomicU64,
+    pub retired_us: AtomicU64,
+    /// Round-robin tickets.
+    pub ticket: AtomicU64,
+    pub name: Text64,
+}
+
+/// A peer record; followed in memory by its window buckets and per-worker in-flight counts.
+#[repr(C)]
+pub struct PeerHead {
+    pub state: AtomicU32,
+    /// Bumped each time the record is given to another peer; writers holding an old generation are ignored.
+    pub gen: AtomicU32,
+    pub upstream: AtomicU32,
+    pub weight: AtomicU32,
+    pub port: AtomicU32,
+    pub host_len: AtomicU32,
+    pub inflight: AtomicI32,
+    pub _pad: u32,
+    pub added_us: AtomicU64,
+    pub retired_us: AtomicU64,
+    /// Packed peak-EWMA estimate and time stamp (see `ewma`).
+    pub ewma: AtomicU64,
+    /// All-time counters, indexed like `window::counter`, then the latency sum.
+    pub totals: [AtomicU64; crate::window::counter::N],
+    pub total_latency_us: AtomicU64,
+    pub addr: Text64,
+}
+
+/// An upstream record and its slot list.
+#[derive(Clone, Copy)]
+pub struct Upstream<'a> {
+    pub head: &'a UpstreamHead,
+    pub slots: &'a [AtomicU32],
+}
+
+/// A peer record, its window and its per-worker in-flight counts.
+#[derive(Clone, Copy)]
+pub struct Peer<'a> {
+    pub head: &'a PeerHead,
+    pub window: &'a [WindowBucket],
+    pub inflight_by_worker: &'a [AtomicI32],
+}
+
+const fn round64(n: usize) -> usize {
+    (n + 63) & !63
+}
+
+/// Byte offsets of everything in a region of given [`Params`].
+#[derive(Debug, Clone, Copy)]
+pub struct Layout {
+    pub params: Params,
+    workers_off: usize,
+    upstreams_off: usize,
+    upstream_stride: usize,
+    peers_off: usize,
+    peer_stride: usize,
+    pub total: usize,
+}
+
+impl Layout {
+    /// Computes the layout; `params` must be valid.
+    pub fn new(params: Params) -> Layout {
+        let p = params;
+        let workers_off = round64(std::mem::size_of::<Header>());
+        let upstreams_off = workers_off + round64(p.max_workers as usize * 4);
+        let upstream_stride =
+            round64(std::mem::size_of::<UpstreamHead>() + p.max_peers as usize * 4);
+        let peers_off = upstreams_off + upstream_stride * p.max_upstreams as usize;
+        let peer_stride = round64(
+            std::mem::size_of::<PeerHead>()
+                + (p.window_buckets as usize + 1) * std::mem::size_of::<WindowBucket>()
+                + p.max_workers as usize * 4,
+        );
+        let total = peers_off + peer_stride * p.max_peers as usize;
+        Layout {
+            params,
+            workers_off,
+            upstreams_off,
+            upstream_stride,
+            peers_off,
+            peer_stride,
+            total,
+        }
+    }
+}
+
+enum Backing {
+    /// Mapped with mmap; never unmapped (see the module docs).
+    Shared,
+    /// Private memory, for tests and tools.
+    Heap(#[allow(dead_code)] Box<[AtomicU64]>),
+}
+
+/// A mapped region.
+pub struct Region {
+    base: NonNull<u8>,
+    layout: Layout,
+    _backing: Backing,
+}
+
+// SAFETY: all access to the memory behind `base` goes through atomics, so sharing between threads is sound.
+unsafe impl Send for Region {}
+// SAFETY: as above.
+unsafe impl Sync for Region {}
+
+impl Region {
+    /// Maps a new zeroed region shared with processes forked after this call.
+    pub fn new_shared(params: Params, now_us: u64) -> Result<Region, LayoutError> {
+        params.validate()?;
+        let layout = Layout::new(params);
+        // SAFETY: an anonymous mapping with no address hint has no preconditions; the result is checked below.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                layout.total,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(LayoutError::Map(
+                layout.total,
+                std::io::Error::last_os_error().to_string(),
+            ));
+        }
+        let base = NonNull::new(ptr as *mut u8)
+            .ok_or_else(|| LayoutError::Map(layout.total, "null".into()))?;
+        let region = Region {
+            base,
+            layout,
+            _backing: Backing::Shared,
+        };
+        region.init_header(now_us);
+        Ok(region)
+    }
+
+    /// A private zeroed region with the same layout (tests, tools).
+    pub fn new_heap(params: Params, now_us: u64) -> Result<Region, LayoutError> {
+        params.validate()?;
+        let layout = Layout::new(params);
+        let words: Box<[AtomicU64]> = (0..layout.total.div_ceil(8))
+            .map(|_| AtomicU64::new(0))
+            .collect();
+        let base = NonNull::new(words.as_ptr() as *mut u8)
+            .ok_or_else(|| LayoutError::Map(layout.total, "null".into()))?;
+        let region = Region {
+            base,
+            layout,
+            _backing: Backing::Heap(words),
+        };
+        region.init_header(now_us);
+        Ok(region)
+    }
+
+    fn init_header(&self, now_us: u64) {
+        let h = self.header();
+        let p = self.layout.params;
+        h.version.store(LAYOUT_VERSION, Relaxed);
+        h.max_upstreams.store(p.max_upstreams, Relaxed);
+        h.max_peers.store(p.max_peers, Relaxed);
+        h.max_workers.store(p.max_workers, Relaxed);
+        h.window_buckets.store(p.window_buckets, Relaxed);
+        h.bucket_ms.store(p.bucket_ms, Relaxed);
+        h.total_size.store(self.layout.total as u64, Relaxed);
+        h.created_us.store(now_us, Relaxed);
+        h.magic.store(MAGIC, Release);
+    }
+
+    /// Verifies the header against this build and `want`.
+    pub fn check(&self, want: &Params) -> Result<(), LayoutError> {
+        let h = self.header();
+        if h.magic.load(Acquire) != MAGIC
+            || h.version.load(Relaxed) != LAYOUT_VERSION
+            || h.total_size.load(Relaxed) != self.layout.total as u64
+        {
+            return Err(LayoutError::Foreign);
+        }
+        let have = Params {
+            max_upstreams: h.max_upstreams.load(Relaxed),
+            max_peers: h.max_peers.load(Relaxed),
+            max_workers: h.max_workers.load(Relaxed),
+            window_buckets: h.window_buckets.load(Relaxed),
+            bucket_ms: h.bucket_ms.load(Relaxed),
+        };
+        if have != self.layout.params {
+            return Err(LayoutError::Foreign);
+        }
+        if have != *want {
+            return Err(LayoutError::Mismatch { have, want: *want });
+        }
+        Ok(())
+    }
+
+    /// The layout in force.
+    pub fn layout(&self) -> &Layout {
+        &self.layout
+    }
+
+    /// The parameters in force.
+    pub fn params(&self) -> &Params {
+        &self.layout.params
+    }
+
+    /// # Safety
+    /// `off + size_of::<T>() * count` must lie within the region and `off` must be aligned for `T`; `T` must be valid
+    /// for any bit pattern and only ever accessed through shared references (atomics).
+    unsafe fn slice_at<T>(&self, off: usize, count: usize) -> &[T] {
+        debug_assert!(off + std::mem::size_of::<T>() * count <= self.layout.total);
+        debug_assert_eq!(off % std::mem::align_of::<T>(), 0);
+        std::slice::from_raw_parts(self.base.as_ptr().add(off) as *const T, count)
+    }
+
+    /// The header.
+    pub fn header(&self) -> &Header {
+        // SAFETY: offset 0, within the region by construction; Header is all atomics.
+        unsafe { &self.slice_at::<Header>(0, 1)[0] }
+    }
+
+    /// Pids of the workers owning each in-flight column (0: free).
+    pub fn worker_pids(&self) -> &[AtomicU32] {
+        // SAFETY: `workers_off` is 64-aligned and the table of `max_workers` u32 fits before `upstreams_off`.
+        unsafe {
+            self.slice_at(
+                self.layout.workers_off,
+                self.layout.params.max_workers as usize,
+            )
+        }
+    }
+
+    /// Upstream record `i`; `i` is clamped into range (callers validate indices from outside first).
+    pub fn upstream(&self, i: u32) -> Upstream<'_> {
+        let i = (i as usize).min(self.layout.params.max_upstreams as usize - 1);
+        let off = self.layout.upstreams_off + i * self.layout.upstream_stride;
+        let head_size = std::mem::size_of::<UpstreamHead>();
+        // SAFETY: record `i` lies within the upstream table; the head is followed by `max_peers` u32 slots, all within
+        // the stride; head_size is a multiple of 8 so the slots are aligned.
+        unsafe {
+            Upstream {
+                head: &self.slice_at::<UpstreamHead>(off, 1)[0],
+                slots: self.slice_at(off + head_size, self.layout.params.max_peers as usize),
+            }
+        }
+    }
+
+    /// Peer record `i`; `i` is clamped into range (callers validate indices from outside first).
+    pub fn peer(&self, i: u32) -> Peer<'_> {
+        let p = &self.layout.params;
+        let i = (i as usize).min(p.max_peers as usize - 1);
+        let off = self.layout.peers_off + i * self.layout.peer_stride;
+        let head = std::mem::size_of::<PeerHead>();
+        let buckets = p.window_buckets as usize + 1;
+        let window_size = buckets * std::mem::size_of::<WindowBucket>();
+        // SAFETY: record `i` lies within the peer table; head, buckets and worker counts follow each other within the
+        // stride, and every size involved is a multiple of 8.
+        unsafe {
+            Peer {
+                head: &self.slice_at::<PeerHead>(off, 1)[0],
+                window: self.slice_at(off + head, buckets),
+                inflight_by_worker: self.slice_at(off + head + window_size, p.max_workers as usize),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_are_multiples_of_eight() {
+        assert_eq!(std::mem::size_of::<Header>() % 8, 0);
+        assert_eq!(std::mem::size_of::<UpstreamHead>() % 8, 0);
+        assert_eq!(std::mem::size_of::<PeerHead>() % 8, 0);
+        assert_eq!(std::mem::size_of::<WindowBucket>() % 8, 0);
+    }
+
+    #[test]
+    fn records_do_not_overlap_and_fit() {
+        let p = Params {
+            max_upstreams: 3,
+            max_peers: 5,
+            max_workers: 3,
+            window_buckets: 2,
+            bucket_ms: 1000,
+        };
+        let r = Region::new_heap(p, 0).unwrap();
+        let end = r.base.as_ptr() as usize + r.layout.total;
+        for i in 0..5 {
+            let peer = r.peer(i);
+            let last = peer.inflight_by_worker.last().unwrap() as *const _ as usize + 4;
+            assert!(last <= end);
+            peer.head.weight.store(i + 1, Relaxed);
+            peer.inflight_by_worker[2].store(7, Relaxed);
+        }
+        for i in 0..5 {
+            assert_eq!(r.peer(i).head.weight.load(Relaxed), i + 1);
+        }
+        assert_eq!(r.upstream(2).slots.len(), 5);
+        r.check(&p).unwrap();
+        let other = Params { max_peers: 6, ..p };
+        assert!(matches!(r.check(&other), Err(LayoutError::Mismatch { .. })));
+        r.header().magic.store(1, Relaxed);
+        assert_eq!(r.check(&p), Err(LayoutError::Foreign));
+    }
+
+    #[test]
+    fn params_are_validated() {
+        let p = Params {
+            max_peers: 0,
+            ..Params::default()
+        };
+        assert!(matches!(
+            p.validate(),
+            Err(LayoutError::Range {
+                field: "max_peers",
+                ..
+            })
+        ));
+        assert!(Params::default().validate().is_ok());
+    }
+
+    #[test]
+    fn text_roundtrip() {
+        let r = Region::new_heap(Params::default(), 0).unwrap();
+        let t = &r.upstream(0).head.name;
+        t.store(b"backend");
+        assert!(t.eq(b"backend"));
+        assert!(!t.eq(b"backen"));
+        t.store(&[b'x'; 100]);
+        let mut buf = [0; 64];
+        assert_eq!(t.load(&mut buf), 63);
+    }
+}

@@ -1,0 +1,29 @@
+//! Pure algorithms of lua-resty-autoscale, free of nginx.
+//!
+//! - [`histogram`]: latency sketch with a bounded relative error (DDSketch mapping);
+//! - [`window`]: one time slice of a rolling window, lock-free;
+//! - [`ewma`]: peak-EWMA latency estimate (Finagle, tower);
+//! - [`slowstart`]: Envoy's slow-start ramp;
+//! - [`select`]: peer selection (power of two choices, round robin, weighted random) behind one trait;
+//! - [`layout`]: the shared-memory region (the only `unsafe` of this crate);
+//! - [`engine`]: configuration, peer choice and accounting over a region;
+//! - [`reqtrack`]: per-worker tracking of requests between balancer and log phases;
+//! - [`addr`]: strict parsing of peer addresses.
+#![deny(unsafe_code)]
+
+pub mod addr;
+pub mod engine;
+pub mod ewma;
+pub mod histogram;
+pub mod layout;
+pub mod reqtrack;
+pub mod rng;
+pub mod select;
+pub mod slowstart;
+pub mod window;
+
+pub use engine::{
+    ConfigError, PeerConf, PeerSnapshot, Pick, PickError, UpstreamConf, UpstreamParams,
+};
+pub use layout::{Params, Region};
+pub use window::Outcome;

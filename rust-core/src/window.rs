@@ -1,0 +1,276 @@
+//! One bucket of a rolling window: request and failure counters and a latency sketch for one time slice.
+//!
+//! A window of `n` buckets of `w` ms is kept in `n + 1` physical buckets, so the bucket the next slice will use holds
+//! data already outside the window and can be cleared ahead of time by a timer ([`WindowBucket::preclear`]); writers
+//! then never clear on the request path in steady state. A writer that finds a stale bucket anyway (after an idle
+//! period) claims it with a compare-and-swap, clears it and publishes the new slice; a concurrent writer that meets
+//! the bucket while it is being cleared drops its sample and counts the drop, rather than wait. Readers include a
+//! bucket only when its slice is inside the window, checked before and after reading.
+
+use crate::histogram::{bucket_index, BUCKETS};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering::*};
+
+/// Marks a bucket being cleared.
+const CLEARING: u64 = u64::MAX;
+
+/// Kinds of attempt outcome. The failure kinds are disjoint: a failed attempt has exactly one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u32)]
+pub enum Outcome {
+    /// Answered with a status not counted as failure.
+    Success = 0,
+    /// Answered with a 5xx other than 502/503/504.
+    Http5xx = 1,
+    /// Answered 502/503/504, or failed after connecting without a valid response header.
+    Gateway = 2,
+    /// Could not connect (refused, unreachable, reset during connect).
+    Connect = 3,
+    /// Connect, send or read timed out.
+    Timeout = 4,
+    /// The client went away first; neither success nor failure, and no latency sample.
+    Aborted = 5,
+}
+
+impl Outcome {
+    /// From the number used across the FFI boundary; `None` for an unknown number.
+    pub fn from_u32(v: u32) -> Option<Outcome> {
+        Some(match v {
+            0 => Outcome::Success,
+            1 => Outcome::Http5xx,
+            2 => Outcome::Gateway,
+            3 => Outcome::Connect,
+            4 => Outcome::Timeout,
+            5 => Outcome::Aborted,
+            _ => return None,
+        })
+    }
+
+    /// Whether the outcome is a failure of the peer.
+    pub fn is_failure(self) -> bool {
+        matches!(
+            self,
+            Outcome::Http5xx | Outcome::Gateway | Outcome::Connect | Outcome::Timeout
+        )
+    }
+}
+
+/// Index of each counter in [`WindowBucket::counts`] and in a peer's all-time totals.
+pub mod counter {
+    /// Attempts that completed (success or failure; aborted ones are not counted here).
+    pub const REQUESTS: usize = 0;
+    /// Failures by kind: `FAIL_BASE + Outcome as usize - 1`.
+    pub const FAIL_BASE: usize = 1;
+    /// Aborted attempts.
+    pub const ABORTED: usize = 5;
+    /// Number of counters.
+    pub const N: usize = 6;
+}
+
+/// A time slice of one peer's statistics. Plain atomics, valid for any bit pattern, so it can live in shared memory.
+#[repr(C)]
+pub struct WindowBucket {
+    /// Slice number + 1 (0: never used), or [`CLEARING`].
+    slice: AtomicU64,
+    latency_sum_us: AtomicU64,
+    counts: [AtomicU32; counter::N],
+    _pad: [u32; 2],
+    hist: [AtomicU32; BUCKETS],
+}
+
+/// Counters summed over a window.
+#[derive(Debug, Clone)]
+pub struct WindowSum {
+    /// See [`counter`].
+    pub counts: [u64; counter::N],
+    /// Sum of latency samples (µs).
+    pub latency_sum_us: u64,
+    /// Merged latency sketch.
+    pub hist: [u64; BUCKETS],
+}
+
+impl Default for WindowSum {
+    fn default() -> Self {
+        WindowSum {
+            counts: [0; counter::N],
+            latency_sum_us: 0,
+            hist: [0; BUCKETS],
+        }
+    }
+}
+
+impl WindowSum {
+    /// Failures of all kinds.
+    pub fn failures(&self) -> u64 {
+        self.counts[counter::FAIL_BASE..counter::FAIL_BASE + 4]
+            .iter()
+            .sum()
+    }
+}
+
+impl WindowBucket {
+    fn clear_counters(&self) {
+        self.latency_sum_us.store(0, Relaxed);
+        for c in &self.counts {
+            c.store(0, Relaxed);
+        }
+        for h in &self.hist {
+            h.store(0, Relaxed);
+        }
+    }
+
+    /// Marks the bucket as holding no slice; the next writer or preclear clears its counters.
+    pub fn forget(&self) {
+        self.slice.store(0, Release);
+    }
+
+    /// Clears the bucket for `slice` if it still holds an older slice. Returns whether it cleared.
+    pub fn preclear(&self, slice: u64) -> bool {
+        let want = slice + 1;
+        let cur = self.slice.load(Acquire);
+        if cur == CLEARING || cur >= want {
+            return false;
+        }
+        if self
+            .slice
+            .compare_exchange(cur, CLEARING, AcqRel, Relaxed)
+            .is_err()
+        {
+            return false;
+        }
+        self.clear_counters();
+        self.slice.store(want, Release);
+        true
+    }
+
+    /// Records one attempt in this bucket for `slice`. Returns `false` when the sample was dropped (the bucket is
+    /// being cleared by another writer, or already holds a newer slice because this sample arrived late).
+    pub fn record(&self, slice: u64, outcome: Outcome, latency_us: u64) -> bool {
+        let want = slice + 1;
+        loop {
+            let cur = self.slice.load(Acquire);
+            if cur == want {
+                break;
+            }
+            if cur == CLEARING || cur > want {
+                return false;
+            }
+            if self
+                .slice
+                .compare_exchange(cur, CLEARING, AcqRel, Relaxed)
+                .is_ok()
+            {
+                self.clear_counters();
+                self.slice.store(want, Release);
+                break;
+            }
+        }
+        if outcome == Outcome::Aborted {
+            self.counts[counter::ABORTED].fetch_add(1, Relaxed);
+            return true;
+        }
+        self.counts[counter::REQUESTS].fetch_add(1, Relaxed);
+        if outcome.is_failure() {
+            self.counts[counter::FAIL_BASE + outcome as usize - 1].fetch_add(1, Relaxed);
+        }
+        self.latency_sum_us.fetch_add(latency_us, Relaxed);
+        self.hist[bucket_index(latency_us as f64)].fetch_add(1, Relaxed);
+        true
+    }
+
+    /// Adds this bucket into `sum` if it holds a slice in `[first, last]`. Returns whether it was added.
+    pub fn add_to(&self, first: u64, last: u64, sum: &mut WindowSum) -> bool {
+        let tag = self.slice.load(Acquire);
+        if tag == 0 || tag == CLEARING || tag - 1 < first || tag - 1 > last {
+            return false;
+        }
+        let mut part = WindowSum {
+            latency_sum_us: self.latency_sum_us.load(Relaxed),
+            ..WindowSum::default()
+        };
+        for (d, s) in part.counts.iter_mut().zip(&self.counts) {
+            *d = s.load(Relaxed) as u64;
+        }
+        for (d, s) in part.hist.iter_mut().zip(&self.hist) {
+            *d = s.load(Relaxed) as u64;
+        }
+        if self.slice.load(Acquire) != tag {
+            return false; // cleared while we read: the slice left the window
+        }
+        for (d, s) in sum.counts.iter_mut().zip(part.counts) {
+            *d += s;
+        }
+        for (d, s) in sum.hist.iter_mut().zip(part.hist.iter()) {
+            *d += s;
+        }
+        sum.latency_sum_us += part.latency_sum_us;
+        true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn zeroed() -> WindowBucket {
+        WindowBucket {
+            slice: AtomicU64::new(0),
+            latency_sum_us: AtomicU64::new(0),
+            counts: Default::default(),
+            _pad: [0; 2],
+            hist: std::array::from_fn(|_| AtomicU32::new(0)),
+        }
+    }
+
+    #[test]
+    fn records_clears_and_reads_by_slice() {
+        let b = zeroed();
+        assert!(b.record(7, Outcome::Success, 1000));
+        assert!(b.record(7, Outcome::Gateway, 10));
+        assert!(b.record(7, Outcome::Aborted, 10));
+        let mut s = WindowSum::default();
+        assert!(b.add_to(0, 7, &mut s));
+        assert_eq!(s.counts[counter::REQUESTS], 2);
+        assert_eq!(s.failures(), 1);
+        assert_eq!(s.counts[counter::ABORTED], 1);
+        assert_eq!(s.latency_sum_us, 1010);
+        // Out of the window: not added.
+        assert!(!b.add_to(8, 20, &mut WindowSum::default()));
+        // A late sample for an older slice is dropped, not mixed in.
+        assert!(!b.record(6, Outcome::Success, 1));
+        // A newer slice clears the bucket.
+        assert!(b.record(17, Outcome::Success, 5));
+        let mut s = WindowSum::default();
+        b.add_to(17, 17, &mut s);
+        assert_eq!(s.counts[counter::REQUESTS], 1);
+        // Preclear only moves forward.
+        assert!(b.preclear(18));
+        assert!(!b.preclear(18));
+        assert!(!b.preclear(3));
+        let mut s = WindowSum::default();
+        assert!(b.add_to(18, 18, &mut s));
+        assert_eq!(s.counts[counter::REQUESTS], 0);
+    }
+
+    #[test]
+    fn concurrent_writers_lose_nothing_in_a_steady_slice() {
+        let b = std::sync::Arc::new(zeroed());
+        b.preclear(1);
+        let threads: Vec<_> = (0..4)
+            .map(|_| {
+                let b = b.clone();
+                std::thread::spawn(move || {
+                    for _ in 0..50_000 {
+                        assert!(b.record(1, Outcome::Success, 100));
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        let mut s = WindowSum::default();
+        b.add_to(1, 1, &mut s);
+        assert_eq!(s.counts[counter::REQUESTS], 200_000);
+        assert_eq!(s.hist.iter().sum::<u64>(), 200_000);
+    }
+}

@@ -1,0 +1,751 @@
+//! C ABI of lua-resty-autoscale, called from LuaJIT FFI inside nginx workers.
+//!
+//! Rules every export follows:
+//! - names are `autoscale_<object>_<verb>`; results are `int` codes (`AUTOSCALE_OK` = 0, negative on error); error
+//!   text, when there is any, is written into a buffer the caller owns (`err`, `err_len`), always NUL-terminated;
+//! - only scalars, `(pointer, length)` byte slices and `#[repr(C)]` plain structs cross the boundary; Lua never frees
+//!   anything Rust allocated;
+//! - every export runs inside [`guard`], which turns a panic into `AUTOSCALE_ERR_PANIC`: a panic must never unwind
+//!   into nginx and take a worker, and all its requests, down;
+//! - the C header and the Lua `ffi.cdef` are generated from this file by `build.rs` and checked for drift.
+//!
+//! The shared region is created once per nginx master (in `init_by_lua`, before the fork) and kept in a static: the
+//! master keeps this library loaded across `nginx -s reload`, so a reload reuses the region and its statistics.
+#![allow(non_camel_case_types)]
+
+use autoscale_core::engine::{PeerConf, UpstreamConf, UpstreamParams};
+use autoscale_core::histogram;
+use autoscale_core::reqtrack::{Attempt, Entry, Table};
+use autoscale_core::rng::XorShift64;
+use autoscale_core::select::Algorithm;
+use autoscale_core::slowstart::SlowStart;
+use autoscale_core::window::counter;
+use autoscale_core::{addr, Outcome, Params, Region};
+use std::cell::RefCell;
+use std::ffi::{c_char, c_int, c_void};
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicI64, Ordering::*};
+use std::sync::OnceLock;
+
+/// Success.
+pub const AUTOSCALE_OK: c_int = 0;
+/// An argument was out of range or a pointer was NULL.
+pub const AUTOSCALE_ERR_ARG: c_int = -1;
+/// `autoscale_region_init` has not succeeded in this process.
+pub const AUTOSCALE_ERR_NO_REGION: c_int = -2;
+/// The configuration was refused; see the error text.
+pub const AUTOSCALE_ERR_CONFIG: c_int = -3;
+/// No peer can take the request.
+pub const AUTOSCALE_ERR_NO_PEER: c_int = -4;
+/// The upstream index is unknown.
+pub const AUTOSCALE_ERR_UPSTREAM: c_int = -5;
+/// A bug: a panic was caught at the boundary.
+pub const AUTOSCALE_ERR_PANIC: c_int = -6;
+/// The log phase needs the per-attempt details (`autoscale_log_detail`).
+pub const AUTOSCALE_NEED_DETAIL: c_int = 1;
+
+/// Version of this ABI; the Lua side refuses a library whose version differs from its cdef.
+pub const AUTOSCALE_ABI_VERSION: u32 = 1;
+
+/// Requests tracked per worker between balancer and log phases.
+const REQUEST_TABLE_SIZE: usize = 16384;
+
+/// Sizes of the shared region.
+#[repr(C)]
+pub struct autoscale_region_params_t {
+    pub max_upstreams: u32,
+    pub max_peers: u32,
+    pub max_workers: u32,
+    pub window_buckets: u32,
+    pub bucket_ms: u32,
+}
+
+/// One peer of an upstream specification.
+#[repr(C)]
+pub struct autoscale_peer_spec_t {
+    /// `host:port` text (not NUL-terminated).
+    pub addr: *const u8,
+    pub addr_len: usize,
+    pub weight: u32,
+}
+
+/// One upstream of a configuration.
+#[repr(C)]
+pub struct autoscale_upstream_spec_t {
+    pub name: *const u8,
+    pub name_len: usize,
+    /// 0 peak-EWMA, 1 round robin, 2 weighted random.
+    pub algorithm: u32,
+    pub retries: u32,
+    pub slow_start_ms: u32,
+    pub decay_ms: u32,
+    pub default_rtt_us: u32,
+    pub _pad: u32,
+    pub slow_start_aggression: f64,
+    pub slow_start_min_weight: f64,
+    pub failure_penalty: f64,
+    pub peers: *const autoscale_peer_spec_t,
+    pub npeers: usize,
+}
+
+/// The peer chosen for an attempt.
+#[repr(C)]
+pub struct autoscale_pick_t {
+    pub slot: u32,
+    pub gen: u32,
+    /// Extra tries to give nginx on the first attempt.
+    pub more_tries: u32,
+    /// 1 for the first attempt of the request.
+    pub attempt: u32,
+}
+
+/// Statistics of one peer record. Window fields cover the rolling window; `total_*` are all-time.
+/// Percentiles are -1 when the window has no sample.
+#[repr(C)]
+pub struct autoscale_peer_stats_t {
+    pub slot: u32,
+    pub gen: u32,
+    /// 0 free, 1 active, 2 retired.
+    pub state: u32,
+    pub upstream: u32,
+    pub weight: u32,
+    pub port: u32,
+    pub host_len: u32,
+    pub inflight: i32,
+    pub requests: u64,
+    pub failures: u64,
+    pub fail_http_5xx: u64,
+    pub fail_gateway: u64,
+    pub fail_connect: u64,
+    pub fail_timeout: u64,
+    pub aborted: u64,
+    pub latency_sum_us: u64,
+    pub window_us: u64,
+    pub total_requests: u64,
+    pub total_failures: u64,
+    pub total_fail_http_5xx: u64,
+    pub total_fail_gateway: u64,
+    pub total_fail_connect: u64,
+    pub total_fail_timeout: u64,
+    pub total_aborted: u64,
+    pub total_latency_us: u64,
+    pub age_us: u64,
+    pub p50_us: f64,
+    pub p90_us: f64,
+    pub p99_us: f64,
+    pub p999_us: f64,
+    pub ewma_us: f64,
+    pub cost: f64,
+    pub slow_start: f64,
+}
+
+/// Facts about the region.
+#[repr(C)]
+pub struct autoscale_region_info_t {
+    pub max_upstreams: u32,
+    pub max_peers: u32,
+    pub max_workers: u32,
+    pub window_buckets: u32,
+    pub bucket_ms: u32,
+    pub workers_attached: u32,
+    pub total_size: u64,
+    pub config_epoch: u64,
+    pub dropped_samples: u64,
+    pub evicted_requests: u64,
+}
+
+static REGION: OnceLock<Region> = OnceLock::new();
+/// This process's in-flight column; -1 until attached. After a fork each worker has its own copy.
+static COLUMN: AtomicI64 = AtomicI64::new(-1);
+
+thread_local! {
+    static REQUESTS: RefCell<Option<Table>> = const { RefCell::new(None) };
+    static RNG: RefCell<Option<XorShift64>> = const { RefCell::new(None) };
+}
+
+/// Runs `f`, turning a panic into [`AUTOSCALE_ERR_PANIC`].
+fn guard<F: FnOnce() -> c_int>(f: F) -> c_int {
+    catch_unwind(AssertUnwindSafe(f)).unwrap_or(AUTOSCALE_ERR_PANIC)
+}
+
+fn now_us() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid, writable timespec; CLOCK_MONOTONIC is always supported on Linux.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000 + ts.tv_nsec as u64 / 1000
+}
+
+fn pid() -> u32 {
+    std::process::id()
+}
+
+fn alive(pid: u32) -> bool {
+    // SAFETY: signal 0 only checks for existence and permission; it sends nothing.
+    let rc = unsafe { libc::kill(pid as libc::pid_t, 0) };
+    rc == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
+}
+
+fn column() -> Option<u32> {
+    let c = COLUMN.load(Relaxed);
+    (c >= 0).then_some(c as u32)
+}
+
+/// Writes `msg` into the caller's buffer, truncated and NUL-terminated.
+///
+/// # Safety
+/// `err` must be NULL or point to `err_len` writable bytes.
+unsafe fn write_err(err: *mut c_char, err_len: usize, msg: &str) {
+    if err.is_null() || err_len == 0 {
+        return;
+    }
+    let n = msg.len().min(err_len - 1);
+    std::ptr::copy_nonoverlapping(msg.as_ptr(), err as *mut u8, n);
+    *err.add(n) = 0;
+}
+
+/// # Safety
+/// `ptr` must be NULL or point to `len` readable bytes.
+unsafe fn bytes<'a>(ptr: *const u8, len: usize) -> Option<&'a [u8]> {
+    if ptr.is_null() {
+        return (len == 0).then_some(&[]);
+    }
+    Some(std::slice::from_raw_parts(ptr, len))
+}
+
+/// The version of this ABI ([`AUTOSCALE_ABI_VERSION`]).
+#[no_mangle]
+pub extern "C" fn autoscale_abi_version() -> u32 {
+    AUTOSCALE_ABI_VERSION
+}
+
+/// Creates the shared region, or checks that the one this process already has matches `params`.
+/// Call it in the nginx master (`init_by_lua`), before workers are forked.
+///
+/// # Safety
+/// `params` must point to a valid struct; `err` to `err_len` writable bytes (or be NULL).
+///
+/// # Errors
+/// `AUTOSCALE_ERR_ARG` for bad sizes or a NULL pointer, `AUTOSCALE_ERR_CONFIG` when the existing region has other
+/// sizes (a reload cannot resize it) or mapping failed; the reason is in `err`.
+#[no_mangle]
+pub unsafe extern "C" fn autoscale_region_init(
+    params: *const autoscale_region_params_t,
+    err: *mut c_char,
+    err_len: usize,
+) -> c_int {
+    guard(|| {
+        let Some(p) = params.as_ref() else {
+            return AUTOSCALE_ERR_ARG;
+        };
+        let want = Params {
+            max_upstreams: p.max_upstreams,
+            max_peers: p.max_peers,
+            max_workers: p.max_workers,
+            window_buckets: p.window_buckets,
+            bucket_ms: p.bucket_ms,
+        };
+        if let Err(e) = want.validate() {
+            write_err(err, err_len, &e.to_string());
+            return AUTOSCALE_ERR_ARG;
+        }
+        let result = match REGION.get() {
+            Some(region) => region.check(&want),
+            None => Region::new_shared(want, now_us()).map(|r| {
+                let _ = REGION.set(r);
+            }),
+        };
+        match result {
+            Ok(()) => AUTOSCALE_OK,
+            Err(e) => {
+                write_err(err, err_len, &e.to_string());
+                AUTOSCALE_ERR_CONFIG
+            }
+        }
+    })
+}
+
+/// Replaces the configuration with the `n` upstreams of `specs` and writes each one's index into `indices`.
+/// Peers that stay keep their statistics; removed ones are retired; nothing changes when an error is returned.
+///
+/// # Safety
+/// `specs` must point to `n` valid specs whose pointers are valid for their lengths; `indices` to `n` writable u32;
+/// `err` to `err_len` writable bytes (or be NULL).
+///
+/// # Errors
+/// `AUTOSCALE_ERR_NO_REGION` before `autoscale_region_init`; `AUTOSCALE_ERR_CONFIG` with the reason (naming the
+/// field) in `err`.
+#[no_mangle]
+pub unsafe extern "C" fn autoscale_config_apply(
+    specs: *const autoscale_upstream_spec_t,
+    n: usize,
+    indices: *mut u32,
+    err: *mut c_char,
+    err_len: usize,
+) -> c_int {
+    guard(|| {
+        let Some(region) = REGION.get() else {
+            return AUTOSCALE_ERR_NO_REGION;
+        };
+        if (specs.is_null() || indices.is_null()) && n > 0 {
+            return AUTOSCALE_ERR_ARG;
+        }
+        let specs = if n == 0 {
+            &[][..]
+        } else {
+            std::slice::from_raw_parts(specs, n)
+        };
+        let mut ups = Vec::with_capacity(n);
+        for s in specs {
+            match upstream_conf(s) {
+                Ok(u) => ups.push(u),
+                Err(msg) => {
+                    write_err(err, err_len, &msg);
+                    return AUTOSCALE_ERR_CONFIG;
+                }
+            }
+        }
+        match region.configure(&ups, pid(), &alive, now_us()) {
+            Ok(idx) => {
+                for (i, v) in idx.into_iter().enumerate() {
+                    *indices.add(i) = v;
+                }
+                AUTOSCALE_OK
+            }
+            Err(e) => {
+                write_err(err, err_len, &e.to_string());
+                AUTOSCALE_ERR_CONFIG
+            }
+        }
+    })
+}
+
+/// # Safety
+/// As for [`autoscale_config_apply`].
+unsafe fn upstream_conf(s: &autoscale_upstream_spec_t) -> Result<UpstreamConf, String> {
+    let name = bytes(s.name, s.name_len)
+        .and_then(|b| std::str::from_utf8(b).ok())
+        .ok_or("upstream name is not UTF-8")?;
+    if s.npeers > 0 && s.peers.is_null() {
+        return Err(format!("upstreams.{name}.peers: NULL"));
+    }
+    let specs = if s.npeers == 0 {
+        &[][..]
+    } else {
+        std::slice::from_raw_parts(s.peers, s.npeers)
+    };
+    let mut peers = Vec::with_capacity(specs.len());
+    for (i, p) in specs.iter().enumerate() {
+        let text = bytes(p.addr, p.addr_len)
+            .map(String::from_utf8_lossy)
+            .unwrap_or_default();
+        let addr = addr::parse(&text)
+            .map_err(|e| format!("upstreams.{name}.peers[{}]: \"{text}\": {e}", i + 1))?;
+        peers.push(PeerConf {
+            addr,
+            weight: p.weight,
+        });
+    }
+    let finite = |v: f64, field: &str, min: f64, max: f64| {
+        if v.is_finite() && v >= min && v <= max {
+            Ok(v)
+        } else {
+            Err(format!(
+                "upstreams.{name}.{field}: must be between {min} and {max}"
+            ))
+        }
+    };
+    Ok(UpstreamConf {
+        name: name.to_owned(),
+        params: UpstreamParams {
+            algorithm: Algorithm::from_u32(s.algorithm),
+            retries: s.retries,
+            slow_start: SlowStart {
+                window_us: s.slow_start_ms as u64 * 1000,
+                aggression: finite(
+                    s.slow_start_aggression,
+                    "slow_start_aggression",
+                    0.01,
+                    100.0,
+                )?,
+                min_weight: finite(s.slow_start_min_weight, "slow_start_min_weight", 0.0, 1.0)?,
+            },
+            decay_us: s.decay_ms as u64 * 1000,
+            default_rtt_us: s.default_rtt_us,
+            failure_penalty: finite(s.failure_penalty, "failure_penalty", 1.0, 1000.0)?,
+        },
+        peers,
+    })
+}
+
+/// Gives the calling worker its in-flight column, reclaiming the columns of dead workers. Idempotent.
+/// Returns the column (>= 0), or -1 when all are taken (the worker then runs without per-worker accounting).
+#[no_mangle]
+pub extern "C" fn autoscale_worker_attach() -> c_int {
+    guard(|| {
+        let Some(region) = REGION.get() else {
+            return AUTOSCALE_ERR_NO_REGION;
+        };
+        match region.attach_worker(pid(), &alive) {
+            Some(c) => {
+                COLUMN.store(c as i64, Relaxed);
+                c as c_int
+            }
+            None => -1,
+        }
+    })
+}
+
+fn outcome_of_status(status: c_int) -> Outcome {
+    match status {
+        0 | 499 => Outcome::Aborted,
+        502..=504 => Outcome::Gateway,
+        500..=599 => Outcome::Http5xx,
+        _ => Outcome::Success,
+    }
+}
+
+/// Releases what a displaced request entry still held.
+fn release(region: &Region, old: &Entry, col: Option<u32>, now: u64) {
+    for a in old.attempts().iter().filter(|a| a.end_us == 0) {
+        region.end_attempt(a.slot, a.gen, col, Outcome::Aborted, 0, now);
+    }
+    region.header().evicted_requests.fetch_add(1, Relaxed);
+}
+
+/// Chooses the peer for the next attempt of request `req` (nginx's request pointer, used only as a key) on
+/// upstream `upstream`. `last_status` is 0 on the first attempt, else the status nginx reports for the previous one
+/// (its end is recorded now: in flight no more, and its latency fed to the estimate).
+///
+/// # Safety
+/// `out` must point to a writable struct. `req` is not dereferenced.
+///
+/// # Errors
+/// `AUTOSCALE_ERR_NO_REGION`, `AUTOSCALE_ERR_UPSTREAM`, `AUTOSCALE_ERR_NO_PEER`, `AUTOSCALE_ERR_ARG`.
+#[no_mangle]
+pub unsafe extern "C" fn autoscale_balancer_pick(
+    req: *const c_void,
+    upstream: u32,
+    last_status: c_int,
+    out: *mut autoscale_pick_t,
+) -> c_int {
+    guard(|| {
+        let Some(region) = REGION.get() else {
+            return AUTOSCALE_ERR_NO_REGION;
+        };
+        let Some(out) = out.as_mut() else {
+            return AUTOSCALE_ERR_ARG;
+        };
+        if req.is_null() {
+            return AUTOSCALE_ERR_ARG;
+        }
+        let key = req as usize;
+        let now = now_us();
+        let col = column();
+        REQUESTS.with(|t| {
+            let mut t = t.borrow_mut();
+            let table = t.get_or_insert_with(|| Table::new(REQUEST_TABLE_SIZE));
+            let entry = if last_status == 0 || table.find(key).is_none() {
+                let (entry, old) = table.insert(key, upstream, now);
+                if let Some(old) = old {
+                    release(region, &old, col, now);
+                }
+                entry
+            } else {
+                table.find(key).unwrap_or_else(|| unreachable!())
+            };
+            if let Some(a) = entry
+                .last_mut()
+                .filter(|a| a.end_us == 0 && last_status != 0)
+            {
+                a.end_us = now;
+                a.status = last_status as u32;
+                region.end_attempt(
+                    a.slot,
+                    a.gen,
+                    col,
+                    outcome_of_status(last_status),
+                    now - a.start_us,
+                    now,
+                );
+            }
+            let pick = RNG.with(|r| {
+                let mut r = r.borrow_mut();
+                let rng = r.get_or_insert_with(|| XorShift64::new(now ^ ((pid() as u64) << 32)));
+                region.pick(upstream, &|slot| entry.tried(slot), now, rng)
+            });
+            match pick {
+                Ok(p) => {
+                    region.begin_attempt(p.slot, p.gen, col);
+                    entry.push(Attempt {
+                        slot: p.slot,
+                        gen: p.gen,
+                        start_us: now,
+                        end_us: 0,
+                        status: 0,
+                    });
+                    *out = autoscale_pick_t {
+                        slot: p.slot,
+                        gen: p.gen,
+                        more_tries: p.more_tries,
+                        attempt: entry.count,
+                    };
+                    AUTOSCALE_OK
+                }
+                Err(autoscale_core::PickError::UnknownUpstream) => AUTOSCALE_ERR_UPSTREAM,
+                Err(autoscale_core::PickError::NoPeer) => AUTOSCALE_ERR_NO_PEER,
+            }
+        })
+    })
+}
+
+/// Ends the request `req` in the log phase with the response `status`. When the request had one attempt and the
+/// status tells its outcome, everything is recorded and `AUTOSCALE_OK` returned; otherwise (retries, or a status
+/// of 500 or more, which may come from nginx itself) `AUTOSCALE_NEED_DETAIL` asks for [`autoscale_log_detail`].
+/// A request the balancer never saw is ignored.
+///
+/// # Safety
+/// `req` is not dereferenced.
+#[no_mangle]
+pub extern "C" fn autoscale_log_finish(req: *const c_void, status: c_int) -> c_int {
+    guard(|| {
+        let Some(region) = REGION.get() else {
+            return AUTOSCALE_ERR_NO_REGION;
+        };
+        let key = req as usize;
+        REQUESTS.with(|t| {
+            let mut t = t.borrow_mut();
+            let Some(table) = t.as_mut() else {
+                return AUTOSCALE_OK;
+            };
+            let Some(entry) = table.find(key) else {
+                return AUTOSCALE_OK;
+            };
+            if entry.count != 1 || (500..=599).contains(&status) {
+                if let Some(a) = entry.last_mut() {
+                    a.status = status as u32;
+                }
+                return AUTOSCALE_NEED_DETAIL;
+            }
+            let now = now_us();
+            if let Some(e) = table.remove(key) {
+                let a = e.attempts[0];
+                let outcome = outcome_of_status(status);
+                let latency = now.saturating_sub(a.start_us);
+                region.end_attempt(a.slot, a.gen, column(), outcome, latency, now);
+                region.record(a.slot, a.gen, outcome, latency, now);
+            }
+            AUTOSCALE_OK
+        })
+    })
+}
+
+/// Ends the request `req` with the outcome of each attempt, as classified by the caller from nginx's
+/// `$upstream_status`, `$upstream_connect_time` and `$upstream_header_time` (codes: 0 success, 1 HTTP 5xx,
+/// 2 gateway 502/503/504, 3 connect error, 4 timeout, 5 aborted). `kinds` is aligned with the attempts from the end;
+/// attempts without a valid kind are classified from their status.
+///
+/// # Safety
+/// `kinds` must point to `n` readable u32 (or be NULL with `n` = 0). `req` is not dereferenced.
+#[no_mangle]
+pub unsafe extern "C" fn autoscale_log_detail(
+    req: *const c_void,
+    kinds: *const u32,
+    n: usize,
+) -> c_int {
+    guard(|| {
+        let Some(region) = REGION.get() else {
+            return AUTOSCALE_ERR_NO_REGION;
+        };
+        if kinds.is_null() && n > 0 {
+            return AUTOSCALE_ERR_ARG;
+        }
+        let kinds = if n == 0 {
+            &[][..]
+        } else {
+            std::slice::from_raw_parts(kinds, n)
+        };
+        let key = req as usize;
+        let Some(entry) = REQUESTS.with(|t| t.borrow_mut().as_mut().and_then(|t| t.remove(key)))
+        else {
+            return AUTOSCALE_OK;
+        };
+        let now = now_us();
+        let attempts = entry.attempts();
+        for (i, a) in attempts.iter().enumerate() {
+            let from_end = attempts.len() - i;
+            let outcome = kinds
+                .len()
+                .checked_sub(from_end)
+                .and_then(|k| Outcome::from_u32(kinds[k]))
+                .unwrap_or_else(|| outcome_of_status(a.status as c_int));
+            let end = if a.end_us == 0 { now } else { a.end_us };
+            let latency = end.saturating_sub(a.start_us);
+            if a.end_us == 0 {
+                region.end_attempt(a.slot, a.gen, column(), outcome, latency, now);
+            }
+            region.record(a.slot, a.gen, outcome, latency, now);
+        }
+        AUTOSCALE_OK
+    })
+}
+
+/// Periodic upkeep (call every half bucket from a timer in each worker; idempotent): clears the next window
+/// bucket ahead of time.
+#[no_mangle]
+pub extern "C" fn autoscale_region_tick() -> c_int {
+    guard(|| {
+        let Some(region) = REGION.get() else {
+            return AUTOSCALE_ERR_NO_REGION;
+        };
+        region.tick(now_us());
+        AUTOSCALE_OK
+    })
+}
+
+/// Writes the peer record slots of upstream `upstream` into `slots` (at most `cap`) and returns how many the
+/// upstream has (which may exceed `cap`).
+///
+/// # Safety
+/// `slots` must point to `cap` writable u32 (or be NULL with `cap` = 0).
+#[no_mangle]
+pub unsafe extern "C" fn autoscale_upstream_peers(
+    upstream: u32,
+    slots: *mut u32,
+    cap: usize,
+) -> c_int {
+    guard(|| {
+        let Some(region) = REGION.get() else {
+            return AUTOSCALE_ERR_NO_REGION;
+        };
+        if upstream >= region.params().max_upstreams || (slots.is_null() && cap > 0) {
+            return AUTOSCALE_ERR_ARG;
+        }
+        let v = region.upstream_slots(upstream);
+        for (i, s) in v.iter().take(cap).enumerate() {
+            *slots.add(i) = *s;
+        }
+        v.len() as c_int
+    })
+}
+
+/// Copies the canonical `host:port` text of peer record `slot` into `buf` (not NUL-terminated) and returns its
+/// length; the host part is the first `host_len` bytes of it (see `autoscale_peer_stats_t`).
+///
+/// # Safety
+/// `buf` must point to `len` writable bytes.
+#[no_mangle]
+pub unsafe extern "C" fn autoscale_peer_addr(slot: u32, buf: *mut u8, len: usize) -> c_int {
+    guard(|| {
+        let Some(region) = REGION.get() else {
+            return AUTOSCALE_ERR_NO_REGION;
+        };
+        if slot >= region.params().max_peers || buf.is_null() {
+            return AUTOSCALE_ERR_ARG;
+        }
+        let text = region.peer_addr(slot);
+        let n = text.len().min(len);
+        std::ptr::copy_nonoverlapping(text.as_ptr(), buf, n);
+        n as c_int
+    })
+}
+
+/// Fills `out` with the statistics of peer record `slot`.
+///
+/// # Safety
+/// `out` must point to a writable struct.
+#[no_mangle]
+pub unsafe extern "C" fn autoscale_peer_stats(
+    slot: u32,
+    out: *mut autoscale_peer_stats_t,
+) -> c_int {
+    guard(|| {
+        let Some(region) = REGION.get() else {
+            return AUTOSCALE_ERR_NO_REGION;
+        };
+        let Some(out) = out.as_mut() else {
+            return AUTOSCALE_ERR_ARG;
+        };
+        let now = now_us();
+        let Some(s) = region.snapshot(slot, now) else {
+            return AUTOSCALE_ERR_ARG;
+        };
+        let q = |p| histogram::quantile(&s.window.hist, p).unwrap_or(-1.0);
+        let w = &s.window.counts;
+        let t = &s.totals;
+        let fail = |c: &[u64; counter::N], k: Outcome| c[counter::FAIL_BASE + k as usize - 1];
+        *out = autoscale_peer_stats_t {
+            slot: s.slot,
+            gen: s.gen,
+            state: s.state,
+            upstream: s.upstream,
+            weight: s.weight,
+            port: s.port,
+            host_len: s.host_len as u32,
+            inflight: s.inflight,
+            requests: w[counter::REQUESTS],
+            failures: s.window.failures(),
+            fail_http_5xx: fail(w, Outcome::Http5xx),
+            fail_gateway: fail(w, Outcome::Gateway),
+            fail_connect: fail(w, Outcome::Connect),
+            fail_timeout: fail(w, Outcome::Timeout),
+            aborted: w[counter::ABORTED],
+            latency_sum_us: s.window.latency_sum_us,
+            window_us: s.window_us,
+            total_requests: t[counter::REQUESTS],
+            total_failures: t[counter::FAIL_BASE..counter::FAIL_BASE + 4].iter().sum(),
+            total_fail_http_5xx: fail(t, Outcome::Http5xx),
+            total_fail_gateway: fail(t, Outcome::Gateway),
+            total_fail_connect: fail(t, Outcome::Connect),
+            total_fail_timeout: fail(t, Outcome::Timeout),
+            total_aborted: t[counter::ABORTED],
+            total_latency_us: s.total_latency_us,
+            age_us: now.saturating_sub(s.added_us),
+            p50_us: q(0.5),
+            p90_us: q(0.9),
+            p99_us: q(0.99),
+            p999_us: q(0.999),
+            ewma_us: s.ewma_us,
+            cost: s.cost,
+            slow_start: s.slow_start,
+        };
+        AUTOSCALE_OK
+    })
+}
+
+/// Fills `out` with facts about the region.
+///
+/// # Safety
+/// `out` must point to a writable struct.
+#[no_mangle]
+pub unsafe extern "C" fn autoscale_region_info(out: *mut autoscale_region_info_t) -> c_int {
+    guard(|| {
+        let Some(region) = REGION.get() else {
+            return AUTOSCALE_ERR_NO_REGION;
+        };
+        let Some(out) = out.as_mut() else {
+            return AUTOSCALE_ERR_ARG;
+        };
+        let p = region.params();
+        let h = region.header();
+        *out = autoscale_region_info_t {
+            max_upstreams: p.max_upstreams,
+            max_peers: p.max_peers,
+            max_workers: p.max_workers,
+            window_buckets: p.window_buckets,
+            bucket_ms: p.bucket_ms,
+            workers_attached: region
+                .worker_pids()
+                .iter()
+                .filter(|w| w.load(Relaxed) != 0)
+                .count() as u32,
+            total_size: region.layout().total as u64,
+            config_epoch: h.config_epoch.load(Relaxed),
+            dropped_samples: h.dropped_samples.load(Relaxed),
+            evicted_requests: h.evicted_requests.load(Relaxed),
+        };
+        AUTOSCALE_OK
+    })
+}
