@@ -66,8 +66,26 @@ pub enum LayoutError {
         "the shared region is not ours or was written by another version (magic/version mismatch)"
     )]
     Foreign,
-    #[error("the shared region was created with {have:?}; this configuration needs {want:?}; restart nginx (not reload) to resize it")]
+    #[error("restart nginx to resize the shared region (a reload cannot): {}", differences(.have, .want))]
     Mismatch { have: Params, want: Params },
+}
+
+fn differences(have: &Params, want: &Params) -> String {
+    let fields = [
+        ("max_upstreams", have.max_upstreams, want.max_upstreams),
+        ("max_peers", have.max_peers, want.max_peers),
+        ("max_workers", have.max_workers, want.max_workers),
+        ("window.buckets", have.window_buckets, want.window_buckets),
+        ("window.bucket_ms", have.bucket_ms, want.bucket_ms),
+    ];
+    let parts: Vec<String> = fields
+        .iter()
+        .filter(|(_, h, w)| h != w)
+        .map(|(name, h, w)| {
+            format!("{name} is {h} in the running region, {w} in the new configuration")
+        })
+        .collect();
+    parts.join("; ")
 }
 
 impl Params {

@@ -1,0 +1,358 @@
+//! The engine over a private region, with a simulated clock and a seeded RNG: deterministic.
+
+use autoscale_core::engine::{ConfigError, PeerConf, UpstreamConf, UpstreamParams};
+use autoscale_core::layout::state;
+use autoscale_core::rng::XorShift64;
+use autoscale_core::{histogram, Outcome, Params, Region};
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
+use std::sync::atomic::Ordering::Relaxed;
+
+const SEC: u64 = 1_000_000;
+
+fn region() -> Region {
+    Region::new_heap(
+        Params {
+            max_upstreams: 4,
+            max_peers: 8,
+            max_workers: 4,
+            ..Params::default()
+        },
+        0,
+    )
+    .unwrap()
+}
+
+fn conf(name: &str, ports: &[u16]) -> UpstreamConf {
+    UpstreamConf {
+        name: name.into(),
+        params: UpstreamParams::default(),
+        peers: ports
+            .iter()
+            .map(|&p| PeerConf {
+                addr: format!("127.0.0.1:{p}").parse().unwrap(),
+                weight: 1,
+            })
+            .collect(),
+    }
+}
+
+fn yes(_: u32) -> bool {
+    true
+}
+
+/// Closed-loop simulation: `clients` clients each send a request, wait for it, send the next. `behaviour(port)`
+/// gives (latency µs, outcome). Returns requests per port during `[from, until)` of simulated time.
+fn simulate(
+    r: &Region,
+    up: u32,
+    clients: usize,
+    until: u64,
+    from: u64,
+    start: u64,
+    behaviour: &dyn Fn(u16, u64) -> (u64, Outcome),
+) -> std::collections::HashMap<u16, u64> {
+    let mut rng = XorShift64::new(1234);
+    let mut events = BinaryHeap::new(); // (Reverse(time), slot, gen, client)
+    let mut hits = std::collections::HashMap::new();
+    for c in 0..clients {
+        events.push((Reverse(start + c as u64), u32::MAX, 0u32, c));
+    }
+    while let Some((Reverse(now), slot, gen, c)) = events.pop() {
+        if now >= until {
+            break;
+        }
+        if slot != u32::MAX {
+            let port = r.snapshot(slot, now).unwrap().port as u16;
+            let (lat, outcome) = behaviour(port, now);
+            let _ = lat;
+            r.end_attempt(slot, gen, Some(0), outcome, lat, now);
+            r.record(slot, gen, outcome, lat, now);
+        }
+        let pick = r.pick(up, &|_| false, now, &mut rng).unwrap();
+        r.begin_attempt(pick.slot, pick.gen, Some(0));
+        let port = r.snapshot(pick.slot, now).unwrap().port as u16;
+        if now >= from {
+            *hits.entry(port).or_insert(0) += 1;
+        }
+        let (lat, _) = behaviour(port, now);
+        events.push((Reverse(now + lat), pick.slot, pick.gen, c));
+    }
+    hits
+}
+
+fn share(hits: &std::collections::HashMap<u16, u64>, port: u16) -> f64 {
+    let total: u64 = hits.values().sum();
+    *hits.get(&port).unwrap_or(&0) as f64 / total as f64
+}
+
+#[test]
+fn a_peer_made_20x_slower_loses_its_traffic_within_2s() {
+    let r = region();
+    let up = r.configure(&[conf("api", &[1, 2, 3])], 1, &yes, 0).unwrap()[0];
+    // All equal for 5 s, then peer 3 becomes 20x slower.
+    let slow_at = 5 * SEC;
+    let behaviour = |port: u16, now: u64| {
+        let base = 1_000;
+        (
+            if port == 3 && now >= slow_at {
+                base * 20
+            } else {
+                base
+            },
+            Outcome::Success,
+        )
+    };
+    let before = simulate(&r, up, 16, slow_at, SEC, 0, &behaviour);
+    assert!(
+        (share(&before, 3) - 1.0 / 3.0).abs() < 0.05,
+        "before: {before:?}"
+    );
+    let after = simulate(
+        &r,
+        up,
+        16,
+        slow_at + 10 * SEC,
+        slow_at + 2 * SEC,
+        slow_at,
+        &behaviour,
+    );
+    assert!(share(&after, 3) < 0.10, "after: {after:?}");
+}
+
+#[test]
+fn a_peer_failing_fast_loses_its_traffic() {
+    let r = region();
+    let up = r.configure(&[conf("api", &[1, 2, 3])], 1, &yes, 0).unwrap()[0];
+    let behaviour = |port: u16, _| {
+        if port == 2 {
+            (100, Outcome::Gateway)
+        } else {
+            (2_000, Outcome::Success)
+        }
+    };
+    let hits = simulate(&r, up, 16, 10 * SEC, 2 * SEC, 0, &behaviour);
+    assert!(share(&hits, 2) < 0.02, "{hits:?}");
+    let snap = (0..8)
+        .filter_map(|s| r.snapshot(s, 10 * SEC))
+        .find(|s| s.port == 2)
+        .unwrap();
+    assert_eq!(
+        snap.window.failures(),
+        snap.window.counts[0],
+        "every request to it failed"
+    );
+}
+
+#[test]
+fn retries_never_repick_a_tried_peer_while_another_exists() {
+    let r = region();
+    let up = r.configure(&[conf("api", &[1, 2, 3])], 1, &yes, 0).unwrap()[0];
+    let mut rng = XorShift64::new(9);
+    for i in 0..2000u64 {
+        let first = r.pick(up, &|_| false, i, &mut rng).unwrap();
+        let second = r.pick(up, &|s| s == first.slot, i, &mut rng).unwrap();
+        assert_ne!(second.slot, first.slot);
+        let third = r
+            .pick(up, &|s| s == first.slot || s == second.slot, i, &mut rng)
+            .unwrap();
+        assert!(third.slot != first.slot && third.slot != second.slot);
+        // All tried: a tried one is allowed rather than failing the request.
+        assert!(r.pick(up, &|_| true, i, &mut rng).is_ok());
+        assert_eq!(first.more_tries, 2);
+    }
+}
+
+#[test]
+fn reconfiguration_keeps_stats_of_kept_peers_and_ignores_stale_writers() {
+    let r = region();
+    r.configure(&[conf("api", &[1, 2, 3])], 1, &yes, 0).unwrap();
+    let slot_of = |port: u32| {
+        (0..8).find(|&s| {
+            let p = r.snapshot(s, SEC).unwrap();
+            p.port == port && p.state == state::ACTIVE
+        })
+    };
+    let (s1, s3) = (slot_of(1).unwrap(), slot_of(3).unwrap());
+    let gen3 = r.snapshot(s3, SEC).unwrap().gen;
+    for _ in 0..10 {
+        r.record(
+            s1,
+            r.snapshot(s1, SEC).unwrap().gen,
+            Outcome::Success,
+            500,
+            SEC,
+        );
+    }
+    // Peer 3 goes, peer 4 comes: peer 1 keeps its counts, peer 3 is retired, 4 is new.
+    let up = r
+        .configure(&[conf("api", &[1, 2, 4])], 1, &yes, 2 * SEC)
+        .unwrap()[0];
+    assert_eq!(slot_of(1), Some(s1));
+    assert_eq!(r.snapshot(s1, 2 * SEC).unwrap().totals[0], 10);
+    assert_eq!(r.snapshot(s3, 2 * SEC).unwrap().state, state::RETIRED);
+    let s4 = slot_of(4).unwrap();
+    assert_eq!(r.upstream_slots(up).len(), 3);
+    assert!(!r.upstream_slots(up).contains(&s3));
+    // A writer still holding peer 3 (an old worker during reload) keeps working until its record is reused...
+    r.record(s3, gen3, Outcome::Success, 1, 2 * SEC);
+    assert_eq!(r.snapshot(s3, 2 * SEC).unwrap().totals[0], 1);
+    // ...and once reused for another peer, its late writes are ignored.
+    let mut all: Vec<u16> = (10..18).collect();
+    all.retain(|&p| p != 10);
+    r.configure(&[conf("api", &all)], 1, &yes, 3 * SEC).unwrap(); // 7 peers: needs every record incl. s3
+    assert_ne!(r.snapshot(s3, 3 * SEC).unwrap().gen, gen3);
+    let before = r.snapshot(s3, 3 * SEC).unwrap().totals[0];
+    r.record(s3, gen3, Outcome::Success, 1, 3 * SEC);
+    r.end_attempt(s3, gen3, None, Outcome::Success, 1, 3 * SEC);
+    assert_eq!(r.snapshot(s3, 3 * SEC).unwrap().totals[0], before);
+    assert_eq!(r.snapshot(s3, 3 * SEC).unwrap().inflight, 0);
+    let _ = s4;
+}
+
+#[test]
+fn new_peers_are_seeded_with_the_mean_and_ramped_in() {
+    let r = region();
+    let up = r.configure(&[conf("api", &[1, 2])], 1, &yes, 0).unwrap()[0];
+    for s in r.upstream_slots(up) {
+        let gen = r.snapshot(s, 0).unwrap().gen;
+        for _ in 0..5 {
+            r.end_attempt(s, gen, None, Outcome::Success, 4_000, 1);
+        }
+    }
+    r.configure(&[conf("api", &[1, 2, 3])], 1, &yes, 1).unwrap();
+    let new = r
+        .upstream_slots(up)
+        .into_iter()
+        .find(|&s| r.snapshot(s, 1).unwrap().port == 3)
+        .unwrap();
+    let snap = r.snapshot(new, 1).unwrap();
+    assert!(
+        (snap.ewma_us - 4_000.0).abs() < 1.0,
+        "seeded with {}",
+        snap.ewma_us
+    );
+    assert!((snap.slow_start - 0.1).abs() < 1e-9);
+    assert!((r.snapshot(new, 1 + 5 * SEC).unwrap().slow_start - 0.5).abs() < 1e-6);
+}
+
+#[test]
+fn bad_configurations_change_nothing() {
+    let r = region();
+    r.configure(&[conf("api", &[1, 2])], 1, &yes, 0).unwrap();
+    let epoch = r.header().config_epoch.load(Relaxed);
+    let dup = conf("api", &[1, 1]);
+    assert!(matches!(
+        r.configure(&[dup], 1, &yes, 1),
+        Err(ConfigError::DuplicatePeer(..))
+    ));
+    let too_many = conf("api", &(1..=9).collect::<Vec<_>>());
+    assert!(matches!(
+        r.configure(&[too_many], 1, &yes, 1),
+        Err(ConfigError::TooManyPeers { got: 9, max: 8 })
+    ));
+    let twice = [conf("a", &[1]), conf("a", &[2])];
+    assert!(matches!(
+        r.configure(&twice, 1, &yes, 1),
+        Err(ConfigError::DuplicateUpstream(_))
+    ));
+    let mut zero = conf("api", &[1]);
+    zero.peers[0].weight = 0;
+    assert!(matches!(
+        r.configure(&[zero], 1, &yes, 1),
+        Err(ConfigError::BadWeight(_))
+    ));
+    assert_eq!(r.header().config_epoch.load(Relaxed), epoch);
+    assert_eq!(r.upstream_slots(r.find_upstream("api").unwrap()).len(), 2);
+}
+
+#[test]
+fn a_dead_workers_in_flight_counts_are_reclaimed() {
+    let r = region();
+    let up = r.configure(&[conf("api", &[1, 2])], 1, &yes, 0).unwrap()[0];
+    let dead = std::cell::Cell::new(false);
+    let alive = |pid: u32| !(pid == 100 && dead.get());
+    let col = r.attach_worker(100, &alive).unwrap();
+    let mut rng = XorShift64::new(1);
+    for _ in 0..5 {
+        let p = r.pick(up, &|_| false, 0, &mut rng).unwrap();
+        r.begin_attempt(p.slot, p.gen, Some(col));
+    }
+    let inflight = |r: &Region| {
+        r.upstream_slots(up)
+            .iter()
+            .map(|&s| r.snapshot(s, 0).unwrap().inflight)
+            .sum::<i32>()
+    };
+    assert_eq!(inflight(&r), 5);
+    dead.set(true); // kill -9
+    let col2 = r.attach_worker(200, &alive).unwrap();
+    assert_eq!(col2, col, "the dead worker's column is reused");
+    assert_eq!(inflight(&r), 0);
+    assert_eq!(
+        r.attach_worker(200, &alive),
+        Some(col2),
+        "attach is idempotent"
+    );
+}
+
+#[test]
+fn the_window_forgets_old_slices_and_reports_percentiles() {
+    let r = region();
+    let up = r.configure(&[conf("api", &[1])], 1, &yes, 0).unwrap()[0];
+    let s = r.upstream_slots(up)[0];
+    let gen = r.snapshot(s, 0).unwrap().gen;
+    for i in 0..1000u64 {
+        r.record(s, gen, Outcome::Success, 1_000 + i, SEC + i); // 1.0 .. 2.0 ms
+    }
+    r.record(s, gen, Outcome::Timeout, 60_000_000, SEC);
+    let snap = r.snapshot(s, 2 * SEC).unwrap();
+    assert_eq!(snap.window.counts[0], 1001);
+    assert_eq!(snap.window.failures(), 1);
+    let p50 = histogram::quantile(&snap.window.hist, 0.5).unwrap();
+    assert!(
+        (p50 - 1_500.0).abs() / 1_500.0 <= histogram::RELATIVE_ERROR + 1e-9,
+        "{p50}"
+    );
+    // 10 one-second buckets: at 11.5 s the samples of second 1 are gone; all-time totals stay.
+    r.tick(11 * SEC + SEC / 2);
+    let later = r.snapshot(s, 11 * SEC + SEC / 2).unwrap();
+    assert_eq!(later.window.counts[0], 0);
+    assert_eq!(later.totals[0], 1001);
+}
+
+#[test]
+fn concurrent_workers_count_exactly() {
+    let r = std::sync::Arc::new(region());
+    let up = r.configure(&[conf("api", &[1, 2, 3])], 1, &yes, 0).unwrap()[0];
+    let threads: Vec<_> = (0..4)
+        .map(|t| {
+            let r = r.clone();
+            std::thread::spawn(move || {
+                let mut rng = XorShift64::new(t + 1);
+                let col = r.attach_worker(1000 + t as u32, &yes);
+                for i in 0..20_000u64 {
+                    let now = SEC + i * 10;
+                    let p = r.pick(up, &|_| false, now, &mut rng).unwrap();
+                    r.begin_attempt(p.slot, p.gen, col);
+                    r.end_attempt(p.slot, p.gen, col, Outcome::Success, 100, now);
+                    r.record(p.slot, p.gen, Outcome::Success, 100, now);
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    let slots = r.upstream_slots(up);
+    let total: u64 = slots
+        .iter()
+        .map(|&s| r.snapshot(s, SEC).unwrap().totals[0])
+        .sum();
+    let inflight: i32 = slots
+        .iter()
+        .map(|&s| r.snapshot(s, SEC).unwrap().inflight)
+        .sum();
+    assert_eq!(total, 80_000);
+    assert_eq!(inflight, 0);
+}

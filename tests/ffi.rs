@@ -1,0 +1,262 @@
+//! The C ABI under wrong and hostile input: nothing may panic across the boundary or crash; errors come back as
+//! codes with a reason. (One process-wide region, as in an nginx master.)
+
+use autoscale_core::rng::{Rng, XorShift64};
+use resty_autoscale::*;
+use std::ffi::CStr;
+use std::ptr::{null, null_mut};
+
+fn init() {
+    let p = autoscale_region_params_t {
+        max_upstreams: 8,
+        max_peers: 32,
+        max_workers: 8,
+        window_buckets: 10,
+        bucket_ms: 1000,
+    };
+    let mut err = [0 as std::ffi::c_char; 256];
+    assert_eq!(
+        unsafe { autoscale_region_init(&p, err.as_mut_ptr(), err.len()) },
+        AUTOSCALE_OK
+    );
+}
+
+fn spec(name: &str, peers: &[autoscale_peer_spec_t]) -> autoscale_upstream_spec_t {
+    autoscale_upstream_spec_t {
+        name: name.as_ptr(),
+        name_len: name.len(),
+        algorithm: 0,
+        retries: 2,
+        slow_start_ms: 0,
+        decay_ms: 10_000,
+        default_rtt_us: 30_000,
+        _pad: 0,
+        slow_start_aggression: 1.0,
+        slow_start_min_weight: 0.1,
+        failure_penalty: 2.0,
+        peers: peers.as_ptr(),
+        npeers: peers.len(),
+    }
+}
+
+fn peer(addr: &'static str) -> autoscale_peer_spec_t {
+    autoscale_peer_spec_t {
+        addr: addr.as_ptr(),
+        addr_len: addr.len(),
+        weight: 1,
+    }
+}
+
+fn apply(specs: &[autoscale_upstream_spec_t]) -> Result<Vec<u32>, String> {
+    let mut idx = vec![0u32; specs.len() + 1];
+    let mut err = [0 as std::ffi::c_char; 256];
+    let rc = unsafe {
+        autoscale_config_apply(
+            specs.as_ptr(),
+            specs.len(),
+            idx.as_mut_ptr(),
+            err.as_mut_ptr(),
+            err.len(),
+        )
+    };
+    if rc == AUTOSCALE_OK {
+        Ok(idx)
+    } else {
+        Err(unsafe { CStr::from_ptr(err.as_ptr()) }
+            .to_string_lossy()
+            .into_owned())
+    }
+}
+
+#[test]
+fn every_export_survives_null_and_out_of_range() {
+    init();
+    unsafe {
+        assert_eq!(
+            autoscale_region_init(null(), null_mut(), 0),
+            AUTOSCALE_ERR_ARG
+        );
+        assert_eq!(
+            autoscale_config_apply(null(), 3, null_mut(), null_mut(), 0),
+            AUTOSCALE_ERR_ARG
+        );
+        assert_eq!(
+            autoscale_balancer_pick(null(), 0, 0, null_mut()),
+            AUTOSCALE_ERR_ARG
+        );
+        let mut pick = autoscale_pick_t {
+            slot: 0,
+            gen: 0,
+            more_tries: 0,
+            attempt: 0,
+        };
+        assert_eq!(
+            autoscale_balancer_pick(null(), 0, 0, &mut pick),
+            AUTOSCALE_ERR_ARG
+        );
+        assert_eq!(
+            autoscale_balancer_pick(8 as _, u32::MAX, 0, &mut pick),
+            AUTOSCALE_ERR_UPSTREAM
+        );
+        assert_eq!(autoscale_log_finish(null(), 200), AUTOSCALE_OK);
+        assert_eq!(autoscale_log_detail(null(), null(), 5), AUTOSCALE_ERR_ARG);
+        assert_eq!(
+            autoscale_upstream_peers(u32::MAX, null_mut(), 0),
+            AUTOSCALE_ERR_ARG
+        );
+        assert_eq!(
+            autoscale_upstream_peers(0, null_mut(), 4),
+            AUTOSCALE_ERR_ARG
+        );
+        assert_eq!(
+            autoscale_peer_addr(u32::MAX, null_mut(), 0),
+            AUTOSCALE_ERR_ARG
+        );
+        assert_eq!(
+            autoscale_peer_stats(u32::MAX, null_mut()),
+            AUTOSCALE_ERR_ARG
+        );
+        assert_eq!(autoscale_region_info(null_mut()), AUTOSCALE_ERR_ARG);
+        // A different size on "reload" is refused with the reason.
+        let other = autoscale_region_params_t {
+            max_upstreams: 8,
+            max_peers: 33,
+            max_workers: 8,
+            window_buckets: 10,
+            bucket_ms: 1000,
+        };
+        let mut err = [0 as std::ffi::c_char; 256];
+        assert_eq!(
+            autoscale_region_init(&other, err.as_mut_ptr(), err.len()),
+            AUTOSCALE_ERR_CONFIG
+        );
+        let msg = CStr::from_ptr(err.as_ptr()).to_string_lossy();
+        assert!(msg.contains("restart nginx"), "{msg}");
+        // Error text is truncated to the buffer and NUL-terminated.
+        let bad = autoscale_region_params_t {
+            max_upstreams: 0,
+            ..other
+        };
+        let mut small = [1 as std::ffi::c_char; 8];
+        assert_eq!(
+            autoscale_region_init(&bad, small.as_mut_ptr(), small.len()),
+            AUTOSCALE_ERR_ARG
+        );
+        assert_eq!(small[7], 0);
+    }
+}
+
+#[test]
+fn config_errors_name_the_field() {
+    init();
+    let peers = [peer("127.0.0.1:80"), peer("10.0.0.1:99999")];
+    assert_eq!(
+        apply(&[spec("api", &peers)]).unwrap_err(),
+        "upstreams.api.peers[2]: \"10.0.0.1:99999\": port out of range"
+    );
+    let peers = [peer("backend:80")];
+    assert!(apply(&[spec("api", &peers)])
+        .unwrap_err()
+        .starts_with("upstreams.api.peers[1]: \"backend:80\": host must be"));
+    let peers = [peer("127.0.0.1:80")];
+    let mut s = spec("api", &peers);
+    s.failure_penalty = f64::NAN;
+    assert_eq!(
+        apply(&[s]).unwrap_err(),
+        "upstreams.api.failure_penalty: must be between 1 and 1000"
+    );
+    let mut s = spec("api", &peers);
+    s.npeers = 5;
+    s.peers = null();
+    assert_eq!(apply(&[s]).unwrap_err(), "upstreams.api.peers: NULL");
+    let s = spec("", &peers);
+    assert!(apply(&[s]).unwrap_err().contains("name must be"));
+}
+
+/// Random bytes as names and addresses never crash the library; whatever is accepted is readable back.
+#[test]
+fn fuzz_config_apply() {
+    init();
+    let mut rng = XorShift64::new(0x1234_5678);
+    let alphabet = b"0123456789.:[]abf -\x00\xff";
+    let bytes = |rng: &mut XorShift64, n: u32| -> Vec<u8> {
+        (0..n)
+            .map(|_| alphabet[rng.below(alphabet.len() as u32) as usize])
+            .collect()
+    };
+    for _ in 0..3000 {
+        let n = 1 + rng.below(8);
+        let name = bytes(&mut rng, n);
+        let count = rng.below(4);
+        let addrs: Vec<Vec<u8>> = (0..count)
+            .map(|_| {
+                let n = rng.below(24);
+                bytes(&mut rng, n)
+            })
+            .collect();
+        let peers: Vec<autoscale_peer_spec_t> = addrs
+            .iter()
+            .map(|a| autoscale_peer_spec_t {
+                addr: a.as_ptr(),
+                addr_len: a.len(),
+                weight: rng.below(3),
+            })
+            .collect();
+        let mut s = spec("x", &peers);
+        s.name = name.as_ptr();
+        s.name_len = name.len();
+        s.algorithm = rng.below(7);
+        let _ = apply(&[s]);
+    }
+    // Still consistent: a normal configuration applies and can be read.
+    let peers = [peer("127.0.0.1:81")];
+    let idx = apply(&[spec("ok", &peers)]).unwrap()[0];
+    let mut slots = [0u32; 4];
+    assert_eq!(
+        unsafe { autoscale_upstream_peers(idx, slots.as_mut_ptr(), 4) },
+        1
+    );
+    let mut buf = [0u8; 64];
+    let n = unsafe { autoscale_peer_addr(slots[0], buf.as_mut_ptr(), 64) };
+    assert_eq!(&buf[..n as usize], b"127.0.0.1:81");
+}
+
+#[test]
+fn a_request_is_accounted_from_pick_to_log() {
+    init();
+    let peers = [peer("127.0.0.1:90"), peer("127.0.0.1:91")];
+    let idx = apply(&[spec("flow", &peers)]).unwrap()[0];
+    assert_eq!(autoscale_worker_attach(), autoscale_worker_attach());
+    let req = 0x7000 as *const std::ffi::c_void;
+    let mut pick = autoscale_pick_t {
+        slot: 0,
+        gen: 0,
+        more_tries: 0,
+        attempt: 0,
+    };
+    unsafe {
+        assert_eq!(
+            autoscale_balancer_pick(req, idx, 0, &mut pick),
+            AUTOSCALE_OK
+        );
+        assert_eq!((pick.attempt, pick.more_tries), (1, 1));
+        let first = pick.slot;
+        // Retry after a 502: the other peer, attempt 2.
+        assert_eq!(
+            autoscale_balancer_pick(req, idx, 502, &mut pick),
+            AUTOSCALE_OK
+        );
+        assert_eq!(pick.attempt, 2);
+        assert_ne!(pick.slot, first);
+        assert_eq!(autoscale_log_finish(req, 200), AUTOSCALE_NEED_DETAIL);
+        let kinds = [3u32, 0];
+        assert_eq!(autoscale_log_detail(req, kinds.as_ptr(), 2), AUTOSCALE_OK);
+        let mut st: autoscale_peer_stats_t = std::mem::zeroed();
+        assert_eq!(autoscale_peer_stats(first, &mut st), AUTOSCALE_OK);
+        assert_eq!((st.requests, st.fail_connect, st.inflight), (1, 1, 0));
+        assert_eq!(autoscale_peer_stats(pick.slot, &mut st), AUTOSCALE_OK);
+        assert_eq!((st.requests, st.failures, st.inflight), (1, 0, 0));
+        // Logged twice (or never balanced): ignored.
+        assert_eq!(autoscale_log_finish(req, 200), AUTOSCALE_OK);
+    }
+}
