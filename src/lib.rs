@@ -158,9 +158,26 @@ static REGION: OnceLock<Region> = OnceLock::new();
 /// This process's in-flight column; -1 until attached. After a fork each worker has its own copy.
 static COLUMN: AtomicI64 = AtomicI64::new(-1);
 
+/// What one worker keeps for itself: its request table and its random generator (one thread-local, one lookup).
+struct Worker {
+    requests: Table,
+    rng: XorShift64,
+}
+
 thread_local! {
-    static REQUESTS: RefCell<Option<Table>> = const { RefCell::new(None) };
-    static RNG: RefCell<Option<XorShift64>> = const { RefCell::new(None) };
+    static WORKER: RefCell<Option<Worker>> = const { RefCell::new(None) };
+}
+
+/// Runs `f` with this worker's state, creating it on first use.
+fn with_worker<T>(f: impl FnOnce(&mut Worker) -> T) -> T {
+    WORKER.with(|w| {
+        let mut w = w.borrow_mut();
+        let w = w.get_or_insert_with(|| Worker {
+            requests: Table::new(REQUEST_TABLE_SIZE),
+            rng: XorShift64::new(now_us() ^ ((pid() as u64) << 32)),
+        });
+        f(w)
+    })
 }
 
 /// Runs `f`, turning a panic into [`AUTOSCALE_ERR_PANIC`].
@@ -444,9 +461,8 @@ pub unsafe extern "C" fn autoscale_balancer_pick(
         let key = req as usize;
         let now = now_us();
         let col = column();
-        REQUESTS.with(|t| {
-            let mut t = t.borrow_mut();
-            let table = t.get_or_insert_with(|| Table::new(REQUEST_TABLE_SIZE));
+        with_worker(|w| {
+            let table = &mut w.requests;
             let entry = if last_status == 0 || table.find(key).is_none() {
                 let (entry, old) = table.insert(key, upstream, now);
                 if let Some(old) = old {
@@ -471,11 +487,7 @@ pub unsafe extern "C" fn autoscale_balancer_pick(
                     now,
                 );
             }
-            let pick = RNG.with(|r| {
-                let mut r = r.borrow_mut();
-                let rng = r.get_or_insert_with(|| XorShift64::new(now ^ ((pid() as u64) << 32)));
-                region.pick(upstream, &|slot| entry.tried(slot), now, rng)
-            });
+            let pick = region.pick(upstream, &|slot| entry.tried(slot), now, &mut w.rng);
             match pick {
                 Ok(p) => {
                     region.begin_attempt(p.slot, p.gen, col);
@@ -515,11 +527,8 @@ pub extern "C" fn autoscale_log_finish(req: *const c_void, status: c_int) -> c_i
             return AUTOSCALE_ERR_NO_REGION;
         };
         let key = req as usize;
-        REQUESTS.with(|t| {
-            let mut t = t.borrow_mut();
-            let Some(table) = t.as_mut() else {
-                return AUTOSCALE_OK;
-            };
+        with_worker(|w| {
+            let table = &mut w.requests;
             let Some(entry) = table.find(key) else {
                 return AUTOSCALE_OK;
             };
@@ -530,13 +539,13 @@ pub extern "C" fn autoscale_log_finish(req: *const c_void, status: c_int) -> c_i
                 return AUTOSCALE_NEED_DETAIL;
             }
             let now = now_us();
-            if let Some(e) = table.remove(key) {
-                let a = e.attempts[0];
+            table.remove_with(key, |e| {
+                let a = &e.attempts[0];
                 let outcome = outcome_of_status(status);
                 let latency = now.saturating_sub(a.start_us);
                 region.end_attempt(a.slot, a.gen, column(), outcome, latency, now);
                 region.record(a.slot, a.gen, outcome, latency, now);
-            }
+            });
             AUTOSCALE_OK
         })
     })
@@ -568,8 +577,7 @@ pub unsafe extern "C" fn autoscale_log_detail(
             std::slice::from_raw_parts(kinds, n)
         };
         let key = req as usize;
-        let Some(entry) = REQUESTS.with(|t| t.borrow_mut().as_mut().and_then(|t| t.remove(key)))
-        else {
+        let Some(entry) = with_worker(|w| w.requests.remove(key)) else {
             return AUTOSCALE_OK;
         };
         let now = now_us();

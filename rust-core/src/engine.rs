@@ -10,7 +10,7 @@
 
 use crate::addr;
 use crate::ewma;
-use crate::layout::{state, LayoutError, Peer, Region, Upstream};
+use crate::layout::{state, LayoutError, Peer, PeerHead, Region, Upstream};
 use crate::rng::Rng;
 use crate::select::{Algorithm, PeerView};
 use crate::slowstart::SlowStart;
@@ -796,8 +796,14 @@ impl ShmView<'_> {
     }
 
     #[inline]
-    fn peer(&self, i: u32) -> Peer<'_> {
-        self.region.peer(self.slot(i))
+    fn head(&self, i: u32) -> &PeerHead {
+        self.region.peer_head(self.slot(i))
+    }
+
+    #[inline]
+    fn weight_of(&self, h: &PeerHead) -> f64 {
+        let age = self.now_us.saturating_sub(h.added_us.load(Relaxed));
+        h.weight.load(Relaxed).max(1) as f64 * self.params.slow_start.factor(age)
     }
 }
 
@@ -809,7 +815,7 @@ impl PeerView for ShmView<'_> {
 
     #[inline]
     fn eligible(&self, i: u32) -> bool {
-        self.peer(i).head.state.load(Relaxed) == state::ACTIVE
+        self.head(i).state.load(Relaxed) == state::ACTIVE
     }
 
     #[inline]
@@ -819,18 +825,16 @@ impl PeerView for ShmView<'_> {
 
     #[inline]
     fn cost(&self, i: u32) -> f64 {
-        let peer = self.peer(i);
-        let (est, elapsed) = ewma::unpack(peer.head.ewma.load(Relaxed), self.now_us);
+        let h = self.head(i);
+        let (est, elapsed) = ewma::unpack(h.ewma.load(Relaxed), self.now_us);
         let est = ewma::decayed(est, elapsed, self.params.decay_us as f64).max(1.0);
-        let inflight = peer.head.inflight.load(Relaxed).max(0) as f64;
-        est * (inflight + 1.0) / self.weight(i)
+        let inflight = h.inflight.load(Relaxed).max(0) as f64;
+        est * (inflight + 1.0) / self.weight_of(h)
     }
 
     #[inline]
     fn weight(&self, i: u32) -> f64 {
-        let h = self.peer(i).head;
-        let age = self.now_us.saturating_sub(h.added_us.load(Relaxed));
-        h.weight.load(Relaxed).max(1) as f64 * self.params.slow_start.factor(age)
+        self.weight_of(self.head(i))
     }
 
     #[inline]
@@ -840,6 +844,6 @@ impl PeerView for ShmView<'_> {
 
     #[inline]
     fn static_weight(&self, i: u32) -> u32 {
-        self.peer(i).head.weight.load(Relaxed)
+        self.head(i).weight.load(Relaxed)
     }
 }

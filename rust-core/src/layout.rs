@@ -447,6 +447,15 @@ impl Region {
         }
     }
 
+    /// The head of peer record `i` only (the request path's most frequent read); `i` is clamped into range.
+    #[inline]
+    pub fn peer_head(&self, i: u32) -> &PeerHead {
+        let i = (i as usize).min(self.layout.params.max_peers as usize - 1);
+        let off = self.layout.peers_off + i * self.layout.peer_stride;
+        // SAFETY: record `i` lies within the peer table and starts with its head (see `peer`).
+        unsafe { &self.slice_at::<PeerHead>(off, 1)[0] }
+    }
+
     /// Peer record `i`; `i` is clamped into range (callers validate indices from outside first).
     pub fn peer(&self, i: u32) -> Peer<'_> {
         let p = &self.layout.params;

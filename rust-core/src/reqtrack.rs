@@ -9,7 +9,7 @@
 //! its log phase (a subrequest, a bug elsewhere) can leak nothing for longer than the table takes to cycle.
 
 /// Attempts remembered per request; further retries still work, but only the first ones are excluded on re-pick.
-pub const MAX_ATTEMPTS: usize = 8;
+pub const MAX_ATTEMPTS: usize = 4;
 /// Entries probed per lookup.
 pub const PROBE: usize = 16;
 
@@ -68,8 +68,9 @@ impl Entry {
     }
 }
 
-/// The table.
+/// The table. Keys are kept apart from the entries so that a probe reads two cache lines, not sixteen entries.
 pub struct Table {
+    keys: Box<[usize]>,
     entries: Box<[Entry]>,
     mask: usize,
 }
@@ -79,6 +80,7 @@ impl Table {
     pub fn new(capacity: usize) -> Table {
         let cap = capacity.max(PROBE).next_power_of_two();
         Table {
+            keys: vec![0; cap].into_boxed_slice(),
             entries: vec![Entry::default(); cap].into_boxed_slice(),
             mask: cap - 1,
         }
@@ -115,36 +117,59 @@ impl Table {
         now_us: u64,
     ) -> (&mut Entry, Option<Entry>) {
         let h = self.home(key);
-        let window = (0..PROBE).map(|k| (h + k) & self.mask);
-        let i = self
-            .position(key)
-            .or_else(|| window.clone().find(|&i| self.entries[i].key == 0))
-            .unwrap_or_else(|| window.min_by_key(|&i| self.entries[i].born_us).unwrap_or(h));
-        let old = self.entries[i];
-        self.entries[i] = Entry {
-            key,
-            upstream,
-            born_us: now_us,
-            ..Entry::default()
+        // One pass: the key itself if present, else the first free place.
+        let mut free = None;
+        let mut found = None;
+        for k in 0..PROBE {
+            let i = (h + k) & self.mask;
+            let at = self.keys[i];
+            if at == key {
+                found = Some(i);
+                break;
+            }
+            if at == 0 && free.is_none() {
+                free = Some(i);
+            }
+        }
+        let i = found.or(free).unwrap_or_else(|| {
+            (0..PROBE)
+                .map(|k| (h + k) & self.mask)
+                .min_by_key(|&i| self.entries[i].born_us)
+                .unwrap_or(h)
+        });
+        let old = if self.keys[i] != 0 {
+            Some(self.entries[i])
+        } else {
+            None
         };
-        (
-            &mut self.entries[i],
-            if old.key != 0 { Some(old) } else { None },
-        )
+        self.keys[i] = key;
+        let e = &mut self.entries[i];
+        e.key = key;
+        e.upstream = upstream;
+        e.count = 0;
+        e.born_us = now_us;
+        (e, old)
     }
 
-    /// Stops tracking `key` and returns its entry.
-    pub fn remove(&mut self, key: usize) -> Option<Entry> {
+    /// Stops tracking `key`; `f` sees its entry one last time (no copy of the entry is made).
+    pub fn remove_with<T>(&mut self, key: usize, f: impl FnOnce(&Entry) -> T) -> Option<T> {
         if key == 0 {
             return None;
         }
         let i = self.position(key)?;
-        Some(std::mem::take(&mut self.entries[i]))
+        self.keys[i] = 0;
+        self.entries[i].key = 0;
+        Some(f(&self.entries[i]))
+    }
+
+    /// Stops tracking `key` and returns a copy of its entry.
+    pub fn remove(&mut self, key: usize) -> Option<Entry> {
+        self.remove_with(key, |e| *e)
     }
 
     /// Entries in use (for status and tests).
     pub fn len(&self) -> usize {
-        self.entries.iter().filter(|e| e.key != 0).count()
+        self.keys.iter().filter(|&&k| k != 0).count()
     }
 
     /// Whether no entry is in use.

@@ -128,7 +128,25 @@ impl Selector for WeightedRandom {
                 return Some(i);
             }
         }
-        draw(v, rng, None).or_else(|| fallback(v))
+        // Rejection failed (effective weights far below the bound, e.g. all peers in slow start, or most tried):
+        // an exact weighted choice by one scan.
+        let total: f64 = (0..n)
+            .filter(|&i| fresh(v, i, None))
+            .map(|i| v.weight(i))
+            .sum();
+        if total <= 0.0 {
+            return fallback(v);
+        }
+        let mut x = rng.next_f64() * total;
+        let mut last = None;
+        for i in (0..n).filter(|&i| fresh(v, i, None)) {
+            x -= v.weight(i);
+            last = Some(i);
+            if x < 0.0 {
+                break;
+            }
+        }
+        last
     }
 }
 
@@ -238,6 +256,44 @@ pub(crate) mod tests {
             (s[0] - 0.5).abs() < 0.02 && (s[1] - 0.5).abs() < 0.02,
             "{s:?}"
         );
+    }
+
+    #[test]
+    fn weighted_random_keeps_proportions_when_every_weight_is_far_below_the_bound() {
+        // Effective weights of 0.1 and 0.3 (slow start) against a bound of 3: rejection mostly fails.
+        struct Scaled(VecView);
+        impl PeerView for Scaled {
+            fn len(&self) -> u32 {
+                self.0.len()
+            }
+            fn eligible(&self, i: u32) -> bool {
+                self.0.eligible(i)
+            }
+            fn tried(&self, i: u32) -> bool {
+                self.0.tried(i)
+            }
+            fn cost(&self, i: u32) -> f64 {
+                self.0.cost(i)
+            }
+            fn weight(&self, i: u32) -> f64 {
+                self.0.weight(i) * 0.1
+            }
+            fn max_weight(&self) -> f64 {
+                self.0.max_weight()
+            }
+            fn static_weight(&self, i: u32) -> u32 {
+                self.0.static_weight(i)
+            }
+        }
+        let mut v = VecView::equal(2);
+        v.weight = vec![1, 3];
+        let v = Scaled(v);
+        let mut rng = XorShift64::new(3);
+        let hits = (0..40_000)
+            .filter(|&t| WeightedRandom.select(&v, &mut rng, t).unwrap() == 1)
+            .count();
+        let share = hits as f64 / 40_000.0;
+        assert!((share - 0.75).abs() < 0.015, "{share}");
     }
 
     #[test]

@@ -9,7 +9,7 @@
 
 local ffi = require "ffi"
 local base = require "resty.core.base"
-local ngx_balancer = require "ngx.balancer"
+require "ngx.balancer"    -- declares the ngx_http_lua_ffi_balancer_* functions used below
 require "resty.core.misc" -- declares ngx_http_lua_ffi_get_resp_status
 
 local C = ffi.C
@@ -21,9 +21,6 @@ local ngx_WARN = ngx.WARN
 local ngx_exit = ngx.exit
 local ngx_now = ngx.now
 local get_request = base.get_request
-local set_current_peer = ngx_balancer.set_current_peer
-local set_more_tries = ngx_balancer.set_more_tries
-local get_last_failure = ngx_balancer.get_last_failure
 local ffi_string = ffi.string
 local tonumber = tonumber
 local error = error
@@ -37,6 +34,9 @@ local lib               -- the FFI library namespace, set by _M.init
 local index             -- upstream name -> index in shared memory
 local NEED_DETAIL
 local pick = ffi.new("autoscale_pick_t")
+local status_out = ffi.new("int[1]")
+local errmsg = ffi.new("char *[1]")
+local FAILED = 4 -- NGX_PEER_FAILED, as get_last_failure reports it
 local kinds = ffi.new("uint32_t[32]")
 local addr_buf = ffi.new("uint8_t[64]")
 
@@ -85,17 +85,17 @@ function _M.balance(name)
     if not attached then
         _M.attach()
     end
+    local r = get_request()
+    -- 0 on the first attempt; else how the previous attempt ended (nginx's NGX_PEER_FAILED or NGX_PEER_NEXT).
     local last = 0
-    local state, status = get_last_failure()
-    if state then
-        last = status
-        if state == "failed" and (last < 500 or last > 599) then
-            last = 502
-        elseif last == 0 then
+    local state = C.ngx_http_lua_ffi_balancer_get_last_failure(r, status_out, errmsg)
+    if state > 0 then
+        last = status_out[0]
+        if last == 0 or (state == FAILED and (last < 500 or last > 599)) then
             last = 502
         end
     end
-    local rc = lib.autoscale_balancer_pick(get_request(), idx, last, pick)
+    local rc = lib.autoscale_balancer_pick(r, idx, last, pick)
     if rc ~= 0 then
         local now = ngx_now()
         if now - no_peer_logged_at >= 1 then
@@ -109,13 +109,13 @@ function _M.balance(name)
     if gens[i] ~= pick.gen then
         refresh(slot, pick.gen)
     end
-    local ok, err = set_current_peer(hosts[i], ports[i])
-    if not ok then
-        ngx_log(ngx_ERR, "resty.autoscale: set_current_peer(", hosts[i], ":", ports[i], "): ", err)
+    local host = hosts[i]
+    if C.ngx_http_lua_ffi_balancer_set_current_peer(r, host, #host, ports[i], errmsg) ~= 0 then
+        ngx_log(ngx_ERR, "resty.autoscale: set_current_peer(", host, ":", ports[i], "): ", ffi_string(errmsg[0]))
         return ngx_exit(502)
     end
     if pick.attempt == 1 and pick.more_tries > 0 then
-        set_more_tries(pick.more_tries)
+        C.ngx_http_lua_ffi_balancer_set_more_tries(r, pick.more_tries, errmsg)
     end
 end
 

@@ -1,0 +1,74 @@
+# lua-resty-autoscale
+#
+#   make run      gateway + three demo backends on loopback, prints the URLs (Ctrl-C stops everything)
+#   make test     Rust tests + Test::Nginx suites in t/
+#   make bench    overhead against plain nginx, interleaved, front worker pinned
+#   make install  PREFIX=/usr/local (LUA_LIB_DIR, LUA_CLIB_DIR)
+#   make cdef     regenerate include/resty_autoscale.h and lua/resty/autoscale/cdef.lua from src/lib.rs
+#
+# `run`, `test` and `bench` install the Debian packages they need first (`make deps`).
+
+SHELL := /bin/bash
+CARGO ?= cargo
+PREFIX ?= /usr/local
+LUA_LIB_DIR ?= $(PREFIX)/share/lua/5.1
+LUA_CLIB_DIR ?= $(PREFIX)/lib/lua/5.1
+PROVE ?= prove
+LIB := target/release/libresty_autoscale.so
+TESTS ?= t/
+
+DEB_PACKAGES := nginx-core libnginx-mod-http-lua lua-resty-core lua-resty-lrucache lua-cjson wrk curl \
+	libtest-base-perl libtext-diff-perl libtest-longstring-perl liblist-moreutils-perl \
+	libhttp-message-perl libipc-run-perl liburi-perl
+
+.PHONY: all deps build test test-rust test-nginx run bench install uninstall cdef clean
+
+all: build
+
+# Installs what is missing, without starting any system service.
+deps:
+	@missing=$$(for p in $(DEB_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q '^install ok installed' || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+		echo "installing:" $$missing; \
+		SUDO=; [ "$$(id -u)" = 0 ] || SUDO=sudo; \
+		printf '#!/bin/sh\nexit 101\n' | $$SUDO tee /usr/sbin/policy-rc.d >/dev/null && $$SUDO chmod +x /usr/sbin/policy-rc.d; \
+		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends $$missing; \
+		rc=$$?; $$SUDO rm -f /usr/sbin/policy-rc.d; exit $$rc; \
+	fi
+	@command -v $(CARGO) >/dev/null || { echo "cargo (Rust >= 1.75) is required: https://rustup.rs"; exit 1; }
+
+build: deps
+	$(CARGO) build --release
+
+$(LIB): build
+
+test: build test-rust test-nginx
+
+test-rust:
+	$(CARGO) test --release --workspace
+
+test-nginx:
+	$(PROVE) -r $(TESTS)
+
+run: build
+	scripts/demo
+
+bench: build
+	bench/run
+
+cdef:
+	AUTOSCALE_REGEN=1 $(CARGO) build --release
+
+install: $(LIB)
+	install -d $(DESTDIR)$(LUA_LIB_DIR)/resty/autoscale $(DESTDIR)$(LUA_CLIB_DIR)
+	install -m 0644 lua/resty/autoscale.lua $(DESTDIR)$(LUA_LIB_DIR)/resty/
+	install -m 0644 lua/resty/autoscale/*.lua $(DESTDIR)$(LUA_LIB_DIR)/resty/autoscale/
+	install -m 0755 $(LIB) $(DESTDIR)$(LUA_CLIB_DIR)/
+
+uninstall:
+	rm -rf $(DESTDIR)$(LUA_LIB_DIR)/resty/autoscale $(DESTDIR)$(LUA_LIB_DIR)/resty/autoscale.lua \
+		$(DESTDIR)$(LUA_CLIB_DIR)/libresty_autoscale.so
+
+clean:
+	$(CARGO) clean
+	rm -rf t/servroot* .run

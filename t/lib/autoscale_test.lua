@@ -1,0 +1,144 @@
+-- Helpers for the Test::Nginx suites: a minimal HTTP/1.1 client over cosockets and a bounded concurrent load driver.
+-- Used from content_by_lua* in the test configs only; everything is loopback and bounded in count and time.
+
+local ngx = ngx
+local tcp = ngx.socket.tcp
+local spawn = ngx.thread.spawn
+local wait = ngx.thread.wait
+local now = ngx.now
+local update_time = ngx.update_time
+
+local _M = {}
+
+-- status, body, headers = t.get(port, path, timeout_ms)   (status nil and err on a broken connection)
+function _M.get(port, path, timeout)
+    local sock = tcp()
+    sock:settimeout(timeout or 5000)
+    local ok, err = sock:connect("127.0.0.1", port)
+    if not ok then
+        return nil, "connect: " .. err
+    end
+    sock:send("GET " .. path .. " HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+    local line
+    line, err = sock:receive("*l")
+    if not line then
+        sock:close()
+        return nil, "status line: " .. err
+    end
+    local status = tonumber(line:match("^HTTP/%d%.%d (%d%d%d)"))
+    local headers = {}
+    while true do
+        local h
+        h, err = sock:receive("*l")
+        if not h then
+            sock:close()
+            return nil, "headers: " .. err
+        end
+        if h == "" then
+            break
+        end
+        local k, v = h:match("^([^:]+):%s*(.*)$")
+        if k then
+            headers[k:lower()] = v
+        end
+    end
+    local body
+    if headers["content-length"] then
+        body, err = sock:receive(tonumber(headers["content-length"]))
+    elseif headers["transfer-encoding"] == "chunked" then
+        local parts = {}
+        while true do
+            local size = sock:receive("*l")
+            size = size and tonumber(size, 16)
+            if not size or size == 0 then
+                break
+            end
+            parts[#parts + 1] = sock:receive(size)
+            sock:receive("*l")
+        end
+        body = table.concat(parts)
+    else
+        body, err = sock:receive("*a")
+    end
+    sock:close()
+    return status, body, headers
+end
+
+-- result = t.load{ port =, path =, concurrency =, duration = (s) | requests = n, key = function(status, body, headers) }
+-- Closed-loop load: `concurrency` light threads send requests back to back until `duration` seconds or `requests`
+-- requests in all. Returns { total =, by_key = { [key] = n }, errors = n, statuses = { [status] = n } }.
+function _M.load(opts)
+    local result = { total = 0, errors = 0, by_key = {}, statuses = {}, first_error = nil }
+    update_time()
+    local deadline = now() + (opts.duration or 30)
+    local budget = opts.requests or math.huge
+    local function worker()
+        while true do
+            update_time()
+            if now() >= deadline or budget <= 0 then
+                return
+            end
+            budget = budget - 1
+            local status, body, headers = _M.get(opts.port, opts.path or "/", opts.timeout)
+            result.total = result.total + 1
+            if not status then
+                result.errors = result.errors + 1
+                result.first_error = result.first_error or body
+            else
+                result.statuses[status] = (result.statuses[status] or 0) + 1
+                if status ~= 200 then
+                    result.errors = result.errors + 1
+                    result.first_error = result.first_error or (status .. " " .. tostring(body))
+                end
+                local key = opts.key and opts.key(status, body, headers) or body
+                if key then
+                    result.by_key[key] = (result.by_key[key] or 0) + 1
+                end
+            end
+        end
+    end
+    local threads = {}
+    for i = 1, opts.concurrency or 8 do
+        threads[i] = spawn(worker)
+    end
+    for i = 1, #threads do
+        wait(threads[i])
+    end
+    return result
+end
+
+-- share of `key` in a load result
+function _M.share(result, key)
+    local n = 0
+    for _, v in pairs(result.by_key) do
+        n = n + v
+    end
+    return n > 0 and (result.by_key[key] or 0) / n or 0
+end
+
+-- ok = t.poll(fn, timeout_s): calls fn every 10 ms until it returns true or the timeout passes.
+function _M.poll(fn, timeout)
+    update_time()
+    local deadline = now() + (timeout or 5)
+    while true do
+        if fn() then
+            return true
+        end
+        update_time()
+        if now() >= deadline then
+            return false
+        end
+        ngx.sleep(0.01)
+    end
+end
+
+-- The peer table of autoscale.status(name) for `addr`.
+function _M.peer(st, addr)
+    for _, p in ipairs(st.peers) do
+        if p.addr == addr then
+            return p
+        end
+    end
+end
+
+return _M
