@@ -75,6 +75,32 @@ typedef struct autoscale_peer_spec_t {
 } autoscale_peer_spec_t;
 
 /**
+ * Outlier detection of an upstream (see README, "Options"); times in milliseconds, 0 switches a trigger off.
+ */
+typedef struct autoscale_outlier_spec_t {
+  uint32_t consecutive_5xx;
+  uint32_t consecutive_gateway;
+  uint32_t consecutive_timeout;
+  uint32_t base_ejection_ms;
+  uint32_t max_ejection_ms;
+  uint32_t ejection_jitter_ms;
+  uint32_t max_ejection_percent;
+  uint32_t interval_ms;
+  uint32_t success_rate_min_hosts;
+  uint32_t success_rate_volume;
+  uint32_t failure_percentage;
+  uint32_t failure_percentage_min_hosts;
+  uint32_t failure_percentage_volume;
+  uint32_t half_open_probes;
+  uint32_t half_open_successes;
+  uint32_t panic_threshold;
+  /**
+   * 0 switches success-rate detection off.
+   */
+  double success_rate_stdev;
+} autoscale_outlier_spec_t;
+
+/**
  * One upstream of a configuration.
  */
 typedef struct autoscale_upstream_spec_t {
@@ -94,6 +120,12 @@ typedef struct autoscale_upstream_spec_t {
   double failure_penalty;
   const struct autoscale_peer_spec_t *peers;
   size_t npeers;
+  struct autoscale_outlier_spec_t outlier;
+  /**
+   * HTTP statuses counted as failures (each < 640); none means 500 to 599.
+   */
+  const uint16_t *failure_statuses;
+  size_t nfailure_statuses;
 } autoscale_upstream_spec_t;
 
 /**
@@ -153,6 +185,20 @@ typedef struct autoscale_peer_stats_t {
   double ewma_us;
   double cost;
   double slow_start;
+  /**
+   * 0 healthy, 1 ejected, 2 half-open, 3 draining.
+   */
+  uint32_t health;
+  uint32_t times_ejected;
+  uint64_t ejections_total;
+  /**
+   * Time left ejected (0 when not ejected; very large when ejected until an active check passes).
+   */
+  uint64_t ejected_for_us;
+  uint32_t consecutive_failures;
+  uint32_t consecutive_gateway;
+  uint32_t consecutive_timeouts;
+  uint32_t _pad;
 } autoscale_peer_stats_t;
 
 /**
@@ -170,6 +216,34 @@ typedef struct autoscale_region_info_t {
   uint64_t dropped_samples;
   uint64_t evicted_requests;
 } autoscale_region_info_t;
+
+/**
+ * An upstream's state.
+ */
+typedef struct autoscale_upstream_info_t {
+  uint32_t npeers;
+  uint32_t healthy;
+  uint32_t ejected;
+  uint32_t draining;
+  /**
+   * 1 while in panic mode.
+   */
+  uint32_t panic;
+  uint32_t algorithm;
+} autoscale_upstream_info_t;
+
+/**
+ * One event of the ring (see `autoscale_event_json` for its meaning).
+ */
+typedef struct autoscale_event_t {
+  uint64_t seq;
+  uint64_t time_us;
+  uint32_t kind;
+  uint32_t reason;
+  uint32_t upstream;
+  uint32_t slot;
+  double values[4];
+} autoscale_event_t;
 
 /**
  * The version of this ABI ([`AUTOSCALE_ABI_VERSION`]).
@@ -233,9 +307,9 @@ int autoscale_balancer_pick(const void *req,
 
 /**
  * Ends the request `req` in the log phase with the response `status`. When the request had one attempt and the
- * status tells its outcome, everything is recorded and `AUTOSCALE_OK` returned; otherwise (retries, or a status
- * of 500 or more, which may come from nginx itself) `AUTOSCALE_NEED_DETAIL` asks for [`autoscale_log_detail`].
- * A request the balancer never saw is ignored.
+ * status tells its outcome (its upstream does not count it as a failure), everything is recorded and
+ * `AUTOSCALE_OK` returned; otherwise (retries, or a failure status, which may come from nginx itself)
+ * `AUTOSCALE_NEED_DETAIL` asks for [`autoscale_log_detail`]. A request the balancer never saw is ignored.
  *
  * # Safety
  * `req` is not dereferenced.
@@ -244,16 +318,18 @@ int autoscale_log_finish(const void *req,
                          int status);
 
 /**
- * Ends the request `req` with the outcome of each attempt, as classified by the caller from nginx's
- * `$upstream_status`, `$upstream_connect_time` and `$upstream_header_time` (codes: 0 success, 1 HTTP 5xx,
- * 2 gateway 502/503/504, 3 connect error, 4 timeout, 5 aborted). `kinds` is aligned with the attempts from the end;
- * attempts without a valid kind are classified from their status.
+ * Ends the request `req` with each attempt's outcome, as classified by the caller from nginx's `$upstream_status`,
+ * `$upstream_connect_time` and `$upstream_header_time`: `kinds[i]` is 0 when attempt `i` got an HTTP response
+ * (then `statuses[i]` is judged against the upstream's failure statuses), 2 when it connected but got no valid
+ * response header, 3 for a connect error, 4 for a timeout, 5 when the client went away. Both arrays are aligned
+ * with the attempts from the end; attempts without an entry are judged by the status nginx reported.
  *
  * # Safety
- * `kinds` must point to `n` readable u32 (or be NULL with `n` = 0). `req` is not dereferenced.
+ * `kinds` and `statuses` must point to `n` readable u32 each (or be NULL with `n` = 0). `req` is not dereferenced.
  */
 int autoscale_log_detail(const void *req,
                          const uint32_t *kinds,
+                         const uint32_t *statuses,
                          size_t n);
 
 /**
@@ -299,5 +375,82 @@ int autoscale_peer_stats(uint32_t slot, struct autoscale_peer_stats_t *out);
  * `out` must point to a writable struct.
  */
 int autoscale_region_info(struct autoscale_region_info_t *out);
+
+/**
+ * Fills `out` with the state of upstream `upstream`.
+ *
+ * # Safety
+ * `out` must point to a writable struct.
+ */
+int autoscale_upstream_info(uint32_t upstream, struct autoscale_upstream_info_t *out);
+
+/**
+ * Copies up to `cap` events with sequence numbers from `since` on into `out`, writes the sequence number to ask
+ * for next into `next`, and returns how many were copied. Times are converted to Unix time (µs).
+ *
+ * # Safety
+ * `out` must point to `cap` writable structs, `next` to a writable u64.
+ */
+int autoscale_events_read(uint64_t since,
+                          struct autoscale_event_t *out,
+                          size_t cap,
+                          uint64_t *next);
+
+/**
+ * Claims the events no worker has logged yet: writes `[from, to)` (empty when another worker claimed them).
+ * Used so that each event is written to the error log exactly once.
+ *
+ * # Safety
+ * `from` and `to` must point to writable u64.
+ */
+int autoscale_events_claim(uint64_t *from,
+                           uint64_t *to);
+
+/**
+ * Writes event `e` (as read by `autoscale_events_read`) as one JSON object into `buf` and returns its length, or
+ * the length needed when `len` is too small.
+ *
+ * # Safety
+ * `e` must point to a valid struct, `buf` to `len` writable bytes.
+ */
+int autoscale_event_json(const struct autoscale_event_t *e,
+                         uint8_t *buf,
+                         size_t len);
+
+/**
+ * 1 when event kind `kind` is a warning (ejection, panic, skipped ejection), else 0.
+ */
+int autoscale_event_is_warning(uint32_t kind);
+
+/**
+ * Takes or renews this worker's lease on the active health checks of upstream `upstream` for `lease_ms`.
+ * Returns 1 when this worker holds it (and should probe), 0 when another live worker does.
+ */
+int autoscale_check_lease(uint32_t upstream,
+                          uint32_t lease_ms);
+
+/**
+ * Records an active health check of peer record `slot` (generation `gen`): `ok` 1 passed, 0 failed. `passes`
+ * consecutive passes bring an ejected peer back; `fails` consecutive failures eject it until a check passes.
+ */
+int autoscale_check_result(uint32_t slot,
+                           uint32_t gen,
+                           int ok,
+                           uint32_t passes,
+                           uint32_t fails);
+
+/**
+ * Drains peer record `slot` (`draining` = 1: no new requests, in-flight ones finish) or puts it back (0).
+ * Returns 1 when the state changed, 0 when it already was so.
+ */
+int autoscale_peer_drain(uint32_t slot,
+                         int draining);
+
+/**
+ * Notes that upstream `upstream` answered a request with its fallback response `status`; the first one after
+ * 10 s without any becomes one `fallback` event (so it is logged once per episode, not per request).
+ */
+int autoscale_upstream_fallback(uint32_t upstream,
+                                uint32_t status);
 
 #endif  /* RESTY_AUTOSCALE_H */

@@ -13,7 +13,8 @@
 //! master keeps this library loaded across `nginx -s reload`, so a reload reuses the region and its statistics.
 #![allow(non_camel_case_types)]
 
-use autoscale_core::engine::{PeerConf, UpstreamConf, UpstreamParams};
+use autoscale_core::engine::{default_failure_statuses, PeerConf, UpstreamConf, UpstreamParams};
+use autoscale_core::health::OutlierParams;
 use autoscale_core::histogram;
 use autoscale_core::reqtrack::{Attempt, Entry, Table};
 use autoscale_core::rng::XorShift64;
@@ -69,6 +70,29 @@ pub struct autoscale_peer_spec_t {
     pub weight: u32,
 }
 
+/// Outlier detection of an upstream (see README, "Options"); times in milliseconds, 0 switches a trigger off.
+#[repr(C)]
+pub struct autoscale_outlier_spec_t {
+    pub consecutive_5xx: u32,
+    pub consecutive_gateway: u32,
+    pub consecutive_timeout: u32,
+    pub base_ejection_ms: u32,
+    pub max_ejection_ms: u32,
+    pub ejection_jitter_ms: u32,
+    pub max_ejection_percent: u32,
+    pub interval_ms: u32,
+    pub success_rate_min_hosts: u32,
+    pub success_rate_volume: u32,
+    pub failure_percentage: u32,
+    pub failure_percentage_min_hosts: u32,
+    pub failure_percentage_volume: u32,
+    pub half_open_probes: u32,
+    pub half_open_successes: u32,
+    pub panic_threshold: u32,
+    /// 0 switches success-rate detection off.
+    pub success_rate_stdev: f64,
+}
+
 /// One upstream of a configuration.
 #[repr(C)]
 pub struct autoscale_upstream_spec_t {
@@ -86,6 +110,10 @@ pub struct autoscale_upstream_spec_t {
     pub failure_penalty: f64,
     pub peers: *const autoscale_peer_spec_t,
     pub npeers: usize,
+    pub outlier: autoscale_outlier_spec_t,
+    /// HTTP statuses counted as failures (each < 640); none means 500 to 599.
+    pub failure_statuses: *const u16,
+    pub nfailure_statuses: usize,
 }
 
 /// The peer chosen for an attempt.
@@ -137,6 +165,40 @@ pub struct autoscale_peer_stats_t {
     pub ewma_us: f64,
     pub cost: f64,
     pub slow_start: f64,
+    /// 0 healthy, 1 ejected, 2 half-open, 3 draining.
+    pub health: u32,
+    pub times_ejected: u32,
+    pub ejections_total: u64,
+    /// Time left ejected (0 when not ejected; very large when ejected until an active check passes).
+    pub ejected_for_us: u64,
+    pub consecutive_failures: u32,
+    pub consecutive_gateway: u32,
+    pub consecutive_timeouts: u32,
+    pub _pad: u32,
+}
+
+/// An upstream's state.
+#[repr(C)]
+pub struct autoscale_upstream_info_t {
+    pub npeers: u32,
+    pub healthy: u32,
+    pub ejected: u32,
+    pub draining: u32,
+    /// 1 while in panic mode.
+    pub panic: u32,
+    pub algorithm: u32,
+}
+
+/// One event of the ring (see `autoscale_event_json` for its meaning).
+#[repr(C)]
+pub struct autoscale_event_t {
+    pub seq: u64,
+    pub time_us: u64,
+    pub kind: u32,
+    pub reason: u32,
+    pub upstream: u32,
+    pub slot: u32,
+    pub values: [f64; 4],
 }
 
 /// Facts about the region.
@@ -392,9 +454,63 @@ unsafe fn upstream_conf(s: &autoscale_upstream_spec_t) -> Result<UpstreamConf, S
             decay_us: s.decay_ms as u64 * 1000,
             default_rtt_us: s.default_rtt_us,
             failure_penalty: finite(s.failure_penalty, "failure_penalty", 1.0, 1000.0)?,
+            outlier: outlier_params(&s.outlier, name)?,
+            failure_statuses: failure_statuses(s, name)?,
         },
         peers,
     })
+}
+
+fn outlier_params(o: &autoscale_outlier_spec_t, name: &str) -> Result<OutlierParams, String> {
+    let field = |f: &str, v: u32, max: u32| {
+        if v > max {
+            Err(format!("upstreams.{name}.outlier.{f}: must be between 0 and {max} (got {v})"))
+        } else {
+            Ok(v)
+        }
+    };
+    let stdev = o.success_rate_stdev;
+    if !(stdev.is_finite() && (0.0..=100.0).contains(&stdev)) {
+        return Err(format!("upstreams.{name}.outlier.success_rate_stdev: must be between 0 and 100"));
+    }
+    Ok(OutlierParams {
+        consecutive_5xx: o.consecutive_5xx,
+        consecutive_gateway: o.consecutive_gateway,
+        consecutive_timeout: o.consecutive_timeout,
+        base_ejection_us: o.base_ejection_ms as u64 * 1000,
+        max_ejection_us: o.max_ejection_ms as u64 * 1000,
+        jitter_us: o.ejection_jitter_ms as u64 * 1000,
+        max_ejection_percent: field("max_ejection_percent", o.max_ejection_percent, 100)?,
+        interval_us: (o.interval_ms.max(1)) as u64 * 1000,
+        success_rate_stdev: stdev,
+        success_rate_min_hosts: o.success_rate_min_hosts,
+        success_rate_volume: o.success_rate_volume,
+        failure_percentage: field("failure_percentage", o.failure_percentage, 100)?,
+        failure_percentage_min_hosts: o.failure_percentage_min_hosts,
+        failure_percentage_volume: o.failure_percentage_volume,
+        half_open_probes: o.half_open_probes.max(1),
+        half_open_successes: o.half_open_successes.max(1),
+        panic_threshold: field("panic_threshold", o.panic_threshold, 100)?,
+    })
+}
+
+/// # Safety
+/// As for [`autoscale_config_apply`].
+unsafe fn failure_statuses(s: &autoscale_upstream_spec_t, name: &str) -> Result<[u64; 10], String> {
+    if s.nfailure_statuses == 0 {
+        return Ok(default_failure_statuses());
+    }
+    if s.failure_statuses.is_null() {
+        return Err(format!("upstreams.{name}.failure_statuses: NULL"));
+    }
+    let mut map = [0u64; 10];
+    for (i, &st) in std::slice::from_raw_parts(s.failure_statuses, s.nfailure_statuses).iter().enumerate() {
+        if !(100..=639).contains(&st) {
+            return Err(format!("upstreams.{name}.failure_statuses[{}]: {st} is not an HTTP status", i + 1));
+        }
+        map[st as usize / 64] |= 1 << (st % 64);
+    }
+    Ok(map)
 }
 
 /// Gives the calling worker its in-flight column, reclaiming the columns of dead workers. Idempotent.
@@ -415,12 +531,24 @@ pub extern "C" fn autoscale_worker_attach() -> c_int {
     })
 }
 
-fn outcome_of_status(status: c_int) -> Outcome {
+/// How an attempt that nginx retried ended, from the status nginx reports for it (a retry means nginx judged it
+/// failed, except for 403/404 with `proxy_next_upstream http_403/http_404`).
+fn retry_outcome(status: c_int) -> Outcome {
     match status {
         0 | 499 => Outcome::Aborted,
         502..=504 => Outcome::Gateway,
         500..=599 => Outcome::Http5xx,
         _ => Outcome::Success,
+    }
+}
+
+/// How an attempt that got an HTTP response ended: a failure when its upstream counts the status as one.
+fn response_outcome(region: &Region, upstream: u32, status: u32) -> Outcome {
+    match status {
+        0 | 499 => Outcome::Aborted,
+        _ if !region.fails_on(upstream, status) => Outcome::Success,
+        502..=504 => Outcome::Gateway,
+        _ => Outcome::Http5xx,
     }
 }
 
@@ -482,15 +610,14 @@ pub unsafe extern "C" fn autoscale_balancer_pick(
                     a.slot,
                     a.gen,
                     col,
-                    outcome_of_status(last_status),
+                    retry_outcome(last_status),
                     now - a.start_us,
                     now,
                 );
             }
-            let pick = region.pick(upstream, &|slot| entry.tried(slot), now, &mut w.rng);
+            let pick = region.pick(upstream, &|slot| entry.tried(slot), now, &mut w.rng, col);
             match pick {
                 Ok(p) => {
-                    region.begin_attempt(p.slot, p.gen, col);
                     entry.push(Attempt {
                         slot: p.slot,
                         gen: p.gen,
@@ -514,9 +641,9 @@ pub unsafe extern "C" fn autoscale_balancer_pick(
 }
 
 /// Ends the request `req` in the log phase with the response `status`. When the request had one attempt and the
-/// status tells its outcome, everything is recorded and `AUTOSCALE_OK` returned; otherwise (retries, or a status
-/// of 500 or more, which may come from nginx itself) `AUTOSCALE_NEED_DETAIL` asks for [`autoscale_log_detail`].
-/// A request the balancer never saw is ignored.
+/// status tells its outcome (its upstream does not count it as a failure), everything is recorded and
+/// `AUTOSCALE_OK` returned; otherwise (retries, or a failure status, which may come from nginx itself)
+/// `AUTOSCALE_NEED_DETAIL` asks for [`autoscale_log_detail`]. A request the balancer never saw is ignored.
 ///
 /// # Safety
 /// `req` is not dereferenced.
@@ -532,70 +659,80 @@ pub extern "C" fn autoscale_log_finish(req: *const c_void, status: c_int) -> c_i
             let Some(entry) = table.find(key) else {
                 return AUTOSCALE_OK;
             };
-            if entry.count != 1 || (500..=599).contains(&status) {
+            let status = status.max(0) as u32;
+            if entry.count != 1 || region.fails_on(entry.upstream, status) {
                 if let Some(a) = entry.last_mut() {
-                    a.status = status as u32;
+                    a.status = status;
                 }
                 return AUTOSCALE_NEED_DETAIL;
             }
             let now = now_us();
+            let up = entry.upstream;
+            let rng = &mut w.rng;
             table.remove_with(key, |e| {
                 let a = &e.attempts[0];
-                let outcome = outcome_of_status(status);
+                let outcome = response_outcome(region, up, status);
                 let latency = now.saturating_sub(a.start_us);
                 region.end_attempt(a.slot, a.gen, column(), outcome, latency, now);
-                region.record(a.slot, a.gen, outcome, latency, now);
+                region.record(a.slot, a.gen, outcome, latency, now, rng);
             });
             AUTOSCALE_OK
         })
     })
 }
 
-/// Ends the request `req` with the outcome of each attempt, as classified by the caller from nginx's
-/// `$upstream_status`, `$upstream_connect_time` and `$upstream_header_time` (codes: 0 success, 1 HTTP 5xx,
-/// 2 gateway 502/503/504, 3 connect error, 4 timeout, 5 aborted). `kinds` is aligned with the attempts from the end;
-/// attempts without a valid kind are classified from their status.
+/// Ends the request `req` with each attempt's outcome, as classified by the caller from nginx's `$upstream_status`,
+/// `$upstream_connect_time` and `$upstream_header_time`: `kinds[i]` is 0 when attempt `i` got an HTTP response
+/// (then `statuses[i]` is judged against the upstream's failure statuses), 2 when it connected but got no valid
+/// response header, 3 for a connect error, 4 for a timeout, 5 when the client went away. Both arrays are aligned
+/// with the attempts from the end; attempts without an entry are judged by the status nginx reported.
 ///
 /// # Safety
-/// `kinds` must point to `n` readable u32 (or be NULL with `n` = 0). `req` is not dereferenced.
+/// `kinds` and `statuses` must point to `n` readable u32 each (or be NULL with `n` = 0). `req` is not dereferenced.
 #[no_mangle]
 pub unsafe extern "C" fn autoscale_log_detail(
     req: *const c_void,
     kinds: *const u32,
+    statuses: *const u32,
     n: usize,
 ) -> c_int {
     guard(|| {
         let Some(region) = REGION.get() else {
             return AUTOSCALE_ERR_NO_REGION;
         };
-        if kinds.is_null() && n > 0 {
+        if (kinds.is_null() || statuses.is_null()) && n > 0 {
             return AUTOSCALE_ERR_ARG;
         }
-        let kinds = if n == 0 {
-            &[][..]
+        let (kinds, statuses) = if n == 0 {
+            (&[][..], &[][..])
         } else {
-            std::slice::from_raw_parts(kinds, n)
+            (std::slice::from_raw_parts(kinds, n), std::slice::from_raw_parts(statuses, n))
         };
         let key = req as usize;
-        let Some(entry) = with_worker(|w| w.requests.remove(key)) else {
-            return AUTOSCALE_OK;
-        };
-        let now = now_us();
-        let attempts = entry.attempts();
-        for (i, a) in attempts.iter().enumerate() {
-            let from_end = attempts.len() - i;
-            let outcome = kinds
-                .len()
-                .checked_sub(from_end)
-                .and_then(|k| Outcome::from_u32(kinds[k]))
-                .unwrap_or_else(|| outcome_of_status(a.status as c_int));
-            let end = if a.end_us == 0 { now } else { a.end_us };
-            let latency = end.saturating_sub(a.start_us);
-            if a.end_us == 0 {
-                region.end_attempt(a.slot, a.gen, column(), outcome, latency, now);
-            }
-            region.record(a.slot, a.gen, outcome, latency, now);
-        }
+        with_worker(|w| {
+            let rng = &mut w.rng;
+            w.requests.remove_with(key, |entry| {
+                let now = now_us();
+                let attempts = entry.attempts();
+                for (i, a) in attempts.iter().enumerate() {
+                    let k = n.checked_sub(attempts.len() - i);
+                    let outcome = match k.map(|k| (kinds[k], statuses[k])) {
+                        Some((0, st)) => response_outcome(region, entry.upstream, st),
+                        Some((kind, _)) => Outcome::from_u32(kind)
+                            .filter(|o| o.is_failure() || *o == Outcome::Aborted)
+                            .unwrap_or_else(|| response_outcome(region, entry.upstream, a.status)),
+                        None if a.end_us != 0 => retry_outcome(a.status as c_int),
+                        None => response_outcome(region, entry.upstream, a.status),
+                    };
+                    let end = if a.end_us == 0 { now } else { a.end_us };
+                    let latency = end.saturating_sub(a.start_us);
+                    if a.end_us == 0 {
+                        region.end_attempt(a.slot, a.gen, column(), outcome, latency, now);
+                    }
+                    region.record(a.slot, a.gen, outcome, latency, now, rng);
+                }
+            });
+        });
         AUTOSCALE_OK
     })
 }
@@ -608,7 +745,7 @@ pub extern "C" fn autoscale_region_tick() -> c_int {
         let Some(region) = REGION.get() else {
             return AUTOSCALE_ERR_NO_REGION;
         };
-        region.tick(now_us());
+        with_worker(|w| region.tick(now_us(), &mut w.rng));
         AUTOSCALE_OK
     })
 }
@@ -718,6 +855,14 @@ pub unsafe extern "C" fn autoscale_peer_stats(
             ewma_us: s.ewma_us,
             cost: s.cost,
             slow_start: s.slow_start,
+            health: s.health,
+            times_ejected: s.times_ejected,
+            ejections_total: s.ejections_total,
+            ejected_for_us: s.ejected_for_us,
+            consecutive_failures: s.consecutive[0],
+            consecutive_gateway: s.consecutive[1],
+            consecutive_timeouts: s.consecutive[2],
+            _pad: 0,
         };
         AUTOSCALE_OK
     })
@@ -755,5 +900,168 @@ pub unsafe extern "C" fn autoscale_region_info(out: *mut autoscale_region_info_t
             evicted_requests: h.evicted_requests.load(Relaxed),
         };
         AUTOSCALE_OK
+    })
+}
+
+fn wall_offset_us() -> i64 {
+    let wall = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_micros() as i64).unwrap_or(0);
+    wall - now_us() as i64
+}
+
+/// Fills `out` with the state of upstream `upstream`.
+///
+/// # Safety
+/// `out` must point to a writable struct.
+#[no_mangle]
+pub unsafe extern "C" fn autoscale_upstream_info(upstream: u32, out: *mut autoscale_upstream_info_t) -> c_int {
+    guard(|| {
+        let Some(region) = REGION.get() else { return AUTOSCALE_ERR_NO_REGION };
+        let Some(out) = out.as_mut() else { return AUTOSCALE_ERR_ARG };
+        let Some((params, _, _)) = region.read_upstream(upstream) else { return AUTOSCALE_ERR_UPSTREAM };
+        let now = now_us();
+        let mut info = autoscale_upstream_info_t { npeers: 0, healthy: 0, ejected: 0, draining: 0, panic: 0, algorithm: params.algorithm as u32 };
+        for slot in region.upstream_slots(upstream) {
+            if let Some(p) = region.snapshot(slot, now) {
+                info.npeers += 1;
+                match p.health {
+                    0 => info.healthy += 1,
+                    3 => info.draining += 1,
+                    _ => info.ejected += 1,
+                }
+            }
+        }
+        info.panic = region.upstream(upstream).head.panic.load(Relaxed);
+        *out = info;
+        AUTOSCALE_OK
+    })
+}
+
+/// Copies up to `cap` events with sequence numbers from `since` on into `out`, writes the sequence number to ask
+/// for next into `next`, and returns how many were copied. Times are converted to Unix time (µs).
+///
+/// # Safety
+/// `out` must point to `cap` writable structs, `next` to a writable u64.
+#[no_mangle]
+pub unsafe extern "C" fn autoscale_events_read(since: u64, out: *mut autoscale_event_t, cap: usize, next: *mut u64) -> c_int {
+    guard(|| {
+        let Some(region) = REGION.get() else { return AUTOSCALE_ERR_NO_REGION };
+        if (out.is_null() && cap > 0) || next.is_null() {
+            return AUTOSCALE_ERR_ARG;
+        }
+        let mut buf = vec![autoscale_core::events::EventRecord::default(); cap.min(autoscale_core::layout::EVENT_RING)];
+        let (n, after) = region.read_events(since, &mut buf);
+        let offset = wall_offset_us();
+        for (i, e) in buf[..n].iter().enumerate() {
+            *out.add(i) = autoscale_event_t {
+                seq: e.seq,
+                time_us: (e.time_us as i64 + offset).max(0) as u64,
+                kind: e.kind,
+                reason: e.reason,
+                upstream: e.upstream,
+                slot: e.slot,
+                values: e.values,
+            };
+        }
+        *next = after;
+        n as c_int
+    })
+}
+
+/// Claims the events no worker has logged yet: writes `[from, to)` (empty when another worker claimed them).
+/// Used so that each event is written to the error log exactly once.
+///
+/// # Safety
+/// `from` and `to` must point to writable u64.
+#[no_mangle]
+pub unsafe extern "C" fn autoscale_events_claim(from: *mut u64, to: *mut u64) -> c_int {
+    guard(|| {
+        let Some(region) = REGION.get() else { return AUTOSCALE_ERR_NO_REGION };
+        if from.is_null() || to.is_null() {
+            return AUTOSCALE_ERR_ARG;
+        }
+        let (a, b) = region.claim_events();
+        *from = a;
+        *to = b;
+        AUTOSCALE_OK
+    })
+}
+
+/// Writes event `e` (as read by `autoscale_events_read`) as one JSON object into `buf` and returns its length, or
+/// the length needed when `len` is too small.
+///
+/// # Safety
+/// `e` must point to a valid struct, `buf` to `len` writable bytes.
+#[no_mangle]
+pub unsafe extern "C" fn autoscale_event_json(e: *const autoscale_event_t, buf: *mut u8, len: usize) -> c_int {
+    guard(|| {
+        let Some(region) = REGION.get() else { return AUTOSCALE_ERR_NO_REGION };
+        let Some(e) = e.as_ref() else { return AUTOSCALE_ERR_ARG };
+        if buf.is_null() && len > 0 {
+            return AUTOSCALE_ERR_ARG;
+        }
+        let rec = autoscale_core::events::EventRecord {
+            seq: e.seq,
+            time_us: e.time_us,
+            kind: e.kind,
+            reason: e.reason,
+            upstream: if e.upstream == u32::MAX || e.upstream < region.params().max_upstreams { e.upstream } else { u32::MAX },
+            slot: if e.slot == u32::MAX || e.slot < region.params().max_peers { e.slot } else { u32::MAX },
+            values: e.values,
+        };
+        let text = region.event_json(&rec, 0);
+        if text.len() <= len {
+            std::ptr::copy_nonoverlapping(text.as_ptr(), buf, text.len());
+        }
+        text.len() as c_int
+    })
+}
+
+/// 1 when event kind `kind` is a warning (ejection, panic, skipped ejection), else 0.
+#[no_mangle]
+pub extern "C" fn autoscale_event_is_warning(kind: u32) -> c_int {
+    autoscale_core::events::kind::is_warning(kind) as c_int
+}
+
+/// Takes or renews this worker's lease on the active health checks of upstream `upstream` for `lease_ms`.
+/// Returns 1 when this worker holds it (and should probe), 0 when another live worker does.
+#[no_mangle]
+pub extern "C" fn autoscale_check_lease(upstream: u32, lease_ms: u32) -> c_int {
+    guard(|| {
+        let Some(region) = REGION.get() else { return AUTOSCALE_ERR_NO_REGION };
+        region.check_lease(upstream, pid(), now_us(), lease_ms as u64 * 1000, &alive) as c_int
+    })
+}
+
+/// Records an active health check of peer record `slot` (generation `gen`): `ok` 1 passed, 0 failed. `passes`
+/// consecutive passes bring an ejected peer back; `fails` consecutive failures eject it until a check passes.
+#[no_mangle]
+pub extern "C" fn autoscale_check_result(slot: u32, gen: u32, ok: c_int, passes: u32, fails: u32) -> c_int {
+    guard(|| {
+        let Some(region) = REGION.get() else { return AUTOSCALE_ERR_NO_REGION };
+        with_worker(|w| region.check_result(slot, gen, ok != 0, passes, fails, now_us(), &mut w.rng));
+        AUTOSCALE_OK
+    })
+}
+
+/// Drains peer record `slot` (`draining` = 1: no new requests, in-flight ones finish) or puts it back (0).
+/// Returns 1 when the state changed, 0 when it already was so.
+#[no_mangle]
+pub extern "C" fn autoscale_peer_drain(slot: u32, draining: c_int) -> c_int {
+    guard(|| {
+        let Some(region) = REGION.get() else { return AUTOSCALE_ERR_NO_REGION };
+        if slot >= region.params().max_peers {
+            return AUTOSCALE_ERR_ARG;
+        }
+        region.set_draining(slot, draining != 0, now_us()) as c_int
+    })
+}
+
+/// Notes that upstream `upstream` answered a request with its fallback response `status`; the first one after
+/// 10 s without any becomes one `fallback` event (so it is logged once per episode, not per request).
+#[no_mangle]
+pub extern "C" fn autoscale_upstream_fallback(upstream: u32, status: u32) -> c_int {
+    guard(|| {
+        let Some(region) = REGION.get() else { return AUTOSCALE_ERR_NO_REGION };
+        region.note_fallback(upstream, status, now_us(), 10_000_000) as c_int
     })
 }

@@ -57,7 +57,7 @@ $::Proxy . <<'_EOC_';
             end, 3)
             for _, p in ipairs(st.peers) do
                 assert(p.inflight == 0, "in flight after completion")
-                assert(p.state == "active")
+                assert(p.state == "healthy", p.state)
             end
             ngx.say("peers ", #st.peers, " requests ", total, " failures ", failures, " balancer ", st.balancer)
         }

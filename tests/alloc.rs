@@ -44,12 +44,16 @@ fn the_request_path_allocates_nothing() {
         failure_penalty: 2.0,
         peers: peers.as_ptr(),
         npeers: peers.len(),
+        outlier: outlier_defaults(),
+        failure_statuses: std::ptr::null(),
+        nfailure_statuses: 0,
     };
     let mut idx = [0u32; 1];
     assert_eq!(unsafe { autoscale_config_apply(&spec, 1, idx.as_mut_ptr(), err.as_mut_ptr(), err.len()) }, AUTOSCALE_OK);
     autoscale_worker_attach();
     let mut pick = autoscale_pick_t { slot: 0, gen: 0, more_tries: 0, attempt: 0 };
     let kinds = [2u32, 0];
+    let statuses = [502u32, 200];
     let mut run = |n: usize| {
         for i in 0..n {
             let req = (0x10_0000 + i * 64) as *const std::ffi::c_void;
@@ -59,7 +63,7 @@ fn the_request_path_allocates_nothing() {
                     // a retry after a 502, then the detailed log path
                     assert_eq!(autoscale_balancer_pick(req, idx[0], 502, &mut pick), AUTOSCALE_OK);
                     assert_eq!(autoscale_log_finish(req, 200), AUTOSCALE_NEED_DETAIL);
-                    assert_eq!(autoscale_log_detail(req, kinds.as_ptr(), 2), AUTOSCALE_OK);
+                    assert_eq!(autoscale_log_detail(req, kinds.as_ptr(), statuses.as_ptr(), 2), AUTOSCALE_OK);
                 } else {
                     assert_eq!(autoscale_log_finish(req, 200), AUTOSCALE_OK);
                 }
@@ -71,4 +75,27 @@ fn the_request_path_allocates_nothing() {
     let before = ALLOCATIONS.load(Relaxed);
     run(50_000);
     assert_eq!(ALLOCATIONS.load(Relaxed) - before, 0, "allocations on the request path");
+}
+
+/// Envoy's defaults, as the Lua configuration fills them in.
+fn outlier_defaults() -> autoscale_outlier_spec_t {
+    autoscale_outlier_spec_t {
+        consecutive_5xx: 5,
+        consecutive_gateway: 5,
+        consecutive_timeout: 3,
+        base_ejection_ms: 30_000,
+        max_ejection_ms: 300_000,
+        ejection_jitter_ms: 0,
+        max_ejection_percent: 10,
+        interval_ms: 10_000,
+        success_rate_min_hosts: 5,
+        success_rate_volume: 100,
+        failure_percentage: 0,
+        failure_percentage_min_hosts: 5,
+        failure_percentage_volume: 50,
+        half_open_probes: 1,
+        half_open_successes: 2,
+        panic_threshold: 50,
+        success_rate_stdev: 1.9,
+    }
 }

@@ -6,7 +6,11 @@ use resty_autoscale::*;
 use std::ffi::CStr;
 use std::ptr::{null, null_mut};
 
-fn init() {
+/// The region is process-wide and `configure` replaces the whole configuration: tests take turns.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn init() -> std::sync::MutexGuard<'static, ()> {
+    let guard = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let p = autoscale_region_params_t {
         max_upstreams: 8,
         max_peers: 32,
@@ -19,6 +23,7 @@ fn init() {
         unsafe { autoscale_region_init(&p, err.as_mut_ptr(), err.len()) },
         AUTOSCALE_OK
     );
+    guard
 }
 
 fn spec(name: &str, peers: &[autoscale_peer_spec_t]) -> autoscale_upstream_spec_t {
@@ -36,6 +41,9 @@ fn spec(name: &str, peers: &[autoscale_peer_spec_t]) -> autoscale_upstream_spec_
         failure_penalty: 2.0,
         peers: peers.as_ptr(),
         npeers: peers.len(),
+        outlier: outlier_defaults(),
+        failure_statuses: std::ptr::null(),
+        nfailure_statuses: 0,
     }
 }
 
@@ -70,7 +78,7 @@ fn apply(specs: &[autoscale_upstream_spec_t]) -> Result<Vec<u32>, String> {
 
 #[test]
 fn every_export_survives_null_and_out_of_range() {
-    init();
+    let _serial = init();
     unsafe {
         assert_eq!(
             autoscale_region_init(null(), null_mut(), 0),
@@ -99,7 +107,7 @@ fn every_export_survives_null_and_out_of_range() {
             AUTOSCALE_ERR_UPSTREAM
         );
         assert_eq!(autoscale_log_finish(null(), 200), AUTOSCALE_OK);
-        assert_eq!(autoscale_log_detail(null(), null(), 5), AUTOSCALE_ERR_ARG);
+        assert_eq!(autoscale_log_detail(null(), null(), null(), 5), AUTOSCALE_ERR_ARG);
         assert_eq!(
             autoscale_upstream_peers(u32::MAX, null_mut(), 0),
             AUTOSCALE_ERR_ARG
@@ -148,7 +156,7 @@ fn every_export_survives_null_and_out_of_range() {
 
 #[test]
 fn config_errors_name_the_field() {
-    init();
+    let _serial = init();
     let peers = [peer("127.0.0.1:80"), peer("10.0.0.1:99999")];
     assert_eq!(
         apply(&[spec("api", &peers)]).unwrap_err(),
@@ -176,7 +184,7 @@ fn config_errors_name_the_field() {
 /// Random bytes as names and addresses never crash the library; whatever is accepted is readable back.
 #[test]
 fn fuzz_config_apply() {
-    init();
+    let _serial = init();
     let mut rng = XorShift64::new(0x1234_5678);
     let alphabet = b"0123456789.:[]abf -\x00\xff";
     let bytes = |rng: &mut XorShift64, n: u32| -> Vec<u8> {
@@ -223,7 +231,7 @@ fn fuzz_config_apply() {
 
 #[test]
 fn a_request_is_accounted_from_pick_to_log() {
-    init();
+    let _serial = init();
     let peers = [peer("127.0.0.1:90"), peer("127.0.0.1:91")];
     let idx = apply(&[spec("flow", &peers)]).unwrap()[0];
     assert_eq!(autoscale_worker_attach(), autoscale_worker_attach());
@@ -250,7 +258,8 @@ fn a_request_is_accounted_from_pick_to_log() {
         assert_ne!(pick.slot, first);
         assert_eq!(autoscale_log_finish(req, 200), AUTOSCALE_NEED_DETAIL);
         let kinds = [3u32, 0];
-        assert_eq!(autoscale_log_detail(req, kinds.as_ptr(), 2), AUTOSCALE_OK);
+        let statuses = [502u32, 200];
+        assert_eq!(autoscale_log_detail(req, kinds.as_ptr(), statuses.as_ptr(), 2), AUTOSCALE_OK);
         let mut st: autoscale_peer_stats_t = std::mem::zeroed();
         assert_eq!(autoscale_peer_stats(first, &mut st), AUTOSCALE_OK);
         assert_eq!((st.requests, st.fail_connect, st.inflight), (1, 1, 0));
@@ -258,5 +267,28 @@ fn a_request_is_accounted_from_pick_to_log() {
         assert_eq!((st.requests, st.failures, st.inflight), (1, 0, 0));
         // Logged twice (or never balanced): ignored.
         assert_eq!(autoscale_log_finish(req, 200), AUTOSCALE_OK);
+    }
+}
+
+/// Envoy's defaults, as the Lua configuration fills them in.
+fn outlier_defaults() -> autoscale_outlier_spec_t {
+    autoscale_outlier_spec_t {
+        consecutive_5xx: 5,
+        consecutive_gateway: 5,
+        consecutive_timeout: 3,
+        base_ejection_ms: 30_000,
+        max_ejection_ms: 300_000,
+        ejection_jitter_ms: 0,
+        max_ejection_percent: 10,
+        interval_ms: 10_000,
+        success_rate_min_hosts: 5,
+        success_rate_volume: 100,
+        failure_percentage: 0,
+        failure_percentage_min_hosts: 5,
+        failure_percentage_volume: 50,
+        half_open_probes: 1,
+        half_open_successes: 2,
+        panic_threshold: 50,
+        success_rate_stdev: 1.9,
     }
 }

@@ -13,6 +13,8 @@ local config = require "resty.autoscale.config"
 local loader = require "resty.autoscale.lib"
 local balancer = require "resty.autoscale.balancer"
 local status = require "resty.autoscale.status"
+local events = require "resty.autoscale.events"
+local healthcheck = require "resty.autoscale.healthcheck"
 local ffi = require "ffi"
 
 local ngx = ngx
@@ -27,22 +29,47 @@ local _M = { _VERSION = "0.1.0" }
 local lib, conf, index
 local timer_started = false
 
+-- Upkeep of this worker: window buckets cleared ahead, outlier sweeps, events written to the log (each once).
 local function start_timer()
     if timer_started then
         return true
     end
     timer_started = true
-    local interval = conf.window.bucket / 2
+    local interval = math.min(conf.window.bucket / 2, 0.5)
     local ok, err = ngx.timer.every(interval, function(premature)
         if not premature then
             lib.autoscale_region_tick()
         end
+        events.flush() -- also when the worker exits, so that no event goes unlogged
     end)
     if not ok then
         timer_started = false
         return nil, err
     end
-    return true
+    return healthcheck.start(conf, index)
+end
+
+local function outlier_spec(o)
+    local ms = function(s) return math.floor(s * 1000 + 0.5) end
+    return {
+        consecutive_5xx = o.consecutive_5xx,
+        consecutive_gateway = o.consecutive_gateway_failures,
+        consecutive_timeout = o.consecutive_timeouts,
+        base_ejection_ms = ms(o.base_ejection_time),
+        max_ejection_ms = ms(o.max_ejection_time),
+        ejection_jitter_ms = ms(o.ejection_jitter),
+        max_ejection_percent = o.max_ejection_percent,
+        interval_ms = ms(o.interval),
+        success_rate_min_hosts = o.success_rate_min_hosts,
+        success_rate_volume = o.success_rate_request_volume,
+        failure_percentage = o.failure_percentage,
+        failure_percentage_min_hosts = o.failure_percentage_min_hosts,
+        failure_percentage_volume = o.failure_percentage_request_volume,
+        half_open_probes = o.half_open_probes,
+        half_open_successes = o.half_open_successes,
+        panic_threshold = o.panic_threshold,
+        success_rate_stdev = o.success_rate_stdev,
+    }
 end
 
 -- autoscale.configure(conf)
@@ -100,6 +127,10 @@ function _M.configure(user_conf)
         s.slow_start_min_weight = u.slow_start_min_weight
         s.failure_penalty = u.failure_penalty
         s.peers, s.npeers = peers, #u.peers
+        s.outlier = outlier_spec(u.outlier)
+        local fs = ffi.new("uint16_t[?]", #u.failure_statuses, u.failure_statuses)
+        keep[#keep + 1] = fs
+        s.failure_statuses, s.nfailure_statuses = fs, #u.failure_statuses
     end
     local indices = ffi.new("uint32_t[?]", #names + 1)
     rc = l.autoscale_config_apply(specs, #names, indices, errbuf, 512)
@@ -111,13 +142,16 @@ function _M.configure(user_conf)
         idx[name] = indices[i - 1]
     end
     lib, conf, index = l, c, idx
-    balancer.init(lib, index)
+    balancer.init(lib, conf, index)
     status.init(lib, conf, index)
+    events.init(lib, conf)
+    healthcheck.init(lib)
     return true
 end
 
 -- autoscale.init_worker()
--- Optional, in init_worker_by_lua*: attaches the worker and starts its upkeep timer now rather than on first use.
+-- In init_worker_by_lua*: attaches the worker and starts its timers (upkeep, event log, active health checks).
+-- Without it the upkeep timer starts on the worker's first request and active health checks do not run.
 function _M.init_worker()
     if not lib then
         return nil, "resty.autoscale is not configured"
@@ -148,5 +182,17 @@ _M.status_handler = status.handler
 
 -- cls = autoscale.classify(status, connect_time, header_time): outcome code of one attempt (see balancer.lua)
 _M.classify = balancer.classify
+
+-- autoscale.fallback(upstream_name), in content_by_lua* of the location `error_page 502 504 = ...` points to:
+-- the configured response when no peer could serve the request.
+_M.fallback = balancer.fallback
+
+-- list = autoscale.events(max): the most recent events, oldest first
+function _M.events(max)
+    if not lib then
+        return nil, "resty.autoscale is not configured"
+    end
+    return events.recent(max)
+end
 
 return _M

@@ -10,7 +10,9 @@
 
 use crate::addr;
 use crate::ewma;
+use crate::health::{self, OutlierParams};
 use crate::layout::{state, LayoutError, Peer, PeerHead, Region, Upstream};
+use std::sync::atomic::AtomicU64;
 use crate::rng::Rng;
 use crate::select::{Algorithm, PeerView};
 use crate::slowstart::SlowStart;
@@ -29,8 +31,27 @@ pub struct UpstreamParams {
     pub decay_us: u64,
     /// Estimate for peers of an upstream that has no measurement yet.
     pub default_rtt_us: u32,
-    /// A failed attempt counts as a latency of `penalty × max(own estimate, upstream mean)`.
+    /// A failed attempt counts as a latency of at least `penalty ×` the upstream's mean estimate.
     pub failure_penalty: f64,
+    /// Outlier detection, ejection and panic mode.
+    pub outlier: OutlierParams,
+    /// HTTP statuses counted as failures, as a bitmap (bit `s` for status `s`, `s` < 640).
+    pub failure_statuses: [u64; 10],
+}
+
+/// The default failure statuses: 500 to 599.
+pub fn default_failure_statuses() -> [u64; 10] {
+    let mut m = [0u64; 10];
+    for s in 500..600 {
+        m[s / 64] |= 1 << (s % 64);
+    }
+    m
+}
+
+/// Whether `status` is set in a failure-status bitmap.
+#[inline]
+pub fn is_failure_status(map: &[u64; 10], status: u32) -> bool {
+    (status as usize) < 640 && map[status as usize / 64] & (1 << (status % 64)) != 0
 }
 
 impl Default for UpstreamParams {
@@ -42,6 +63,8 @@ impl Default for UpstreamParams {
             decay_us: 10_000_000,
             default_rtt_us: 30_000,
             failure_penalty: 2.0,
+            outlier: OutlierParams::default(),
+            failure_statuses: default_failure_statuses(),
         }
     }
 }
@@ -126,6 +149,13 @@ pub struct PeerSnapshot {
     /// Slow-start multiplier now.
     pub slow_start: f64,
     pub added_us: u64,
+    /// `health::state`, times ejected (decays), ejections in all, time left ejected (µs; 0 when not ejected).
+    pub health: u32,
+    pub times_ejected: u32,
+    pub ejections_total: u64,
+    pub ejected_for_us: u64,
+    /// Current failure streaks: any kind, gateway (incl. connect), timeouts.
+    pub consecutive: [u32; 3],
 }
 
 impl Region {
@@ -148,7 +178,36 @@ impl Region {
             decay_us: h.decay_ms.load(Relaxed) as u64 * 1000,
             default_rtt_us: h.default_rtt_us.load(Relaxed),
             failure_penalty: h.failure_penalty_milli.load(Relaxed) as f64 / 1000.0,
+            outlier: load_outlier(&h.outlier),
+            failure_statuses: std::array::from_fn(|i| h.failure_statuses[i].load(Relaxed)),
         }
+    }
+
+    /// What the request path needs of an upstream's tunables (a subset of [`UpstreamParams`], fewer loads).
+    #[inline]
+    fn select_params(&self, up: &Upstream<'_>) -> SelectParams {
+        let h = up.head;
+        SelectParams {
+            algorithm: Algorithm::from_u32(h.algorithm.load(Relaxed)),
+            retries: h.retries.load(Relaxed),
+            slow_start: SlowStart {
+                window_us: h.slow_start_ms.load(Relaxed) as u64 * 1000,
+                aggression: h.slow_start_aggression_milli.load(Relaxed).max(1) as f64 / 1000.0,
+                min_weight: h.slow_start_min_weight_milli.load(Relaxed) as f64 / 1000.0,
+            },
+            decay_us: h.decay_ms.load(Relaxed) as u64 * 1000,
+            half_open_probes: h.outlier[14].load(Relaxed) as u32,
+        }
+    }
+
+    /// Whether upstream `idx` counts `status` as a failure (one load; no seqlock needed for a single word).
+    #[inline]
+    pub fn fails_on(&self, idx: u32, status: u32) -> bool {
+        if idx >= self.params().max_upstreams || status >= 640 {
+            return false;
+        }
+        let word = self.upstream(idx).head.failure_statuses[status as usize / 64].load(Relaxed);
+        word & (1 << (status % 64)) != 0
     }
 
     /// Reads an upstream's tunables and peer count consistently.
@@ -314,10 +373,20 @@ impl Region {
             }
         }
         self.unlock_writer(pid);
+        let peers: usize = ups.iter().map(|u| u.peers.len()).sum();
+        self.emit(now_us, crate::events::kind::CONFIG, None, crate::events::NO_PEER, crate::events::NO_PEER, [
+            epoch as f64,
+            ups.len() as f64,
+            peers as f64,
+            0.0,
+        ]);
+        for &i in &indices {
+            self.upstream(i).head.last_sweep_us.store(now_us, Relaxed); // first sweep one interval from now
+        }
         Ok(indices)
     }
 
-    fn upstream_name(&self, idx: u32) -> String {
+    pub(crate) fn upstream_name(&self, idx: u32) -> String {
         let mut buf = [0u8; 64];
         let len = self.upstream(idx).head.name.load(&mut buf);
         String::from_utf8_lossy(&buf[..len]).into_owned()
@@ -449,6 +518,10 @@ impl Region {
             .store((q.failure_penalty * 1000.0).round() as u32, Relaxed);
         h.max_weight
             .store(u.peers.iter().map(|p| p.weight).max().unwrap_or(1), Relaxed);
+        store_outlier(&h.outlier, &q.outlier);
+        for (dst, &v) in h.failure_statuses.iter().zip(&q.failure_statuses) {
+            dst.store(v, Relaxed);
+        }
         for (dst, &slot) in up.slots.iter().zip(&slots) {
             dst.store(slot, Relaxed);
         }
@@ -492,6 +565,17 @@ impl Region {
         h.ewma.store(ewma::pack(seed_us, now_us), Relaxed);
         h.added_us.store(now_us, Relaxed);
         h.retired_us.store(0, Relaxed);
+        h.health.store(health::state::HEALTHY, Relaxed);
+        h.times_ejected.store(0, Relaxed);
+        for c in &h.consecutive {
+            c.store(0, Relaxed);
+        }
+        h.half_open_ok.store(0, Relaxed);
+        h.active_ok.store(0, Relaxed);
+        h.active_fail.store(0, Relaxed);
+        h.ejected_until_us.store(0, Relaxed);
+        h.last_ejected_us.store(0, Relaxed);
+        h.ejections_total.store(0, Relaxed);
         h.state.store(state::ACTIVE, Release);
     }
 
@@ -542,8 +626,10 @@ impl Region {
 
     // ----- request path -----
 
-    /// Chooses a peer of upstream `idx` for an attempt, avoiding the slots for which `tried` is true while another
-    /// eligible peer exists.
+    /// Chooses a peer of upstream `idx` for an attempt and counts the attempt as in flight on it (and in the
+    /// worker's column `col`). Avoids the slots for which `tried` is true while another eligible peer exists;
+    /// ejected and draining peers are not eligible unless the upstream is in panic; a half-open peer takes at most
+    /// `half_open_probes` attempts at once (claimed with compare-and-swap, so the limit holds across workers).
     ///
     /// # Errors
     /// [`PickError`] when the upstream is unknown or has no eligible peer.
@@ -553,12 +639,14 @@ impl Region {
         tried: &dyn Fn(u32) -> bool,
         now_us: u64,
         rng: &mut R,
+        col: Option<u32>,
     ) -> Result<Pick, PickError> {
         if idx >= self.params().max_upstreams {
             return Err(PickError::UnknownUpstream);
         }
         let up = self.upstream(idx);
-        for _ in 0..4 {
+        let mut skip = [u32::MAX; 4];
+        for _ in 0..8 {
             let s1 = up.head.seq.load(Acquire);
             if s1 & 1 == 1 {
                 std::hint::spin_loop();
@@ -567,7 +655,8 @@ impl Region {
             if up.head.state.load(Relaxed) == state::FREE {
                 return Err(PickError::UnknownUpstream);
             }
-            let params = self.upstream_params(&up);
+            let params = self.select_params(&up);
+            let excluded = |slot: u32| tried(slot) || skip.contains(&slot);
             let view = ShmView {
                 region: self,
                 up,
@@ -575,7 +664,8 @@ impl Region {
                 params,
                 max_weight: up.head.max_weight.load(Relaxed).max(1) as f64,
                 now_us,
-                tried,
+                tried: &excluded,
+                panic: up.head.panic.load(Relaxed) != 0,
             };
             let ticket = if params.algorithm == Algorithm::RoundRobin {
                 up.head.ticket.fetch_add(1, Relaxed)
@@ -589,26 +679,55 @@ impl Region {
                 continue; // the peer list changed while we read it
             }
             let slot = slot.ok_or(PickError::NoPeer)?;
+            if !self.claim(slot, &params, view.panic, now_us) {
+                // A half-open peer whose probe slots were taken meanwhile: choose again without it.
+                if let Some(free) = skip.iter_mut().find(|s| **s == u32::MAX) {
+                    *free = slot;
+                }
+                continue;
+            }
+            let peer = self.peer(slot);
+            if let Some(c) = col.and_then(|c| peer.inflight_by_worker.get(c as usize)) {
+                c.fetch_add(1, AcqRel);
+            }
             return Ok(Pick {
                 slot,
-                gen: self.peer(slot).head.gen.load(Acquire),
+                gen: peer.head.gen.load(Acquire),
                 more_tries: params.retries.min(view.n.saturating_sub(1)),
             });
         }
         Err(PickError::NoPeer)
     }
 
-    /// Counts an attempt as in flight on `slot` (and in the worker's column, when it has one).
-    #[inline]
-    pub fn begin_attempt(&self, slot: u32, gen: u32, col: Option<u32>) {
-        let peer = self.peer(slot);
-        if peer.head.gen.load(Acquire) != gen {
-            return;
+    /// Counts an attempt as in flight on `slot`; for a half-open peer only while a probe slot is free. An ejected
+    /// peer whose time is up becomes half-open here.
+    fn claim(&self, slot: u32, params: &SelectParams, panic: bool, now_us: u64) -> bool {
+        let h = self.peer_head(slot);
+        if !panic {
+            let mut health = h.health.load(Acquire);
+            if health == health::state::EJECTED {
+                if h.ejected_until_us.load(Acquire) > now_us {
+                    return false;
+                }
+                self.to_half_open(slot, now_us);
+                health = h.health.load(Acquire);
+            }
+            if health == health::state::HALF_OPEN {
+                let limit = params.half_open_probes.max(1) as i32;
+                let mut cur = h.inflight.load(Acquire);
+                loop {
+                    if cur >= limit {
+                        return false;
+                    }
+                    match h.inflight.compare_exchange_weak(cur, cur + 1, AcqRel, Acquire) {
+                        Ok(_) => return true,
+                        Err(v) => cur = v,
+                    }
+                }
+            }
         }
-        peer.head.inflight.fetch_add(1, AcqRel);
-        if let Some(c) = col.and_then(|c| peer.inflight_by_worker.get(c as usize)) {
-            c.fetch_add(1, AcqRel);
-        }
+        h.inflight.fetch_add(1, AcqRel);
+        true
     }
 
     /// Ends an in-flight attempt and feeds its latency to the peak-EWMA estimate (a failure as a penalty).
@@ -633,26 +752,32 @@ impl Region {
         if outcome == Outcome::Aborted {
             return;
         }
+        // Two words of the upstream's tunables; no seqlock needed for independent single words.
         let up_idx = peer.head.upstream.load(Relaxed);
-        let Some((params, _, _)) = self.read_upstream(up_idx) else {
-            return;
-        };
-        let sample = if outcome.is_failure() {
-            let own = self.decayed_estimate(&peer, &params, now_us);
-            let mean = self.mean_estimate(up_idx, &params, now_us);
-            (latency_us as f64).max(params.failure_penalty * own.max(mean))
+        let uh = self.upstream(up_idx).head;
+        let decay_us = uh.decay_ms.load(Relaxed) as f64 * 1000.0;
+        // A failure sets the estimate to `max(its latency, penalty × the best other healthy peer's estimate)`: a
+        // peer failing fast never looks faster than its healthy peers, and since the value is set rather than
+        // peaked, it follows the current baseline instead of keeping a stale high one. So a failing peer keeps
+        // drawing the few attempts that let outlier detection count its failures and eject it, and failures of
+        // several peers never inflate each other.
+        let failure = if outcome.is_failure() {
+            let penalty = uh.failure_penalty_milli.load(Relaxed) as f64 / 1000.0;
+            let best = self.best_estimate(up_idx, slot, decay_us, now_us).unwrap_or(0.0);
+            Some((latency_us as f64).max(penalty * best))
         } else {
-            latency_us as f64
+            None
         };
         let samples = peer.head.totals[counter::REQUESTS].load(Relaxed);
         let word = &peer.head.ewma;
         let mut cur = word.load(Acquire);
         loop {
             let (est, elapsed) = ewma::unpack(cur, now_us);
-            let next = ewma::pack(
-                ewma::observe(est, elapsed, sample, params.decay_us as f64, samples),
-                now_us,
-            );
+            let value = match failure {
+                Some(v) => v,
+                None => ewma::observe(est, elapsed, latency_us as f64, decay_us, samples),
+            };
+            let next = ewma::pack(value, now_us);
             match word.compare_exchange_weak(cur, next, AcqRel, Acquire) {
                 Ok(_) => break,
                 Err(v) => cur = v,
@@ -660,8 +785,9 @@ impl Region {
         }
     }
 
-    /// Records a finished attempt in the window and the all-time counters.
-    pub fn record(&self, slot: u32, gen: u32, outcome: Outcome, latency_us: u64, now_us: u64) {
+    /// Records a finished attempt in the window and the all-time counters, and feeds its outcome to outlier
+    /// detection (consecutive failures, half-open probes).
+    pub fn record<R: Rng>(&self, slot: u32, gen: u32, outcome: Outcome, latency_us: u64, now_us: u64, rng: &mut R) {
         let peer = self.peer(slot);
         if peer.head.gen.load(Acquire) != gen {
             return;
@@ -681,33 +807,34 @@ impl Region {
             t[counter::FAIL_BASE + outcome as usize - 1].fetch_add(1, Relaxed);
         }
         peer.head.total_latency_us.fetch_add(latency_us, Relaxed);
+        self.observe_health(slot, outcome, now_us, rng);
     }
 
-    fn decayed_estimate(&self, peer: &Peer<'_>, params: &UpstreamParams, now_us: u64) -> f64 {
+    fn decayed_estimate(&self, peer: &Peer<'_>, decay_us: f64, now_us: u64) -> f64 {
         let (est, elapsed) = ewma::unpack(peer.head.ewma.load(Acquire), now_us);
-        ewma::decayed(est, elapsed, params.decay_us as f64)
+        ewma::decayed(est, elapsed, decay_us)
     }
 
-    fn mean_estimate(&self, idx: u32, params: &UpstreamParams, now_us: u64) -> f64 {
-        let slots = self.upstream(idx).slots;
-        let n = self
-            .upstream(idx)
-            .head
-            .npeers
-            .load(Relaxed)
-            .min(self.params().max_peers) as usize;
-        if n == 0 {
-            return 0.0;
-        }
-        let sum: f64 = slots[..n]
+    /// The lowest decayed estimate among the upstream's healthy peers other than `except`, or `None` when there is
+    /// none. It is the baseline a failure is compared with: peers that are failing (healthy until ejected) and
+    /// ejected ones carry inflated estimates and would inflate a mean, and several failing peers would inflate
+    /// each other's penalties without bound.
+    pub(crate) fn best_estimate(&self, idx: u32, except: u32, decay_us: f64, now_us: u64) -> Option<f64> {
+        let up = self.upstream(idx);
+        let n = up.head.npeers.load(Relaxed).min(self.params().max_peers) as usize;
+        up.slots[..n]
             .iter()
-            .map(|s| self.decayed_estimate(&self.peer(s.load(Relaxed)), params, now_us))
-            .sum();
-        sum / n as f64
+            .map(|s| s.load(Relaxed))
+            .filter(|&slot| slot != except && self.peer_head(slot).health.load(Relaxed) == health::state::HEALTHY)
+            .map(|slot| self.decayed_estimate(&self.peer(slot), decay_us, now_us))
+            .filter(|&e| e > 0.0)
+            .min_by(|a, b| a.total_cmp(b))
     }
 
-    /// Clears, ahead of time, the window bucket the next time slice will use, for every peer in service.
-    pub fn tick(&self, now_us: u64) {
+    /// Periodic upkeep, called by every worker about twice per window bucket: clears ahead of time the window
+    /// bucket the next time slice will use, and runs each upstream's outlier sweep once per interval (whichever
+    /// worker comes first does it).
+    pub fn tick<R: Rng>(&self, now_us: u64, rng: &mut R) {
         let next = self.slice(now_us) + 1;
         for slot in 0..self.params().max_peers {
             let peer = self.peer(slot);
@@ -715,6 +842,21 @@ impl Region {
                 peer.window[(next % peer.window.len() as u64) as usize].preclear(next);
             }
         }
+        for idx in 0..self.params().max_upstreams {
+            self.sweep(idx, now_us, rng);
+        }
+    }
+
+    /// Requests and failures of a peer over the rolling window (counters only).
+    pub(crate) fn window_volume(&self, slot: u32, now_us: u64) -> health::Volume {
+        let p = self.params();
+        let slice = self.slice(now_us);
+        let first = slice.saturating_sub(p.window_buckets as u64 - 1);
+        let mut sum = WindowSum::default();
+        for b in self.peer(slot).window {
+            b.add_to(first, slice, &mut sum);
+        }
+        health::Volume { requests: sum.counts[counter::REQUESTS], failures: sum.failures() }
     }
 
     // ----- reading -----
@@ -746,7 +888,7 @@ impl Region {
             *d = s.load(Relaxed);
         }
         let view_cost = {
-            let est = self.decayed_estimate(&peer, &params, now_us).max(1.0);
+            let est = self.decayed_estimate(&peer, params.decay_us as f64, now_us).max(1.0);
             let inflight = h.inflight.load(Relaxed).max(0) as f64;
             let w = h.weight.load(Relaxed).max(1) as f64
                 * params
@@ -768,14 +910,33 @@ impl Region {
             window_us: span.min(age.max(1)),
             totals,
             total_latency_us: h.total_latency_us.load(Relaxed),
-            ewma_us: self.decayed_estimate(&peer, &params, now_us),
+            ewma_us: self.decayed_estimate(&peer, params.decay_us as f64, now_us),
             cost: view_cost,
             slow_start: params
                 .slow_start
                 .factor(now_us.saturating_sub(h.added_us.load(Relaxed))),
             added_us: h.added_us.load(Relaxed),
+            health: h.health.load(Acquire),
+            times_ejected: h.times_ejected.load(Relaxed),
+            ejections_total: h.ejections_total.load(Relaxed),
+            ejected_for_us: if h.health.load(Acquire) == health::state::EJECTED {
+                h.ejected_until_us.load(Relaxed).saturating_sub(now_us)
+            } else {
+                0
+            },
+            consecutive: std::array::from_fn(|i| h.consecutive[i].load(Relaxed)),
         })
     }
+}
+
+/// The tunables the request path reads.
+#[derive(Debug, Clone, Copy)]
+struct SelectParams {
+    algorithm: Algorithm,
+    retries: u32,
+    slow_start: SlowStart,
+    decay_us: u64,
+    half_open_probes: u32,
 }
 
 /// An upstream's peers in shared memory, as the selection algorithms see them.
@@ -783,10 +944,12 @@ struct ShmView<'a> {
     region: &'a Region,
     up: Upstream<'a>,
     n: u32,
-    params: UpstreamParams,
+    params: SelectParams,
     max_weight: f64,
     now_us: u64,
     tried: &'a dyn Fn(u32) -> bool,
+    /// The upstream is in panic: health is ignored.
+    panic: bool,
 }
 
 impl ShmView<'_> {
@@ -815,7 +978,18 @@ impl PeerView for ShmView<'_> {
 
     #[inline]
     fn eligible(&self, i: u32) -> bool {
-        self.head(i).state.load(Relaxed) == state::ACTIVE
+        let h = self.head(i);
+        if h.state.load(Relaxed) != state::ACTIVE {
+            return false;
+        }
+        match h.health.load(Relaxed) {
+            health::state::HEALTHY => true,
+            health::state::DRAINING => false,
+            _ if self.panic => true,
+            health::state::HALF_OPEN => h.inflight.load(Relaxed) < self.params.half_open_probes.max(1) as i32,
+            health::state::EJECTED => h.ejected_until_us.load(Relaxed) <= self.now_us,
+            _ => false,
+        }
     }
 
     #[inline]
@@ -826,6 +1000,16 @@ impl PeerView for ShmView<'_> {
     #[inline]
     fn cost(&self, i: u32) -> f64 {
         let h = self.head(i);
+        // A half-open peer (or an ejected one whose time is up) must be probed, or it would never come back: its
+        // estimate, inflated by the failures that ejected it, would lose every comparison. While it is eligible
+        // it costs nothing; claim() keeps the probes to `half_open_probes` at once.
+        if !self.panic {
+            match h.health.load(Relaxed) {
+                health::state::HALF_OPEN => return 0.0,
+                health::state::EJECTED => return 0.0, // eligible only when its time is up: probe it now
+                _ => {}
+            }
+        }
         let (est, elapsed) = ewma::unpack(h.ewma.load(Relaxed), self.now_us);
         let est = ewma::decayed(est, elapsed, self.params.decay_us as f64).max(1.0);
         let inflight = h.inflight.load(Relaxed).max(0) as f64;
@@ -845,5 +1029,55 @@ impl PeerView for ShmView<'_> {
     #[inline]
     fn static_weight(&self, i: u32) -> u32 {
         self.head(i).weight.load(Relaxed)
+    }
+}
+
+/// Writes outlier parameters into their slots of an upstream record.
+fn store_outlier(dst: &[AtomicU64; 17], o: &OutlierParams) {
+    let v: [u64; 17] = [
+        o.consecutive_5xx as u64,
+        o.consecutive_gateway as u64,
+        o.consecutive_timeout as u64,
+        o.base_ejection_us,
+        o.max_ejection_us,
+        o.jitter_us,
+        o.max_ejection_percent as u64,
+        o.interval_us,
+        o.success_rate_stdev.to_bits(),
+        o.success_rate_min_hosts as u64,
+        o.success_rate_volume as u64,
+        o.failure_percentage as u64,
+        o.failure_percentage_min_hosts as u64,
+        o.failure_percentage_volume as u64,
+        o.half_open_probes as u64,
+        o.half_open_successes as u64,
+        o.panic_threshold as u64,
+    ];
+    for (d, x) in dst.iter().zip(v) {
+        d.store(x, Relaxed);
+    }
+}
+
+/// Reads outlier parameters back (see [`store_outlier`]).
+fn load_outlier(src: &[AtomicU64; 17]) -> OutlierParams {
+    let v: [u64; 17] = std::array::from_fn(|i| src[i].load(Relaxed));
+    OutlierParams {
+        consecutive_5xx: v[0] as u32,
+        consecutive_gateway: v[1] as u32,
+        consecutive_timeout: v[2] as u32,
+        base_ejection_us: v[3],
+        max_ejection_us: v[4],
+        jitter_us: v[5],
+        max_ejection_percent: v[6] as u32,
+        interval_us: v[7],
+        success_rate_stdev: f64::from_bits(v[8]),
+        success_rate_min_hosts: v[9] as u32,
+        success_rate_volume: v[10] as u32,
+        failure_percentage: v[11] as u32,
+        failure_percentage_min_hosts: v[12] as u32,
+        failure_percentage_volume: v[13] as u32,
+        half_open_probes: v[14] as u32,
+        half_open_successes: v[15] as u32,
+        panic_threshold: v[16] as u32,
     }
 }

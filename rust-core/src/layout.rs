@@ -4,7 +4,7 @@
 //! records. Everything in a record is an atomic integer, valid for any bit pattern and shared between processes.
 //!
 //! ```text
-//! Header | worker pids [max_workers] | upstream records [max_upstreams] | peer records [max_peers]
+//! Header | worker pids [max_workers] | events [EVENT_RING] | upstream records [max_upstreams] | peer records [max_peers]
 //! upstream record = UpstreamHead + peer slot list [max_peers]
 //! peer record     = PeerHead + window buckets [window_buckets + 1] + in-flight per worker [max_workers]
 //! ```
@@ -21,7 +21,9 @@ use std::sync::atomic::{AtomicI32, AtomicU32, AtomicU64, Ordering::*};
 /// "ASCALE" and a format number.
 pub const MAGIC: u64 = u64::from_le_bytes(*b"ASCALE\x00\x01");
 /// Bumped whenever any record changes shape.
-pub const LAYOUT_VERSION: u32 = 1;
+pub const LAYOUT_VERSION: u32 = 2;
+/// Events kept in the ring (the most recent ones).
+pub const EVENT_RING: usize = 1024;
 
 /// Sizes of the region, fixed for its lifetime.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -173,6 +175,25 @@ pub struct Header {
     pub dropped_samples: AtomicU64,
     /// Requests whose tracking entry was evicted before their log phase.
     pub evicted_requests: AtomicU64,
+    /// Events written so far (the next event's sequence number).
+    pub event_seq: AtomicU64,
+    /// Events already claimed for logging (see `Region::claim_events`).
+    pub events_logged: AtomicU64,
+}
+
+/// One state change or decision, in a ring of the most recent [`EVENT_RING`].
+#[repr(C)]
+pub struct Event {
+    /// Sequence number + 1 once complete; 0 while being written or never written.
+    pub seq: AtomicU64,
+    /// Monotonic clock (µs) when it happened.
+    pub time_us: AtomicU64,
+    pub kind: AtomicU32,
+    pub reason: AtomicU32,
+    pub upstream: AtomicU32,
+    pub slot: AtomicU32,
+    /// Numbers behind the event (kind-specific), as f64 bits.
+    pub values: [AtomicU64; 4],
 }
 
 /// Life of an upstream or peer record.
@@ -205,6 +226,19 @@ pub struct UpstreamHead {
     /// Round-robin tickets.
     pub ticket: AtomicU64,
     pub name: Text64,
+    /// Outlier-detection parameters (see `engine::store_outlier`), under the seqlock.
+    pub outlier: [AtomicU64; 17],
+    /// HTTP statuses counted as failures: bit `s` of the bitmap for status `s` (< 640), under the seqlock.
+    pub failure_statuses: [AtomicU64; 10],
+    /// 1 while fewer than `panic_threshold` % of the peers are healthy.
+    pub panic: AtomicU32,
+    /// Pid of the worker holding the active health-check lease.
+    pub check_owner: AtomicU32,
+    pub check_until_us: AtomicU64,
+    /// When the outlier sweep last ran.
+    pub last_sweep_us: AtomicU64,
+    /// When a fallback response was last served (for logging once per episode).
+    pub fallback_us: AtomicU64,
 }
 
 /// A peer record; followed in memory by its window buckets and per-worker in-flight counts.
@@ -227,6 +261,17 @@ pub struct PeerHead {
     pub totals: [AtomicU64; crate::window::counter::N],
     pub total_latency_us: AtomicU64,
     pub addr: Text64,
+    /// `health::state`.
+    pub health: AtomicU32,
+    pub times_ejected: AtomicU32,
+    /// Consecutive failures: any kind, gateway (incl. connect), timeouts.
+    pub consecutive: [AtomicU32; 3],
+    pub half_open_ok: AtomicU32,
+    pub active_ok: AtomicU32,
+    pub active_fail: AtomicU32,
+    pub ejected_until_us: AtomicU64,
+    pub last_ejected_us: AtomicU64,
+    pub ejections_total: AtomicU64,
 }
 
 /// An upstream record and its slot list.
@@ -253,6 +298,7 @@ const fn round64(n: usize) -> usize {
 pub struct Layout {
     pub params: Params,
     workers_off: usize,
+    events_off: usize,
     upstreams_off: usize,
     upstream_stride: usize,
     peers_off: usize,
@@ -265,7 +311,8 @@ impl Layout {
     pub fn new(params: Params) -> Layout {
         let p = params;
         let workers_off = round64(std::mem::size_of::<Header>());
-        let upstreams_off = workers_off + round64(p.max_workers as usize * 4);
+        let events_off = workers_off + round64(p.max_workers as usize * 4);
+        let upstreams_off = events_off + EVENT_RING * std::mem::size_of::<Event>();
         let upstream_stride =
             round64(std::mem::size_of::<UpstreamHead>() + p.max_peers as usize * 4);
         let peers_off = upstreams_off + upstream_stride * p.max_upstreams as usize;
@@ -278,6 +325,7 @@ impl Layout {
         Layout {
             params,
             workers_off,
+            events_off,
             upstreams_off,
             upstream_stride,
             peers_off,
@@ -432,6 +480,12 @@ impl Region {
         }
     }
 
+    /// The event ring.
+    pub fn events(&self) -> &[Event] {
+        // SAFETY: `events_off` is 64-aligned and the ring of EVENT_RING events fits before `upstreams_off`.
+        unsafe { self.slice_at(self.layout.events_off, EVENT_RING) }
+    }
+
     /// Upstream record `i`; `i` is clamped into range (callers validate indices from outside first).
     pub fn upstream(&self, i: u32) -> Upstream<'_> {
         let i = (i as usize).min(self.layout.params.max_upstreams as usize - 1);
@@ -486,6 +540,7 @@ mod tests {
         assert_eq!(std::mem::size_of::<UpstreamHead>() % 8, 0);
         assert_eq!(std::mem::size_of::<PeerHead>() % 8, 0);
         assert_eq!(std::mem::size_of::<WindowBucket>() % 8, 0);
+        assert_eq!(std::mem::size_of::<Event>() % 8, 0);
     }
 
     #[test]

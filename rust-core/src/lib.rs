@@ -4,6 +4,7 @@
 //! - [`window`]: one time slice of a rolling window, lock-free;
 //! - [`ewma`]: peak-EWMA latency estimate (Finagle, tower);
 //! - [`slowstart`]: Envoy's slow-start ramp;
+//! - [`health`]: outlier detection, ejection lifecycle and panic mode (Envoy);
 //! - [`select`]: peer selection (power of two choices, round robin, weighted random) behind one trait;
 //! - [`layout`]: the shared-memory region (the only `unsafe` of this crate);
 //! - [`engine`]: configuration, peer choice and accounting over a region;
@@ -13,9 +14,12 @@
 
 pub mod addr;
 pub mod engine;
+pub mod events;
 pub mod ewma;
+pub mod health;
 pub mod histogram;
 pub mod layout;
+mod outlier;
 pub mod reqtrack;
 pub mod rng;
 pub mod select;

@@ -67,10 +67,9 @@ fn simulate(
             let (lat, outcome) = behaviour(port, now);
             let _ = lat;
             r.end_attempt(slot, gen, Some(0), outcome, lat, now);
-            r.record(slot, gen, outcome, lat, now);
+            r.record(slot, gen, outcome, lat, now, &mut rng);
         }
-        let pick = r.pick(up, &|_| false, now, &mut rng).unwrap();
-        r.begin_attempt(pick.slot, pick.gen, Some(0));
+        let pick = r.pick(up, &|_| false, now, &mut rng, Some(0)).unwrap();
         let port = r.snapshot(pick.slot, now).unwrap().port as u16;
         if now >= from {
             *hits.entry(port).or_insert(0) += 1;
@@ -150,15 +149,15 @@ fn retries_never_repick_a_tried_peer_while_another_exists() {
     let up = r.configure(&[conf("api", &[1, 2, 3])], 1, &yes, 0).unwrap()[0];
     let mut rng = XorShift64::new(9);
     for i in 0..2000u64 {
-        let first = r.pick(up, &|_| false, i, &mut rng).unwrap();
-        let second = r.pick(up, &|s| s == first.slot, i, &mut rng).unwrap();
+        let first = r.pick(up, &|_| false, i, &mut rng, None).unwrap();
+        let second = r.pick(up, &|s| s == first.slot, i, &mut rng, None).unwrap();
         assert_ne!(second.slot, first.slot);
         let third = r
-            .pick(up, &|s| s == first.slot || s == second.slot, i, &mut rng)
+            .pick(up, &|s| s == first.slot || s == second.slot, i, &mut rng, None)
             .unwrap();
         assert!(third.slot != first.slot && third.slot != second.slot);
         // All tried: a tried one is allowed rather than failing the request.
-        assert!(r.pick(up, &|_| true, i, &mut rng).is_ok());
+        assert!(r.pick(up, &|_| true, i, &mut rng, None).is_ok());
         assert_eq!(first.more_tries, 2);
     }
 }
@@ -182,6 +181,7 @@ fn reconfiguration_keeps_stats_of_kept_peers_and_ignores_stale_writers() {
             Outcome::Success,
             500,
             SEC,
+            &mut XorShift64::new(1),
         );
     }
     // Peer 3 goes, peer 4 comes: peer 1 keeps its counts, peer 3 is retired, 4 is new.
@@ -195,7 +195,7 @@ fn reconfiguration_keeps_stats_of_kept_peers_and_ignores_stale_writers() {
     assert_eq!(r.upstream_slots(up).len(), 3);
     assert!(!r.upstream_slots(up).contains(&s3));
     // A writer still holding peer 3 (an old worker during reload) keeps working until its record is reused...
-    r.record(s3, gen3, Outcome::Success, 1, 2 * SEC);
+    r.record(s3, gen3, Outcome::Success, 1, 2 * SEC, &mut XorShift64::new(1));
     assert_eq!(r.snapshot(s3, 2 * SEC).unwrap().totals[0], 1);
     // ...and once reused for another peer, its late writes are ignored.
     let mut all: Vec<u16> = (10..18).collect();
@@ -203,7 +203,7 @@ fn reconfiguration_keeps_stats_of_kept_peers_and_ignores_stale_writers() {
     r.configure(&[conf("api", &all)], 1, &yes, 3 * SEC).unwrap(); // 7 peers: needs every record incl. s3
     assert_ne!(r.snapshot(s3, 3 * SEC).unwrap().gen, gen3);
     let before = r.snapshot(s3, 3 * SEC).unwrap().totals[0];
-    r.record(s3, gen3, Outcome::Success, 1, 3 * SEC);
+    r.record(s3, gen3, Outcome::Success, 1, 3 * SEC, &mut XorShift64::new(1));
     r.end_attempt(s3, gen3, None, Outcome::Success, 1, 3 * SEC);
     assert_eq!(r.snapshot(s3, 3 * SEC).unwrap().totals[0], before);
     assert_eq!(r.snapshot(s3, 3 * SEC).unwrap().inflight, 0);
@@ -275,8 +275,7 @@ fn a_dead_workers_in_flight_counts_are_reclaimed() {
     let col = r.attach_worker(100, &alive).unwrap();
     let mut rng = XorShift64::new(1);
     for _ in 0..5 {
-        let p = r.pick(up, &|_| false, 0, &mut rng).unwrap();
-        r.begin_attempt(p.slot, p.gen, Some(col));
+        r.pick(up, &|_| false, 0, &mut rng, Some(col)).unwrap();
     }
     let inflight = |r: &Region| {
         r.upstream_slots(up)
@@ -303,9 +302,9 @@ fn the_window_forgets_old_slices_and_reports_percentiles() {
     let s = r.upstream_slots(up)[0];
     let gen = r.snapshot(s, 0).unwrap().gen;
     for i in 0..1000u64 {
-        r.record(s, gen, Outcome::Success, 1_000 + i, SEC + i); // 1.0 .. 2.0 ms
+        r.record(s, gen, Outcome::Success, 1_000 + i, SEC + i, &mut XorShift64::new(1)); // 1.0 .. 2.0 ms
     }
-    r.record(s, gen, Outcome::Timeout, 60_000_000, SEC);
+    r.record(s, gen, Outcome::Timeout, 60_000_000, SEC, &mut XorShift64::new(1));
     let snap = r.snapshot(s, 2 * SEC).unwrap();
     assert_eq!(snap.window.counts[0], 1001);
     assert_eq!(snap.window.failures(), 1);
@@ -315,7 +314,7 @@ fn the_window_forgets_old_slices_and_reports_percentiles() {
         "{p50}"
     );
     // 10 one-second buckets: at 11.5 s the samples of second 1 are gone; all-time totals stay.
-    r.tick(11 * SEC + SEC / 2);
+    r.tick(11 * SEC + SEC / 2, &mut XorShift64::new(1));
     let later = r.snapshot(s, 11 * SEC + SEC / 2).unwrap();
     assert_eq!(later.window.counts[0], 0);
     assert_eq!(later.totals[0], 1001);
@@ -333,10 +332,9 @@ fn concurrent_workers_count_exactly() {
                 let col = r.attach_worker(1000 + t as u32, &yes);
                 for i in 0..20_000u64 {
                     let now = SEC + i * 10;
-                    let p = r.pick(up, &|_| false, now, &mut rng).unwrap();
-                    r.begin_attempt(p.slot, p.gen, col);
+                    let p = r.pick(up, &|_| false, now, &mut rng, col).unwrap();
                     r.end_attempt(p.slot, p.gen, col, Outcome::Success, 100, now);
-                    r.record(p.slot, p.gen, Outcome::Success, 100, now);
+                    r.record(p.slot, p.gen, Outcome::Success, 100, now, &mut rng);
                 }
             })
         })

@@ -23,6 +23,8 @@ local ngx_now = ngx.now
 local get_request = base.get_request
 local ffi_string = ffi.string
 local tonumber = tonumber
+local tostring = tostring
+local pairs = pairs
 local error = error
 local sub = string.sub
 local byte = string.byte
@@ -31,6 +33,7 @@ local gmatch = string.gmatch
 local _M = {}
 
 local lib               -- the FFI library namespace, set by _M.init
+local conf              -- the validated configuration
 local index             -- upstream name -> index in shared memory
 local NEED_DETAIL
 local pick = ffi.new("autoscale_pick_t")
@@ -38,6 +41,7 @@ local status_out = ffi.new("int[1]")
 local errmsg = ffi.new("char *[1]")
 local FAILED = 4 -- NGX_PEER_FAILED, as get_last_failure reports it
 local kinds = ffi.new("uint32_t[32]")
+local codes = ffi.new("uint32_t[32]")
 local addr_buf = ffi.new("uint8_t[64]")
 
 -- Per peer record (slot + 1): generation, host and port last seen.
@@ -46,8 +50,9 @@ local gens, hosts, ports = {}, {}, {}
 local attached = false
 local no_peer_logged_at = 0
 
-function _M.init(library, upstream_index)
+function _M.init(library, configuration, upstream_index)
     lib = library
+    conf = configuration
     index = upstream_index
     NEED_DETAIL = lib.AUTOSCALE_NEED_DETAIL
 end
@@ -97,12 +102,18 @@ function _M.balance(name)
     end
     local rc = lib.autoscale_balancer_pick(r, idx, last, pick)
     if rc ~= 0 then
-        local now = ngx_now()
-        if now - no_peer_logged_at >= 1 then
-            no_peer_logged_at = now
-            ngx_log(ngx_ERR, "resty.autoscale: upstream ", name, ": no peer available (code ", rc, ")")
+        local fb = conf.upstreams[name].fallback.upstream
+        if fb and last == 0 then
+            rc = lib.autoscale_balancer_pick(r, index[fb], 0, pick)
         end
-        return ngx_exit(502)
+        if rc ~= 0 then
+            local now = ngx_now()
+            if now - no_peer_logged_at >= 1 then
+                no_peer_logged_at = now
+                ngx_log(ngx_ERR, "resty.autoscale: upstream ", name, ": no peer available (code ", rc, ")")
+            end
+            return ngx_exit(502)
+        end
     end
     local slot = pick.slot
     local i = slot + 1
@@ -119,9 +130,9 @@ function _M.balance(name)
     end
 end
 
--- Outcome code of one attempt from its $upstream_status, $upstream_connect_time and $upstream_header_time entries:
--- 0 success, 1 HTTP 5xx, 2 gateway (502/503/504, or no valid header after connecting), 3 connect error, 4 timeout,
--- 5 aborted by the client, 99 unknown.
+-- Kind of one attempt from its $upstream_status, $upstream_connect_time and $upstream_header_time entries:
+-- 0 an HTTP response (the library judges its status against the upstream's failure_statuses), 2 connected but no
+-- valid response header, 3 connect error, 4 timeout, 5 aborted by the client, 99 unknown.
 local function classify(status, connect, header)
     local st = tonumber(status)
     if not st then
@@ -130,19 +141,16 @@ local function classify(status, connect, header)
     if st == 499 then
         return 5
     end
-    if st < 500 then
+    if header ~= "-" and header ~= nil then
+        return 0
+    end
+    if st < 500 then -- e.g. a 4xx nginx produced itself; judged by its status
         return 0
     end
     if connect == "-" or connect == nil then
         return st == 504 and 4 or 3
     end
-    if header == "-" or header == nil then
-        return st == 504 and 4 or 2
-    end
-    if st >= 502 and st <= 504 then
-        return 2
-    end
-    return 1
+    return st == 504 and 4 or 2
 end
 _M.classify = classify
 
@@ -171,8 +179,9 @@ local function detail(r)
     end
     for j = 1, n do
         kinds[j - 1] = classify(statuses[j], connects[j], headers[j])
+        codes[j - 1] = tonumber(statuses[j]) or 0
     end
-    lib.autoscale_log_detail(r, kinds, n)
+    lib.autoscale_log_detail(r, kinds, codes, n)
 end
 
 -- autoscale.log()
@@ -184,6 +193,33 @@ function _M.log()
     if lib.autoscale_log_finish(r, C.ngx_http_lua_ffi_get_resp_status(r)) == NEED_DETAIL then
         detail(r)
     end
+end
+
+-- autoscale.fallback(name): the upstream's configured fallback response. The first one after 10 s without any
+-- becomes a `fallback` event, so it is logged once per episode across all workers, not per request.
+function _M.fallback(name)
+    local u = conf and conf.upstreams[name]
+    if not u then
+        error("resty.autoscale: unknown upstream " .. tostring(name) .. " (not in autoscale.configure)", 2)
+    end
+    local fb = u.fallback
+    lib.autoscale_upstream_fallback(index[name], fb.status)
+    ngx.status = fb.status
+    local h = ngx.header
+    if fb.retry_after > 0 then
+        h["Retry-After"] = fb.retry_after
+    end
+    for k, v in pairs(fb.headers) do
+        h[k] = v
+    end
+    local body = fb.body
+    if not body then
+        h["Content-Type"] = "application/json"
+        body = '{"error":"service unavailable","upstream":"' .. name .. '","retry_after":' .. fb.retry_after .. '}\n'
+    end
+    h["Content-Length"] = #body
+    ngx.print(body)
+    return ngx_exit(fb.status)
 end
 
 return _M

@@ -22,6 +22,25 @@ typedef struct autoscale_peer_spec_t {
   size_t addr_len;
   uint32_t weight;
 } autoscale_peer_spec_t;
+typedef struct autoscale_outlier_spec_t {
+  uint32_t consecutive_5xx;
+  uint32_t consecutive_gateway;
+  uint32_t consecutive_timeout;
+  uint32_t base_ejection_ms;
+  uint32_t max_ejection_ms;
+  uint32_t ejection_jitter_ms;
+  uint32_t max_ejection_percent;
+  uint32_t interval_ms;
+  uint32_t success_rate_min_hosts;
+  uint32_t success_rate_volume;
+  uint32_t failure_percentage;
+  uint32_t failure_percentage_min_hosts;
+  uint32_t failure_percentage_volume;
+  uint32_t half_open_probes;
+  uint32_t half_open_successes;
+  uint32_t panic_threshold;
+  double success_rate_stdev;
+} autoscale_outlier_spec_t;
 typedef struct autoscale_upstream_spec_t {
   const uint8_t *name;
   size_t name_len;
@@ -36,6 +55,9 @@ typedef struct autoscale_upstream_spec_t {
   double failure_penalty;
   const struct autoscale_peer_spec_t *peers;
   size_t npeers;
+  struct autoscale_outlier_spec_t outlier;
+  const uint16_t *failure_statuses;
+  size_t nfailure_statuses;
 } autoscale_upstream_spec_t;
 typedef struct autoscale_pick_t {
   uint32_t slot;
@@ -77,6 +99,14 @@ typedef struct autoscale_peer_stats_t {
   double ewma_us;
   double cost;
   double slow_start;
+  uint32_t health;
+  uint32_t times_ejected;
+  uint64_t ejections_total;
+  uint64_t ejected_for_us;
+  uint32_t consecutive_failures;
+  uint32_t consecutive_gateway;
+  uint32_t consecutive_timeouts;
+  uint32_t _pad;
 } autoscale_peer_stats_t;
 typedef struct autoscale_region_info_t {
   uint32_t max_upstreams;
@@ -90,6 +120,23 @@ typedef struct autoscale_region_info_t {
   uint64_t dropped_samples;
   uint64_t evicted_requests;
 } autoscale_region_info_t;
+typedef struct autoscale_upstream_info_t {
+  uint32_t npeers;
+  uint32_t healthy;
+  uint32_t ejected;
+  uint32_t draining;
+  uint32_t panic;
+  uint32_t algorithm;
+} autoscale_upstream_info_t;
+typedef struct autoscale_event_t {
+  uint64_t seq;
+  uint64_t time_us;
+  uint32_t kind;
+  uint32_t reason;
+  uint32_t upstream;
+  uint32_t slot;
+  double values[4];
+} autoscale_event_t;
 uint32_t autoscale_abi_version(void);
 int autoscale_region_init(const struct autoscale_region_params_t *params,
                           char *err,
@@ -108,6 +155,7 @@ int autoscale_log_finish(const void *req,
                          int status);
 int autoscale_log_detail(const void *req,
                          const uint32_t *kinds,
+                         const uint32_t *statuses,
                          size_t n);
 int autoscale_region_tick(void);
 int autoscale_upstream_peers(uint32_t upstream,
@@ -118,4 +166,26 @@ int autoscale_peer_addr(uint32_t slot,
                         size_t len);
 int autoscale_peer_stats(uint32_t slot, struct autoscale_peer_stats_t *out);
 int autoscale_region_info(struct autoscale_region_info_t *out);
+int autoscale_upstream_info(uint32_t upstream, struct autoscale_upstream_info_t *out);
+int autoscale_events_read(uint64_t since,
+                          struct autoscale_event_t *out,
+                          size_t cap,
+                          uint64_t *next);
+int autoscale_events_claim(uint64_t *from,
+                           uint64_t *to);
+int autoscale_event_json(const struct autoscale_event_t *e,
+                         uint8_t *buf,
+                         size_t len);
+int autoscale_event_is_warning(uint32_t kind);
+int autoscale_check_lease(uint32_t upstream,
+                          uint32_t lease_ms);
+int autoscale_check_result(uint32_t slot,
+                           uint32_t gen,
+                           int ok,
+                           uint32_t passes,
+                           uint32_t fails);
+int autoscale_peer_drain(uint32_t slot,
+                         int draining);
+int autoscale_upstream_fallback(uint32_t upstream,
+                                uint32_t status);
 ]]

@@ -12,6 +12,7 @@ local tostring = tostring
 local format = string.format
 local floor = math.floor
 local sort = table.sort
+local tonumber = tonumber
 local concat = table.concat
 
 local _M = {}
@@ -32,6 +33,58 @@ _M.defaults = {
         slow_start_min_weight = 0.1,
         failure_penalty = 2.0,
     },
+    -- Envoy's outlier-detection defaults (times in seconds); 0 switches a trigger off.
+    outlier = {
+        consecutive_5xx = 5,
+        consecutive_gateway_failures = 5,
+        consecutive_timeouts = 3,
+        base_ejection_time = 30,
+        max_ejection_time = 300,
+        ejection_jitter = 0,
+        max_ejection_percent = 10,
+        interval = 10,
+        success_rate_stdev = 1.9,
+        success_rate_min_hosts = 5,
+        success_rate_request_volume = 100,
+        failure_percentage = 0,
+        failure_percentage_min_hosts = 5,
+        failure_percentage_request_volume = 50,
+        half_open_probes = 1,
+        half_open_successes = 2,
+        panic_threshold = 50,
+    },
+    healthcheck = {
+        path = "/",
+        interval = 2,
+        timeout = 1,
+        healthy = 2,
+        unhealthy = 2,
+        statuses = "200-399",
+    },
+    fallback = {
+        status = 503,
+        retry_after = 5,
+    },
+}
+
+local OUTLIER_RANGES = {
+    consecutive_5xx = { 0, 1000, true },
+    consecutive_gateway_failures = { 0, 1000, true },
+    consecutive_timeouts = { 0, 1000, true },
+    base_ejection_time = { 0.001, 86400 },
+    max_ejection_time = { 0.001, 86400 },
+    ejection_jitter = { 0, 3600 },
+    max_ejection_percent = { 0, 100, true },
+    interval = { 0.01, 3600 },
+    success_rate_stdev = { 0, 100 },
+    success_rate_min_hosts = { 1, 65536, true },
+    success_rate_request_volume = { 1, 1e9, true },
+    failure_percentage = { 0, 100, true },
+    failure_percentage_min_hosts = { 1, 65536, true },
+    failure_percentage_request_volume = { 1, 1e9, true },
+    half_open_probes = { 1, 1000, true },
+    half_open_successes = { 1, 1000, true },
+    panic_threshold = { 0, 100, true },
 }
 
 _M.balancers = { peak_ewma = 0, round_robin = 1, random = 2 }
@@ -76,8 +129,166 @@ end
 
 local UPSTREAM_FIELDS = {
     peers = true, balancer = true, retries = true, ewma_decay = true, default_rtt = true, slow_start = true,
-    slow_start_aggression = true, slow_start_min_weight = true, failure_penalty = true,
+    slow_start_aggression = true, slow_start_min_weight = true, failure_penalty = true, outlier = true,
+    failure_statuses = true, healthcheck = true, fallback = true,
 }
+
+-- A list of HTTP statuses: numbers and "lo-hi" ranges, e.g. { 500, "502-504" } or "500-599".
+local function statuses(path, v)
+    if type(v) ~= "table" then
+        v = { v }
+    end
+    local out, set = {}, {}
+    for i, item in ipairs(v) do
+        local lo, hi
+        if type(item) == "number" then
+            lo, hi = item, item
+        elseif type(item) == "string" then
+            local a, b = item:match("^%s*(%d+)%s*%-%s*(%d+)%s*$")
+            lo, hi = tonumber(a or item:match("^%s*(%d+)%s*$")), tonumber(b)
+            hi = hi or lo
+        end
+        if not lo or floor(lo) ~= lo or floor(hi) ~= hi or lo < 100 or hi > 639 or lo > hi then
+            return fail(format("%s[%d]", path, i), "must be an HTTP status (100-639) or a range \"lo-hi\" (got %s)",
+                        show(item))
+        end
+        for st = lo, hi do
+            if not set[st] then
+                set[st] = true
+                out[#out + 1] = st
+            end
+        end
+    end
+    if #out == 0 then
+        return fail(path, "must list at least one status")
+    end
+    sort(out)
+    return out
+end
+_M.statuses = statuses
+
+local function section(path, v, defaults, ranges)
+    if type(v) ~= "table" then
+        return fail(path, "must be a table (got %s)", type(v))
+    end
+    local allowed = {}
+    for k in pairs(defaults) do
+        allowed[k] = true
+    end
+    local ok, err = known(path, v, allowed)
+    if not ok then
+        return nil, err
+    end
+    local out = {}
+    for k, d in pairs(defaults) do
+        local x = v[k]
+        if x == nil then
+            out[k] = d
+        elseif ranges and ranges[k] then
+            out[k], err = number(path .. "." .. k, x, ranges[k][1], ranges[k][2], ranges[k][3])
+            if out[k] == nil then
+                return nil, err
+            end
+        else
+            out[k] = x
+        end
+    end
+    return out
+end
+
+local function outlier(path, v)
+    local d = _M.defaults.outlier
+    if v == false then -- every trigger off; panic mode is kept
+        local out = {}
+        for k, x in pairs(d) do
+            out[k] = x
+        end
+        out.consecutive_5xx, out.consecutive_gateway_failures, out.consecutive_timeouts = 0, 0, 0
+        out.success_rate_stdev, out.failure_percentage = 0, 0
+        return out
+    end
+    local out, err = section(path, v == nil and {} or v, d, OUTLIER_RANGES)
+    if not out then
+        return nil, err
+    end
+    if out.max_ejection_time < out.base_ejection_time then
+        return fail(path .. ".max_ejection_time", "must not be less than base_ejection_time (%s < %s)",
+                    out.max_ejection_time, out.base_ejection_time)
+    end
+    return out
+end
+
+local function healthcheck(path, v)
+    if v == nil or v == false then
+        return false
+    end
+    local out, err = section(path, v, _M.defaults.healthcheck, {
+        interval = { 0.05, 3600 }, timeout = { 0.001, 60 }, healthy = { 1, 100, true }, unhealthy = { 1, 100, true },
+    })
+    if not out then
+        return nil, err
+    end
+    if type(out.path) ~= "string" or out.path:sub(1, 1) ~= "/" or out.path:find("[%s%c]") then
+        return fail(path .. ".path", "must be an absolute path without spaces (got %s)", show(out.path))
+    end
+    if out.timeout >= out.interval then
+        return fail(path .. ".timeout", "must be shorter than interval (%s >= %s)", out.timeout, out.interval)
+    end
+    local list
+    list, err = statuses(path .. ".statuses", out.statuses)
+    if not list then
+        return nil, err
+    end
+    out.statuses = {}
+    for _, st in ipairs(list) do
+        out.statuses[st] = true
+    end
+    return out
+end
+
+local function fallback(path, v)
+    if v == nil then
+        return { status = _M.defaults.fallback.status, retry_after = _M.defaults.fallback.retry_after }
+    end
+    if type(v) ~= "table" then
+        return fail(path, "must be a table (got %s)", type(v))
+    end
+    local ok, err = known(path, v, { status = true, headers = true, body = true, upstream = true, retry_after = true })
+    if not ok then
+        return nil, err
+    end
+    local out = { upstream = v.upstream, body = v.body, headers = {} }
+    out.status, err = number(path .. ".status", v.status or _M.defaults.fallback.status, 200, 599, true)
+    if not out.status then
+        return nil, err
+    end
+    out.retry_after, err = number(path .. ".retry_after", v.retry_after or _M.defaults.fallback.retry_after, 0, 86400,
+                                  true)
+    if not out.retry_after then
+        return nil, err
+    end
+    if v.body ~= nil and type(v.body) ~= "string" then
+        return fail(path .. ".body", "must be a string (got %s)", type(v.body))
+    end
+    if v.upstream ~= nil and type(v.upstream) ~= "string" then
+        return fail(path .. ".upstream", "must be the name of another upstream (got %s)", type(v.upstream))
+    end
+    if v.headers ~= nil then
+        if type(v.headers) ~= "table" then
+            return fail(path .. ".headers", "must be a table of name = value (got %s)", type(v.headers))
+        end
+        for name, value in pairs(v.headers) do
+            if type(name) ~= "string" or not name:find("^[%w%-]+$") then
+                return fail(path .. ".headers", "header names are letters, digits and '-' (got %s)", show(name))
+            end
+            if type(value) ~= "string" or value:find("[\r\n]") then
+                return fail(path .. ".headers." .. name, "must be a one-line string")
+            end
+            out.headers[name] = value
+        end
+    end
+    return out
+end
 
 local function peer(path, p)
     if type(p) == "string" then
@@ -137,6 +348,22 @@ local function upstream(path, u)
             end
         end
     end
+    out.outlier, err = outlier(path .. ".outlier", u.outlier)
+    if not out.outlier then
+        return nil, err
+    end
+    out.failure_statuses, err = statuses(path .. ".failure_statuses", u.failure_statuses or "500-599")
+    if not out.failure_statuses then
+        return nil, err
+    end
+    out.healthcheck, err = healthcheck(path .. ".healthcheck", u.healthcheck)
+    if out.healthcheck == nil then
+        return nil, err
+    end
+    out.fallback, err = fallback(path .. ".fallback", u.fallback)
+    if not out.fallback then
+        return nil, err
+    end
     if type(u.peers) ~= "table" or #u.peers == 0 then
         return fail(path .. ".peers", "must be a non-empty list of peers")
     end
@@ -163,6 +390,7 @@ function _M.validate(conf)
     end
     local ok, err = known("configuration", conf, {
         upstreams = true, max_upstreams = true, max_peers = true, max_workers = true, window = true, lib_path = true,
+        event_log = true,
     })
     if not ok then
         return nil, (err:gsub("^configuration%.", ""))
@@ -186,6 +414,10 @@ function _M.validate(conf)
         return fail("lib_path", "must be a string (got %s)", type(conf.lib_path))
     end
     out.lib_path = conf.lib_path
+    if conf.event_log ~= nil and (type(conf.event_log) ~= "string" or conf.event_log == "") then
+        return fail("event_log", "must be a file path (got %s)", show(conf.event_log))
+    end
+    out.event_log = conf.event_log
     local w = conf.window or {}
     if type(w) ~= "table" then
         return fail("window", "must be a table (got %s)", type(w))
@@ -215,6 +447,13 @@ function _M.validate(conf)
         out.upstreams[name], err = upstream("upstreams." .. name, u)
         if not out.upstreams[name] then
             return nil, err
+        end
+    end
+    for name, u in pairs(out.upstreams) do
+        local fb = u.fallback.upstream
+        if fb ~= nil and (fb == name or not out.upstreams[fb]) then
+            return fail("upstreams." .. name .. ".fallback.upstream", "must name another configured upstream (got %s)",
+                        show(fb))
         end
     end
     return out

@@ -16,6 +16,9 @@ local lib, conf, index
 local stats = ffi.new("autoscale_peer_stats_t")
 local info = ffi.new("autoscale_region_info_t")
 local STATES = { [0] = "free", [1] = "active", [2] = "retired" }
+local HEALTH = { [0] = "healthy", [1] = "ejected", [2] = "half_open", [3] = "draining" }
+local upinfo = ffi.new("autoscale_upstream_info_t")
+local events = require "resty.autoscale.events"
 
 function _M.init(library, configuration, upstream_index)
     lib, conf, index = library, configuration, upstream_index
@@ -45,7 +48,15 @@ function _M.peer(slot)
     return {
         slot = s.slot,
         addr = ffi.string(buf, len),
-        state = STATES[s.state] or "unknown",
+        state = s.state == 1 and (HEALTH[s.health] or "unknown") or (STATES[s.state] or "unknown"),
+        times_ejected = s.times_ejected,
+        ejections = n(s.ejections_total),
+        ejected_for = s.health == 1 and (n(s.ejected_for_us) < 1e15 and n(s.ejected_for_us) / 1e6 or "until a health check passes") or nil,
+        consecutive = {
+            failures = s.consecutive_failures,
+            gateway = s.consecutive_gateway,
+            timeouts = s.consecutive_timeouts,
+        },
         weight = s.weight,
         inflight = s.inflight,
         requests = n(s.requests),
@@ -106,12 +117,18 @@ function _M.upstream(name)
         p.share = total > 0 and p.requests / total or 0
     end
     local u = conf.upstreams[name]
+    lib.autoscale_upstream_info(idx, upinfo)
     return {
         name = name,
         balancer = u.balancer,
         retries = u.retries,
         peers = peers,
         requests = total,
+        healthy = upinfo.healthy,
+        ejected = upinfo.ejected,
+        draining = upinfo.draining,
+        panic = upinfo.panic == 1,
+        config = u,
     }
 end
 
@@ -144,7 +161,12 @@ function _M.all()
     for _, name in ipairs(names) do
         ups[name] = _M.upstream(name)
     end
-    return { region = _M.region(), upstreams = ups, worker = { pid = ngx.worker.pid(), id = ngx.worker.id() } }
+    return {
+        region = _M.region(),
+        upstreams = ups,
+        events = events.recent(50),
+        worker = { pid = ngx.worker.pid(), id = ngx.worker.id() },
+    }
 end
 
 -- autoscale.status_handler(): content_by_lua* handler answering JSON; `?upstream=name` narrows it to one upstream.

@@ -1,0 +1,102 @@
+-- Events (ejections, recoveries, panic mode, configuration and operator changes) from the shared ring: written to
+-- the nginx error log exactly once across all workers (and optionally to a JSON-lines file), and readable as a list.
+
+local ffi = require "ffi"
+local cjson = require "cjson.safe"
+
+local ngx = ngx
+local ngx_log = ngx.log
+local ngx_WARN = ngx.WARN
+local ngx_NOTICE = ngx.NOTICE
+local ngx_ERR = ngx.ERR
+local io_open = io.open
+local tonumber = tonumber
+
+local _M = {}
+
+local BATCH = 64
+local lib, conf
+local buf = ffi.new("autoscale_event_t[?]", BATCH)
+local from, to, next_seq = ffi.new("uint64_t[1]"), ffi.new("uint64_t[1]"), ffi.new("uint64_t[1]")
+local text = ffi.new("uint8_t[1024]")
+
+function _M.init(library, configuration)
+    lib, conf = library, configuration
+end
+
+local function json(e)
+    local n = lib.autoscale_event_json(e, text, 1024)
+    if n < 0 or n > 1024 then
+        return nil
+    end
+    return ffi.string(text, n)
+end
+
+-- Writes the events no worker has written yet (called from every worker's timer; each event is claimed once).
+function _M.flush()
+    if lib.autoscale_events_claim(from, to) ~= 0 or from[0] >= to[0] then
+        return 0
+    end
+    local written, seq = 0, from[0]
+    local file, err
+    if conf.event_log then
+        file, err = io_open(conf.event_log, "a")
+        if not file then
+            ngx_log(ngx_ERR, "resty.autoscale: cannot open event_log ", conf.event_log, ": ", err)
+        end
+    end
+    while seq < to[0] do
+        local n = lib.autoscale_events_read(seq, buf, BATCH, next_seq)
+        if n <= 0 then
+            break
+        end
+        for i = 0, n - 1 do
+            local e = buf[i]
+            if e.seq >= to[0] then
+                break
+            end
+            local line = json(e)
+            if line then
+                ngx_log(lib.autoscale_event_is_warning(e.kind) == 1 and ngx_WARN or ngx_NOTICE,
+                        "resty.autoscale event: ", line)
+                if file then
+                    file:write(line, "\n")
+                end
+                written = written + 1
+            end
+        end
+        seq = next_seq[0]
+    end
+    if file then
+        file:close()
+    end
+    return written
+end
+
+-- list = events.recent(max, since?): the most recent events (at most `max`), oldest first, as Lua tables.
+function _M.recent(max, since)
+    local out = {}
+    local seq = since or 0
+    while true do
+        local n = lib.autoscale_events_read(seq, buf, BATCH, next_seq)
+        if n <= 0 then
+            break
+        end
+        for i = 0, n - 1 do
+            local line = json(buf[i])
+            out[#out + 1] = line and cjson.decode(line)
+        end
+        seq = tonumber(next_seq[0])
+    end
+    local first = #out - (max or 100) + 1
+    if first > 1 then
+        local trimmed = {}
+        for i = first, #out do
+            trimmed[#trimmed + 1] = out[i]
+        end
+        out = trimmed
+    end
+    return out
+end
+
+return _M
