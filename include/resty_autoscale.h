@@ -453,4 +453,83 @@ int autoscale_peer_drain(uint32_t slot,
 int autoscale_upstream_fallback(uint32_t upstream,
                                 uint32_t status);
 
+/**
+ * Adds peer `addr` (`host:port`) with `weight` to upstream `upstream`, in every worker at once (not persisted: a
+ * reload applies nginx.conf again).
+ *
+ * # Safety
+ * `addr` must point to `addr_len` readable bytes; `err` to `err_len` writable bytes (or be NULL).
+ *
+ * # Errors
+ * `AUTOSCALE_ERR_CONFIG` with the reason in `err`; nothing changed then.
+ */
+int autoscale_admin_peer_add(uint32_t upstream,
+                             const uint8_t *addr,
+                             size_t addr_len,
+                             uint32_t weight,
+                             char *err,
+                             size_t err_len);
+
+/**
+ * Removes peer `addr` from upstream `upstream` (its in-flight requests finish).
+ *
+ * # Safety
+ * As for [`autoscale_admin_peer_add`].
+ *
+ * # Errors
+ * As for [`autoscale_admin_peer_add`].
+ */
+int autoscale_admin_peer_remove(uint32_t upstream,
+                                const uint8_t *addr,
+                                size_t addr_len,
+                                char *err,
+                                size_t err_len);
+
+/**
+ * Sets the weight of peer `addr` of upstream `upstream`.
+ *
+ * # Safety
+ * As for [`autoscale_admin_peer_add`].
+ *
+ * # Errors
+ * As for [`autoscale_admin_peer_add`].
+ */
+int autoscale_admin_peer_weight(uint32_t upstream,
+                                const uint8_t *addr,
+                                size_t addr_len,
+                                uint32_t weight,
+                                char *err,
+                                size_t err_len);
+
+/**
+ * Drains (`draining` = 1) or re-enables (0) peer `addr` of upstream `upstream`. Returns 1 when its state changed,
+ * 0 when it already was so.
+ *
+ * # Safety
+ * As for [`autoscale_admin_peer_add`].
+ *
+ * # Errors
+ * As for [`autoscale_admin_peer_add`].
+ */
+int autoscale_admin_peer_drain(uint32_t upstream,
+                               const uint8_t *addr,
+                               size_t addr_len,
+                               int draining,
+                               char *err,
+                               size_t err_len);
+
+/**
+ * Replaces the tunables of upstream `upstream` with those of `spec` (its name and peers are ignored).
+ *
+ * # Safety
+ * `spec` must point to a valid spec (as for [`autoscale_config_apply`]); `err` to `err_len` writable bytes.
+ *
+ * # Errors
+ * As for [`autoscale_admin_peer_add`].
+ */
+int autoscale_admin_upstream_tune(uint32_t upstream,
+                                  const struct autoscale_upstream_spec_t *spec,
+                                  char *err,
+                                  size_t err_len);
+
 #endif  /* RESTY_AUTOSCALE_H */

@@ -1065,3 +1065,154 @@ pub extern "C" fn autoscale_upstream_fallback(upstream: u32, status: u32) -> c_i
         region.note_fallback(upstream, status, now_us(), 10_000_000) as c_int
     })
 }
+
+/// Runs a run-time change and reports its error text.
+///
+/// # Safety
+/// `addr` must point to `addr_len` readable bytes; `err` to `err_len` writable bytes (or be NULL).
+unsafe fn admin(
+    addr: *const u8,
+    addr_len: usize,
+    err: *mut c_char,
+    err_len: usize,
+    f: impl FnOnce(&Region, &str) -> Result<(), autoscale_core::admin::AdminError>,
+) -> c_int {
+    guard(|| {
+        let Some(region) = REGION.get() else { return AUTOSCALE_ERR_NO_REGION };
+        let Some(text) = bytes(addr, addr_len).and_then(|b| std::str::from_utf8(b).ok()) else {
+            write_err(err, err_len, "address is not UTF-8");
+            return AUTOSCALE_ERR_ARG;
+        };
+        match f(region, text) {
+            Ok(()) => AUTOSCALE_OK,
+            Err(e) => {
+                write_err(err, err_len, &e.to_string());
+                AUTOSCALE_ERR_CONFIG
+            }
+        }
+    })
+}
+
+/// Adds peer `addr` (`host:port`) with `weight` to upstream `upstream`, in every worker at once (not persisted: a
+/// reload applies nginx.conf again).
+///
+/// # Safety
+/// `addr` must point to `addr_len` readable bytes; `err` to `err_len` writable bytes (or be NULL).
+///
+/// # Errors
+/// `AUTOSCALE_ERR_CONFIG` with the reason in `err`; nothing changed then.
+#[no_mangle]
+pub unsafe extern "C" fn autoscale_admin_peer_add(
+    upstream: u32,
+    addr: *const u8,
+    addr_len: usize,
+    weight: u32,
+    err: *mut c_char,
+    err_len: usize,
+) -> c_int {
+    admin(addr, addr_len, err, err_len, |r, a| r.add_peer(upstream, a, weight, pid(), &alive, now_us()))
+}
+
+/// Removes peer `addr` from upstream `upstream` (its in-flight requests finish).
+///
+/// # Safety
+/// As for [`autoscale_admin_peer_add`].
+///
+/// # Errors
+/// As for [`autoscale_admin_peer_add`].
+#[no_mangle]
+pub unsafe extern "C" fn autoscale_admin_peer_remove(
+    upstream: u32,
+    addr: *const u8,
+    addr_len: usize,
+    err: *mut c_char,
+    err_len: usize,
+) -> c_int {
+    admin(addr, addr_len, err, err_len, |r, a| r.remove_peer(upstream, a, pid(), &alive, now_us()))
+}
+
+/// Sets the weight of peer `addr` of upstream `upstream`.
+///
+/// # Safety
+/// As for [`autoscale_admin_peer_add`].
+///
+/// # Errors
+/// As for [`autoscale_admin_peer_add`].
+#[no_mangle]
+pub unsafe extern "C" fn autoscale_admin_peer_weight(
+    upstream: u32,
+    addr: *const u8,
+    addr_len: usize,
+    weight: u32,
+    err: *mut c_char,
+    err_len: usize,
+) -> c_int {
+    admin(addr, addr_len, err, err_len, |r, a| r.set_weight(upstream, a, weight, pid(), &alive, now_us()))
+}
+
+/// Drains (`draining` = 1) or re-enables (0) peer `addr` of upstream `upstream`. Returns 1 when its state changed,
+/// 0 when it already was so.
+///
+/// # Safety
+/// As for [`autoscale_admin_peer_add`].
+///
+/// # Errors
+/// As for [`autoscale_admin_peer_add`].
+#[no_mangle]
+pub unsafe extern "C" fn autoscale_admin_peer_drain(
+    upstream: u32,
+    addr: *const u8,
+    addr_len: usize,
+    draining: c_int,
+    err: *mut c_char,
+    err_len: usize,
+) -> c_int {
+    let mut changed = false;
+    let rc = admin(addr, addr_len, err, err_len, |r, a| {
+        let slot = r
+            .find_peer(upstream, a)
+            .ok_or_else(|| autoscale_core::admin::AdminError::UnknownPeer(a.to_owned()))?;
+        changed = r.set_draining(slot, draining != 0, now_us());
+        Ok(())
+    });
+    if rc == AUTOSCALE_OK {
+        changed as c_int
+    } else {
+        rc
+    }
+}
+
+/// Replaces the tunables of upstream `upstream` with those of `spec` (its name and peers are ignored).
+///
+/// # Safety
+/// `spec` must point to a valid spec (as for [`autoscale_config_apply`]); `err` to `err_len` writable bytes.
+///
+/// # Errors
+/// As for [`autoscale_admin_peer_add`].
+#[no_mangle]
+pub unsafe extern "C" fn autoscale_admin_upstream_tune(
+    upstream: u32,
+    spec: *const autoscale_upstream_spec_t,
+    err: *mut c_char,
+    err_len: usize,
+) -> c_int {
+    guard(|| {
+        let Some(region) = REGION.get() else { return AUTOSCALE_ERR_NO_REGION };
+        let Some(spec) = spec.as_ref() else { return AUTOSCALE_ERR_ARG };
+        let no_peers = autoscale_upstream_spec_t { peers: std::ptr::null(), npeers: 0, ..std::ptr::read(spec) };
+        let conf = match upstream_conf(&no_peers) {
+            Ok(c) => c,
+            Err(msg) => {
+                write_err(err, err_len, &msg);
+                return AUTOSCALE_ERR_CONFIG;
+            }
+        };
+        match region.tune(upstream, conf.params, pid(), &alive, now_us()) {
+            Ok(()) => AUTOSCALE_OK,
+            Err(e) => {
+                write_err(err, err_len, &e.to_string());
+                AUTOSCALE_ERR_CONFIG
+            }
+        }
+    })
+}

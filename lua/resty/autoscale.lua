@@ -15,6 +15,8 @@ local balancer = require "resty.autoscale.balancer"
 local status = require "resty.autoscale.status"
 local events = require "resty.autoscale.events"
 local healthcheck = require "resty.autoscale.healthcheck"
+local spec = require "resty.autoscale.spec"
+local control = require "resty.autoscale.control"
 local ffi = require "ffi"
 
 local ngx = ngx
@@ -47,29 +49,6 @@ local function start_timer()
         return nil, err
     end
     return healthcheck.start(conf, index)
-end
-
-local function outlier_spec(o)
-    local ms = function(s) return math.floor(s * 1000 + 0.5) end
-    return {
-        consecutive_5xx = o.consecutive_5xx,
-        consecutive_gateway = o.consecutive_gateway_failures,
-        consecutive_timeout = o.consecutive_timeouts,
-        base_ejection_ms = ms(o.base_ejection_time),
-        max_ejection_ms = ms(o.max_ejection_time),
-        ejection_jitter_ms = ms(o.ejection_jitter),
-        max_ejection_percent = o.max_ejection_percent,
-        interval_ms = ms(o.interval),
-        success_rate_min_hosts = o.success_rate_min_hosts,
-        success_rate_volume = o.success_rate_request_volume,
-        failure_percentage = o.failure_percentage,
-        failure_percentage_min_hosts = o.failure_percentage_min_hosts,
-        failure_percentage_volume = o.failure_percentage_request_volume,
-        half_open_probes = o.half_open_probes,
-        half_open_successes = o.half_open_successes,
-        panic_threshold = o.panic_threshold,
-        success_rate_stdev = o.success_rate_stdev,
-    }
 end
 
 -- autoscale.configure(conf)
@@ -108,29 +87,7 @@ function _M.configure(user_conf)
     local keep = {} -- keeps the strings and arrays alive during the call
     local specs = ffi.new("autoscale_upstream_spec_t[?]", #names)
     for i, name in ipairs(names) do
-        local u = c.upstreams[name]
-        local peers = ffi.new("autoscale_peer_spec_t[?]", #u.peers)
-        for j, p in ipairs(u.peers) do
-            peers[j - 1].addr = p.addr
-            peers[j - 1].addr_len = #p.addr
-            peers[j - 1].weight = p.weight
-        end
-        keep[#keep + 1] = peers
-        local s = specs[i - 1]
-        s.name, s.name_len = name, #name
-        s.algorithm = config.balancers[u.balancer]
-        s.retries = u.retries
-        s.slow_start_ms = math.floor(u.slow_start * 1000 + 0.5)
-        s.decay_ms = math.max(1, math.floor(u.ewma_decay * 1000 + 0.5))
-        s.default_rtt_us = math.max(1, math.floor(u.default_rtt * 1e6 + 0.5))
-        s.slow_start_aggression = u.slow_start_aggression
-        s.slow_start_min_weight = u.slow_start_min_weight
-        s.failure_penalty = u.failure_penalty
-        s.peers, s.npeers = peers, #u.peers
-        s.outlier = outlier_spec(u.outlier)
-        local fs = ffi.new("uint16_t[?]", #u.failure_statuses, u.failure_statuses)
-        keep[#keep + 1] = fs
-        s.failure_statuses, s.nfailure_statuses = fs, #u.failure_statuses
+        spec.fill(specs[i - 1], name, c.upstreams[name], keep)
     end
     local indices = ffi.new("uint32_t[?]", #names + 1)
     rc = l.autoscale_config_apply(specs, #names, indices, errbuf, 512)
@@ -146,6 +103,7 @@ function _M.configure(user_conf)
     status.init(lib, conf, index)
     events.init(lib, conf)
     healthcheck.init(lib)
+    control.init(lib, conf, index)
     return true
 end
 
@@ -186,6 +144,9 @@ _M.classify = balancer.classify
 -- autoscale.fallback(upstream_name), in content_by_lua* of the location `error_page 502 504 = ...` points to:
 -- the configured response when no peer could serve the request.
 _M.fallback = balancer.fallback
+
+-- Run-time changes, in every worker at once (not persisted: a reload applies nginx.conf again); see docs/lua-api.md.
+_M.control = control
 
 -- list = autoscale.events(max): the most recent events, oldest first
 function _M.events(max)

@@ -9,10 +9,12 @@
 //! - [`layout`]: the shared-memory region (the only `unsafe` of this crate);
 //! - [`engine`]: configuration, peer choice and accounting over a region;
 //! - [`reqtrack`]: per-worker tracking of requests between balancer and log phases;
-//! - [`addr`]: strict parsing of peer addresses.
+//! - [`addr`]: strict parsing of peer addresses;
+//! - [`admin`]: run-time changes (peers, weights, tunables) through the same path as a reload.
 #![deny(unsafe_code)]
 
 pub mod addr;
+pub mod admin;
 pub mod engine;
 pub mod events;
 pub mod ewma;

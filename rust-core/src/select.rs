@@ -96,18 +96,25 @@ impl Selector for RoundRobin {
         if n == 0 {
             return None;
         }
-        let total: u64 = (0..n).map(|i| v.static_weight(i).max(1) as u64).sum();
-        let mut pos = ticket % total;
-        let mut start = n - 1;
-        for i in 0..n {
-            let w = v.static_weight(i).max(1) as u64;
-            if pos < w {
-                start = i;
-                break;
+        // The ticket indexes the weights of the peers that can take this attempt, so an ineligible peer's share is
+        // spread over the others by weight rather than handed to its neighbour.
+        let pick = |ok: &dyn Fn(u32) -> bool| -> Option<u32> {
+            let total: u64 = (0..n).filter(|&i| ok(i)).map(|i| v.static_weight(i).max(1) as u64).sum();
+            if total == 0 {
+                return None;
             }
-            pos -= w;
-        }
-        scan(n, start, |i| fresh(v, i, None)).or_else(|| scan(n, start, |i| v.eligible(i)))
+            let mut pos = ticket % total;
+            (0..n).filter(|&i| ok(i)).find(|&i| {
+                let w = v.static_weight(i).max(1) as u64;
+                if pos < w {
+                    true
+                } else {
+                    pos -= w;
+                    false
+                }
+            })
+        };
+        pick(&|i| fresh(v, i, None)).or_else(|| pick(&|i| v.eligible(i)))
     }
 }
 
@@ -294,6 +301,16 @@ pub(crate) mod tests {
             .count();
         let share = hits as f64 / 40_000.0;
         assert!((share - 0.75).abs() < 0.015, "{share}");
+    }
+
+    #[test]
+    fn round_robin_spreads_an_ineligible_peers_share_by_weight() {
+        let mut v = VecView::equal(3);
+        v.weight = vec![1, 1, 2];
+        v.eligible[0] = false;
+        let s = shares(Algorithm::RoundRobin, &v, 30_000);
+        assert_eq!(s[0], 0.0);
+        assert!((s[1] - 1.0 / 3.0).abs() < 0.001 && (s[2] - 2.0 / 3.0).abs() < 0.001, "{s:?}");
     }
 
     #[test]

@@ -188,4 +188,31 @@ int autoscale_peer_drain(uint32_t slot,
                          int draining);
 int autoscale_upstream_fallback(uint32_t upstream,
                                 uint32_t status);
+int autoscale_admin_peer_add(uint32_t upstream,
+                             const uint8_t *addr,
+                             size_t addr_len,
+                             uint32_t weight,
+                             char *err,
+                             size_t err_len);
+int autoscale_admin_peer_remove(uint32_t upstream,
+                                const uint8_t *addr,
+                                size_t addr_len,
+                                char *err,
+                                size_t err_len);
+int autoscale_admin_peer_weight(uint32_t upstream,
+                                const uint8_t *addr,
+                                size_t addr_len,
+                                uint32_t weight,
+                                char *err,
+                                size_t err_len);
+int autoscale_admin_peer_drain(uint32_t upstream,
+                               const uint8_t *addr,
+                               size_t addr_len,
+                               int draining,
+                               char *err,
+                               size_t err_len);
+int autoscale_admin_upstream_tune(uint32_t upstream,
+                                  const struct autoscale_upstream_spec_t *spec,
+                                  char *err,
+                                  size_t err_len);
 ]]

@@ -239,9 +239,10 @@ local function healthcheck(path, v)
     if not list then
         return nil, err
     end
-    out.statuses = {}
+    out.statuses = list -- for display
+    out.pass = {}        -- for lookup
     for _, st in ipairs(list) do
-        out.statuses[st] = true
+        out.pass[st] = true
     end
     return out
 end
@@ -414,6 +415,7 @@ function _M.validate(conf)
         return fail("lib_path", "must be a string (got %s)", type(conf.lib_path))
     end
     out.lib_path = conf.lib_path
+    out.raw = conf -- what the user wrote, for control.tune
     if conf.event_log ~= nil and (type(conf.event_log) ~= "string" or conf.event_log == "") then
         return fail("event_log", "must be a file path (got %s)", show(conf.event_log))
     end

@@ -36,7 +36,7 @@ local function probe(host, port, hc)
     local line = ok and sock:receive("*l")
     sock:close()
     local status = line and tonumber(line:match("^HTTP/%d%.%d (%d%d%d)"))
-    return status ~= nil and hc.statuses[status] == true
+    return status ~= nil and hc.pass[status] == true
 end
 
 -- One round for upstream `idx`: if this worker holds the lease, probe all its peers concurrently.
