@@ -3,6 +3,8 @@
 #   make run      gateway + three demo backends on loopback, prints the URLs (Ctrl-C stops everything)
 #   make test     Rust tests + Test::Nginx suites in t/
 #   make bench    overhead against plain nginx, interleaved, front worker pinned
+#   make demo     the lab's headline scenario: round robin vs resty.autoscale, side by side, with an HTML report
+#   make lab      SCENARIO=name (lab/lab --list)
 #   make install  PREFIX=/usr/local (LUA_LIB_DIR, LUA_CLIB_DIR)
 #   make cdef     regenerate include/resty_autoscale.h and lua/resty/autoscale/cdef.lua from src/lib.rs
 #
@@ -17,11 +19,13 @@ PROVE ?= prove
 LIB := target/release/libresty_autoscale.so
 TESTS ?= t/
 
-DEB_PACKAGES := nginx-core libnginx-mod-http-lua lua-resty-core lua-resty-lrucache lua-cjson wrk curl \
+DEB_PACKAGES := nginx-core libnginx-mod-http-lua lua-resty-core lua-resty-lrucache lua-cjson wrk curl python3 chromium \
 	libtest-base-perl libtext-diff-perl libtest-longstring-perl liblist-moreutils-perl \
 	libhttp-message-perl libipc-run-perl liburi-perl
 
-.PHONY: all deps build test test-rust test-nginx run bench install uninstall cdef clean
+SCENARIO ?= headline
+
+.PHONY: all deps build test test-rust test-nginx run bench demo lab install uninstall cdef clean
 
 all: build
 
@@ -56,6 +60,12 @@ run: build
 bench: build
 	bench/run
 
+demo: build
+	lab/lab headline
+
+lab: build
+	lab/lab $(SCENARIO)
+
 cdef:
 	AUTOSCALE_REGEN=1 $(CARGO) build --release
 
@@ -71,4 +81,4 @@ uninstall:
 
 clean:
 	$(CARGO) clean
-	rm -rf t/servroot* .run
+	rm -rf t/servroot* .run lab/out
