@@ -19,7 +19,7 @@ PROVE ?= prove
 LIB := target/release/libresty_autoscale.so
 TESTS ?= t/
 
-DEB_PACKAGES := nginx-core libnginx-mod-http-lua lua-resty-core lua-resty-lrucache lua-cjson wrk curl python3 chromium \
+DEB_PACKAGES := nginx-core libnginx-mod-http-lua lua-resty-core lua-resty-lrucache lua-cjson wrk curl python3 chromium prometheus \
 	libtest-base-perl libtext-diff-perl libtest-longstring-perl liblist-moreutils-perl \
 	libhttp-message-perl libipc-run-perl liburi-perl
 

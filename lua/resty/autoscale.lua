@@ -17,6 +17,9 @@ local events = require "resty.autoscale.events"
 local healthcheck = require "resty.autoscale.healthcheck"
 local spec = require "resty.autoscale.spec"
 local control = require "resty.autoscale.control"
+local prometheus = require "resty.autoscale.prometheus"
+local dashboard = require "resty.autoscale.dashboard"
+local trace = require "resty.autoscale.trace"
 local ffi = require "ffi"
 
 local ngx = ngx
@@ -154,6 +157,17 @@ function _M.events(max)
         return nil, "resty.autoscale is not configured"
     end
     return events.recent(max)
+end
+
+-- autoscale.prometheus_handler(), in content_by_lua*: the metrics in Prometheus' text format
+_M.prometheus_handler = prometheus.handler
+
+-- autoscale.dashboard_handler(opts), in content_by_lua*: the dashboard page, and with ?format=json its data
+_M.dashboard_handler = dashboard.handler
+
+-- autoscale.trace(opts), in init_by_lua* after configure: $autoscale_* variables name each peer choice and its cost
+function _M.trace(opts)
+    _M.balance = trace.enable(opts, lib, balancer)
 end
 
 return _M

@@ -128,6 +128,7 @@ function _M.balance(name)
     if pick.attempt == 1 and pick.more_tries > 0 then
         C.ngx_http_lua_ffi_balancer_set_more_tries(r, pick.more_tries, errmsg)
     end
+    return pick -- for the traced wrapper (trace.lua); nil above means the 502 path
 end
 
 -- Kind of one attempt from its $upstream_status, $upstream_connect_time and $upstream_header_time entries:
