@@ -149,12 +149,12 @@ totals kept 200 of 200
             t.load { port = gw, path = "/", concurrency = 4, requests = 100 }
             local done = (totals(status()))
             -- Hold 20 requests in flight at the backends, spread over both workers.
-            ngx.shared.ctl:set("hold", 3)
+            ngx.shared.ctl:set("hold", 8)
             local threads = {}
             for i = 1, 20 do
                 threads[i] = ngx.thread.spawn(t.get, gw, "/", 10000)
             end
-            local busy = t.poll(function() local _, inflight = totals(status()) return inflight == 20 end, 3)
+            local busy = t.poll(function() local _, inflight = totals(status()) return inflight == 20 end, 6)
             ngx.shared.ctl:set("hold", 0.001)
             -- Kill the worker that is not running this handler.
             local me, victim = ngx.worker.pid(), nil

@@ -815,8 +815,8 @@ impl Region {
         ewma::decayed(est, elapsed, decay_us)
     }
 
-    /// The lowest decayed estimate among the upstream's healthy peers other than `except`, or `None` when there is
-    /// none. It is the baseline a failure is compared with: peers that are failing (healthy until ejected) and
+    /// The lowest decayed estimate among the upstream's healthy, already measured peers other than `except`, or
+    /// `None` when there is none. It is the baseline a failure is compared with: peers that are failing (healthy until ejected) and
     /// ejected ones carry inflated estimates and would inflate a mean, and several failing peers would inflate
     /// each other's penalties without bound.
     pub(crate) fn best_estimate(&self, idx: u32, except: u32, decay_us: f64, now_us: u64) -> Option<f64> {
@@ -825,7 +825,13 @@ impl Region {
         up.slots[..n]
             .iter()
             .map(|s| s.load(Relaxed))
-            .filter(|&slot| slot != except && self.peer_head(slot).health.load(Relaxed) == health::state::HEALTHY)
+            .filter(|&slot| {
+                let h = self.peer_head(slot);
+                // measured peers only: an estimate that is still the seed (default_rtt) is no baseline
+                slot != except
+                    && h.health.load(Relaxed) == health::state::HEALTHY
+                    && h.totals[counter::REQUESTS].load(Relaxed) > 0
+            })
             .map(|slot| self.decayed_estimate(&self.peer(slot), decay_us, now_us))
             .filter(|&e| e > 0.0)
             .min_by(|a, b| a.total_cmp(b))
