@@ -440,13 +440,6 @@ int autoscale_check_result(uint32_t slot,
                            uint32_t fails);
 
 /**
- * Drains peer record `slot` (`draining` = 1: no new requests, in-flight ones finish) or puts it back (0).
- * Returns 1 when the state changed, 0 when it already was so.
- */
-int autoscale_peer_drain(uint32_t slot,
-                         int draining);
-
-/**
  * Notes that upstream `upstream` answered a request with its fallback response `status`; the first one after
  * 10 s without any becomes one `fallback` event (so it is logged once per episode, not per request).
  */

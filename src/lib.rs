@@ -1043,19 +1043,6 @@ pub extern "C" fn autoscale_check_result(slot: u32, gen: u32, ok: c_int, passes:
     })
 }
 
-/// Drains peer record `slot` (`draining` = 1: no new requests, in-flight ones finish) or puts it back (0).
-/// Returns 1 when the state changed, 0 when it already was so.
-#[no_mangle]
-pub extern "C" fn autoscale_peer_drain(slot: u32, draining: c_int) -> c_int {
-    guard(|| {
-        let Some(region) = REGION.get() else { return AUTOSCALE_ERR_NO_REGION };
-        if slot >= region.params().max_peers {
-            return AUTOSCALE_ERR_ARG;
-        }
-        region.set_draining(slot, draining != 0, now_us()) as c_int
-    })
-}
-
 /// Notes that upstream `upstream` answered a request with its fallback response `status`; the first one after
 /// 10 s without any becomes one `fallback` event (so it is logged once per episode, not per request).
 #[no_mangle]

@@ -1,6 +1,9 @@
 //! The request path (pick, retry, log) allocates nothing once a worker's state exists.
 
 use resty_autoscale::*;
+
+mod common;
+use common::outlier_defaults;
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 
@@ -77,25 +80,3 @@ fn the_request_path_allocates_nothing() {
     assert_eq!(ALLOCATIONS.load(Relaxed) - before, 0, "allocations on the request path");
 }
 
-/// Envoy's defaults, as the Lua configuration fills them in.
-fn outlier_defaults() -> autoscale_outlier_spec_t {
-    autoscale_outlier_spec_t {
-        consecutive_5xx: 5,
-        consecutive_gateway: 5,
-        consecutive_timeout: 3,
-        base_ejection_ms: 30_000,
-        max_ejection_ms: 300_000,
-        ejection_jitter_ms: 0,
-        max_ejection_percent: 10,
-        interval_ms: 10_000,
-        success_rate_min_hosts: 5,
-        success_rate_volume: 100,
-        failure_percentage: 0,
-        failure_percentage_min_hosts: 5,
-        failure_percentage_volume: 50,
-        half_open_probes: 1,
-        half_open_successes: 2,
-        panic_threshold: 50,
-        success_rate_stdev: 1.9,
-    }
-}

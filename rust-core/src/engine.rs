@@ -167,15 +167,12 @@ impl Region {
 
     fn upstream_params(&self, up: &Upstream<'_>) -> UpstreamParams {
         let h = up.head;
+        let sp = self.select_params(up);
         UpstreamParams {
-            algorithm: Algorithm::from_u32(h.algorithm.load(Relaxed)),
-            retries: h.retries.load(Relaxed),
-            slow_start: SlowStart {
-                window_us: h.slow_start_ms.load(Relaxed) as u64 * 1000,
-                aggression: h.slow_start_aggression_milli.load(Relaxed).max(1) as f64 / 1000.0,
-                min_weight: h.slow_start_min_weight_milli.load(Relaxed) as f64 / 1000.0,
-            },
-            decay_us: h.decay_ms.load(Relaxed) as u64 * 1000,
+            algorithm: sp.algorithm,
+            retries: sp.retries,
+            slow_start: sp.slow_start,
+            decay_us: sp.decay_us,
             default_rtt_us: h.default_rtt_us.load(Relaxed),
             failure_penalty: h.failure_penalty_milli.load(Relaxed) as f64 / 1000.0,
             outlier: load_outlier(&h.outlier),
@@ -216,42 +213,24 @@ impl Region {
             return None;
         }
         let up = self.upstream(idx);
-        loop {
-            let s1 = up.head.seq.load(Acquire);
-            if s1 & 1 == 1 {
-                std::hint::spin_loop();
-                continue;
-            }
-            let st = up.head.state.load(Relaxed);
-            let params = self.upstream_params(&up);
-            let n = up.head.npeers.load(Relaxed).min(self.params().max_peers);
-            fence(Acquire);
-            if up.head.seq.load(Relaxed) == s1 {
-                return if st == state::FREE {
-                    None
-                } else {
-                    Some((params, n, up.head.gen.load(Relaxed)))
-                };
-            }
-        }
+        let (st, params, n, gen) = read_stable(&up, || {
+            (
+                up.head.state.load(Relaxed),
+                self.upstream_params(&up),
+                up.head.npeers.load(Relaxed).min(self.params().max_peers),
+                up.head.gen.load(Relaxed),
+            )
+        });
+        (st != state::FREE).then_some((params, n, gen))
     }
 
     /// The peer slots of an upstream, consistently.
     pub fn upstream_slots(&self, idx: u32) -> Vec<u32> {
         let up = self.upstream(idx);
-        loop {
-            let s1 = up.head.seq.load(Acquire);
-            if s1 & 1 == 1 {
-                std::hint::spin_loop();
-                continue;
-            }
+        read_stable(&up, || {
             let n = up.head.npeers.load(Relaxed).min(self.params().max_peers) as usize;
-            let v: Vec<u32> = up.slots[..n].iter().map(|s| s.load(Relaxed)).collect();
-            fence(Acquire);
-            if up.head.seq.load(Relaxed) == s1 {
-                return v;
-            }
-        }
+            up.slots[..n].iter().map(|s| s.load(Relaxed)).collect()
+        })
     }
 
     /// Finds an upstream by name (not on the request path: Lua keeps the index).
@@ -893,15 +872,6 @@ impl Region {
         for (d, s) in totals.iter_mut().zip(&h.totals) {
             *d = s.load(Relaxed);
         }
-        let view_cost = {
-            let est = self.decayed_estimate(&peer, params.decay_us as f64, now_us).max(1.0);
-            let inflight = h.inflight.load(Relaxed).max(0) as f64;
-            let w = h.weight.load(Relaxed).max(1) as f64
-                * params
-                    .slow_start
-                    .factor(now_us.saturating_sub(h.added_us.load(Relaxed)));
-            est * (inflight + 1.0) / w
-        };
         Some(PeerSnapshot {
             slot,
             gen: h.gen.load(Acquire),
@@ -917,7 +887,7 @@ impl Region {
             totals,
             total_latency_us: h.total_latency_us.load(Relaxed),
             ewma_us: self.decayed_estimate(&peer, params.decay_us as f64, now_us),
-            cost: view_cost,
+            cost: load_cost(h, params.decay_us as f64, &params.slow_start, now_us),
             slow_start: params
                 .slow_start
                 .factor(now_us.saturating_sub(h.added_us.load(Relaxed))),
@@ -971,8 +941,7 @@ impl ShmView<'_> {
 
     #[inline]
     fn weight_of(&self, h: &PeerHead) -> f64 {
-        let age = self.now_us.saturating_sub(h.added_us.load(Relaxed));
-        h.weight.load(Relaxed).max(1) as f64 * self.params.slow_start.factor(age)
+        effective_weight(h, &self.params.slow_start, self.now_us)
     }
 }
 
@@ -1016,10 +985,7 @@ impl PeerView for ShmView<'_> {
                 _ => {}
             }
         }
-        let (est, elapsed) = ewma::unpack(h.ewma.load(Relaxed), self.now_us);
-        let est = ewma::decayed(est, elapsed, self.params.decay_us as f64).max(1.0);
-        let inflight = h.inflight.load(Relaxed).max(0) as f64;
-        est * (inflight + 1.0) / self.weight_of(h)
+        load_cost(h, self.params.decay_us as f64, &self.params.slow_start, self.now_us)
     }
 
     #[inline]
@@ -1036,6 +1002,38 @@ impl PeerView for ShmView<'_> {
     fn static_weight(&self, i: u32) -> u32 {
         self.head(i).weight.load(Relaxed)
     }
+}
+
+/// Runs `read` until it saw the upstream's seqlock-protected fields unchanged (no writer in between).
+fn read_stable<T>(up: &Upstream<'_>, mut read: impl FnMut() -> T) -> T {
+    loop {
+        let s1 = up.head.seq.load(Acquire);
+        if s1 & 1 == 1 {
+            std::hint::spin_loop();
+            continue;
+        }
+        let v = read();
+        fence(Acquire);
+        if up.head.seq.load(Relaxed) == s1 {
+            return v;
+        }
+    }
+}
+
+/// Static weight × slow-start factor of a peer now.
+#[inline]
+fn effective_weight(h: &PeerHead, slow_start: &SlowStart, now_us: u64) -> f64 {
+    let age = now_us.saturating_sub(h.added_us.load(Relaxed));
+    h.weight.load(Relaxed).max(1) as f64 * slow_start.factor(age)
+}
+
+/// The load cost of a peer: decayed peak-EWMA estimate × (in flight + 1) ÷ effective weight.
+#[inline]
+fn load_cost(h: &PeerHead, decay_us: f64, slow_start: &SlowStart, now_us: u64) -> f64 {
+    let (est, elapsed) = ewma::unpack(h.ewma.load(Relaxed), now_us);
+    let est = ewma::decayed(est, elapsed, decay_us).max(1.0);
+    let inflight = h.inflight.load(Relaxed).max(0) as f64;
+    est * (inflight + 1.0) / effective_weight(h, slow_start, now_us)
 }
 
 /// Writes outlier parameters into their slots of an upstream record.

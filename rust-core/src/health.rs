@@ -174,9 +174,9 @@ pub struct Volume {
     pub failures: u64,
 }
 
-/// Indices of success-rate outliers: peers with at least `volume` requests whose success rate is below
-/// `mean − factor·σ` of those peers, when at least `min_hosts` peers have the volume (Envoy's algorithm).
-pub fn success_rate_outliers(peers: &[Volume], factor: f64, min_hosts: u32, volume: u32) -> Vec<usize> {
+/// Success-rate outliers as `(index, success rate, threshold)`: peers with at least `volume` requests whose success
+/// rate is below [`success_rate_threshold`], when at least `min_hosts` peers have the volume (Envoy's algorithm).
+pub fn success_rate_outliers(peers: &[Volume], factor: f64, min_hosts: u32, volume: u32) -> Vec<(usize, f64, f64)> {
     if factor <= 0.0 {
         return Vec::new();
     }
@@ -192,13 +192,13 @@ pub fn success_rate_outliers(peers: &[Volume], factor: f64, min_hosts: u32, volu
     let (mean, sd) = mean_and_stdev(&rates.iter().map(|r| r.1).collect::<Vec<_>>());
     rates
         .into_iter()
-        .filter(|&(i, r)| r < success_rate_threshold(mean, sd, factor, peers[i].requests))
-        .map(|(i, _)| i)
+        .map(|(i, r)| (i, r, success_rate_threshold(mean, sd, factor, peers[i].requests)))
+        .filter(|&(_, r, threshold)| r < threshold)
         .collect()
 }
 
 /// Mean and population standard deviation.
-pub fn mean_and_stdev(xs: &[f64]) -> (f64, f64) {
+fn mean_and_stdev(xs: &[f64]) -> (f64, f64) {
     let n = xs.len().max(1) as f64;
     let mean = xs.iter().sum::<f64>() / n;
     (mean, (xs.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / n).sqrt())
@@ -237,7 +237,7 @@ mod tests {
     #[test]
     fn a_peer_failing_30_percent_among_healthy_ones_is_an_outlier() {
         let peers = [vol(1000, 5), vol(1000, 8), vol(1000, 2), vol(1000, 300), vol(1000, 6)];
-        assert_eq!(success_rate_outliers(&peers, 1.9, 5, 100), vec![3]);
+        assert_eq!(success_rate_outliers(&peers, 1.9, 5, 100).iter().map(|o| o.0).collect::<Vec<_>>(), vec![3]);
     }
 
     #[test]

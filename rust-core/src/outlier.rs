@@ -236,21 +236,10 @@ impl Region {
                 _ => {}
             }
         }
-        let sr = health::success_rate_outliers(&volumes, p.success_rate_stdev, p.success_rate_min_hosts, p.success_rate_volume);
-        if !sr.is_empty() {
-            let volume = p.success_rate_volume.max(1) as u64;
-            let rates: Vec<f64> = volumes
-                .iter()
-                .filter(|v| v.requests >= volume)
-                .map(|v| 1.0 - v.failures as f64 / v.requests as f64)
-                .collect();
-            let (mean, sd) = health::mean_and_stdev(&rates);
-            for i in sr {
-                let v = volumes[i];
-                let rate = 1.0 - v.failures as f64 / v.requests as f64;
-                let threshold = health::success_rate_threshold(mean, sd, p.success_rate_stdev, v.requests);
-                self.eject(up, candidates[i], Reason::SuccessRate, [rate, threshold], false, None, &p, now_us, rng);
-            }
+        let outliers =
+            health::success_rate_outliers(&volumes, p.success_rate_stdev, p.success_rate_min_hosts, p.success_rate_volume);
+        for (i, rate, threshold) in outliers {
+            self.eject(up, candidates[i], Reason::SuccessRate, [rate, threshold], false, None, &p, now_us, rng);
         }
         for i in health::failure_percentage_outliers(&volumes, p.failure_percentage, p.failure_percentage_min_hosts, p.failure_percentage_volume) {
             let v = volumes[i];

@@ -184,8 +184,6 @@ int autoscale_check_result(uint32_t slot,
                            int ok,
                            uint32_t passes,
                            uint32_t fails);
-int autoscale_peer_drain(uint32_t slot,
-                         int draining);
 int autoscale_upstream_fallback(uint32_t upstream,
                                 uint32_t status);
 int autoscale_admin_peer_add(uint32_t upstream,

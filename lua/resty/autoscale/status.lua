@@ -15,6 +15,7 @@ local _M = {}
 local lib, conf, index
 local stats = ffi.new("autoscale_peer_stats_t")
 local info = ffi.new("autoscale_region_info_t")
+local addr_buf = ffi.new("uint8_t[64]")
 local STATES = { [0] = "free", [1] = "active", [2] = "retired" }
 local HEALTH = { [0] = "healthy", [1] = "ejected", [2] = "half_open", [3] = "draining" }
 local upinfo = ffi.new("autoscale_upstream_info_t")
@@ -41,13 +42,12 @@ function _M.peer(slot)
     if rc ~= 0 then
         return nil, "no peer record " .. slot .. " (code " .. rc .. ")"
     end
-    local buf = ffi.new("uint8_t[64]")
-    local len = lib.autoscale_peer_addr(slot, buf, 64)
+    local len = lib.autoscale_peer_addr(slot, addr_buf, 64)
     local window = n(stats.window_us) / 1e6
     local s = stats
     return {
         slot = s.slot,
-        addr = ffi.string(buf, len),
+        addr = ffi.string(addr_buf, len),
         state = s.state == 1 and (HEALTH[s.health] or "unknown") or (STATES[s.state] or "unknown"),
         times_ejected = s.times_ejected,
         ejections = n(s.ejections_total),
