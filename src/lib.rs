@@ -592,11 +592,7 @@ pub unsafe extern "C" fn autoscale_balancer_pick(
         with_worker(|w| {
             let table = &mut w.requests;
             let entry = if last_status == 0 || table.find(key).is_none() {
-                let (entry, old) = table.insert(key, upstream, now);
-                if let Some(old) = old {
-                    release(region, &old, col, now);
-                }
-                entry
+                table.insert(key, upstream, now, |old| release(region, old, col, now))
             } else {
                 table.find(key).unwrap_or_else(|| unreachable!())
             };
@@ -745,7 +741,13 @@ pub extern "C" fn autoscale_region_tick() -> c_int {
         let Some(region) = REGION.get() else {
             return AUTOSCALE_ERR_NO_REGION;
         };
-        with_worker(|w| region.tick(now_us(), &mut w.rng));
+        let now = now_us();
+        let col = column();
+        with_worker(|w| {
+            region.tick(now, &mut w.rng);
+            // Requests reused without a log phase leave stale entries behind; their in-flight counts go back here.
+            w.requests.sweep(|stale| release(region, stale, col, now));
+        });
         AUTOSCALE_OK
     })
 }

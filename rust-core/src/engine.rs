@@ -667,7 +667,8 @@ impl Region {
             }
             let peer = self.peer(slot);
             if let Some(c) = col.and_then(|c| peer.inflight_by_worker.get(c as usize)) {
-                c.fetch_add(1, AcqRel);
+                // The column is written by its worker only (one thread), so no read-modify-write is needed.
+                c.store(c.load(Relaxed) + 1, Release);
             }
             return Ok(Pick {
                 slot,
@@ -726,7 +727,7 @@ impl Region {
         }
         peer.head.inflight.fetch_sub(1, AcqRel);
         if let Some(c) = col.and_then(|c| peer.inflight_by_worker.get(c as usize)) {
-            c.fetch_sub(1, AcqRel);
+            c.store(c.load(Relaxed) - 1, Release); // written by its worker only, as in `pick`
         }
         if outcome == Outcome::Aborted {
             return;

@@ -18,20 +18,48 @@ pub const BUCKETS: usize = 475;
 /// Smallest value (µs) that falls in the last, unbounded bucket: `γ^(BUCKETS - 2)`.
 pub const MAX_US: f64 = 113_964_473.0;
 
+#[cfg(test)]
 const LN_GAMMA: f64 = 0.039_220_713_153_281_3; // ln(1.04)
+const INV_LOG2_GAMMA: f64 = 17.672_987_685_172_7; // 1 / log2(1.04)
+
+/// `γ^k` for every bucket: the upper bound of bucket `k` (the last bucket's is infinite, see [`bucket_upper`]).
+/// Computed by repeated multiplication at compile time; its rounding (below 10^-13 relative) is far inside the error.
+static BOUNDS: [f64; BUCKETS] = {
+    let mut b = [0.0; BUCKETS];
+    let mut v = 1.0;
+    let mut k = 0;
+    while k < BUCKETS {
+        b[k] = v;
+        v *= GAMMA;
+        k += 1;
+    }
+    b
+};
 
 /// Index of the bucket holding `us` microseconds. Total: NaN, negatives and 0 map to bucket 0, huge values to the last.
+///
+/// No logarithm call: a guess from the float's exponent and a quadratic fit of `log2` of its mantissa (within 0.1
+/// bucket), corrected by comparison with [`BOUNDS`], so the result is exact for the table.
 #[inline]
 pub fn bucket_index(us: f64) -> usize {
     if us.is_nan() || us <= 1.0 {
         return 0;
     }
-    let k = (us.ln() / LN_GAMMA).ceil();
-    if k >= (BUCKETS - 1) as f64 {
-        BUCKETS - 1
-    } else {
-        k as usize
+    if us > BOUNDS[BUCKETS - 2] {
+        return BUCKETS - 1;
     }
+    let bits = us.to_bits();
+    let exponent = ((bits >> 52) & 0x7ff) as i64 - 1023; // us > 1: a normal number with exponent >= 0
+    let m = f64::from_bits((bits & ((1 << 52) - 1)) | 0x3ff0_0000_0000_0000) - 1.0;
+    let log2 = exponent as f64 + m + 0.346_607 * m * (1.0 - m);
+    let mut k = ((log2 * INV_LOG2_GAMMA) as usize + 1).clamp(1, BUCKETS - 2);
+    while k > 1 && us <= BOUNDS[k - 1] {
+        k -= 1;
+    }
+    while us > BOUNDS[k] {
+        k += 1;
+    }
+    k
 }
 
 /// Value (µs) reported for bucket `k`: the point of `(γ^(k-1), γ^k]` with the smallest worst-case relative error.
@@ -40,7 +68,7 @@ pub fn bucket_value(k: usize) -> f64 {
     if k == 0 {
         return 1.0;
     }
-    2.0 * (k as f64 * LN_GAMMA).exp() / (GAMMA + 1.0)
+    2.0 * BOUNDS[k.min(BUCKETS - 1)] / (GAMMA + 1.0)
 }
 
 /// Upper bound (µs) of bucket `k`, used for cumulative ("le") histogram buckets.
@@ -49,7 +77,7 @@ pub fn bucket_upper(k: usize) -> f64 {
     if k + 1 >= BUCKETS {
         return f64::INFINITY;
     }
-    (k as f64 * LN_GAMMA).exp()
+    BOUNDS[k]
 }
 
 /// The `q`-quantile (0 ≤ q ≤ 1) of the counts, in µs, or `None` when there are no samples.
@@ -110,6 +138,25 @@ mod tests {
             assert!(k >= last);
             last = k;
             v *= 1.003;
+        }
+    }
+
+    /// The table-driven index equals the definition `ceil(log_γ(us))` wherever rounding cannot decide it.
+    #[test]
+    fn index_matches_the_logarithm() {
+        let mut rng = XorShift64::new(7);
+        for _ in 0..1_000_000 {
+            let us = (rng.next_f64() * 19.0).exp();
+            let x = us.ln() / LN_GAMMA;
+            if (x - x.round()).abs() < 1e-9 {
+                continue; // on a boundary: either side is right
+            }
+            let want = (x.ceil() as usize).min(BUCKETS - 1);
+            assert_eq!(bucket_index(us), want, "us={us}");
+        }
+        for k in 1..BUCKETS - 1 {
+            assert_eq!(bucket_index(bucket_upper(k)), k);
+            assert_eq!(bucket_index(bucket_upper(k) * (1.0 + 1e-12)), k + 1);
         }
     }
 

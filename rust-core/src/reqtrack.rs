@@ -69,6 +69,8 @@ impl Entry {
 }
 
 /// The table. Keys are kept apart from the entries so that a probe reads two cache lines, not sixteen entries.
+/// Both arrays have [`PROBE`] - 1 spare places past the last home position, so a probe window never wraps and is
+/// scanned without branches.
 pub struct Table {
     keys: Box<[usize]>,
     entries: Box<[Entry]>,
@@ -76,12 +78,12 @@ pub struct Table {
 }
 
 impl Table {
-    /// A table of `capacity` entries, rounded up to a power of two (at least [`PROBE`]).
+    /// A table of `capacity` home positions, rounded up to a power of two (at least [`PROBE`]).
     pub fn new(capacity: usize) -> Table {
         let cap = capacity.max(PROBE).next_power_of_two();
         Table {
-            keys: vec![0; cap].into_boxed_slice(),
-            entries: vec![Entry::default(); cap].into_boxed_slice(),
+            keys: vec![0; cap + PROBE - 1].into_boxed_slice(),
+            entries: vec![Entry::default(); cap + PROBE - 1].into_boxed_slice(),
             mask: cap - 1,
         }
     }
@@ -91,12 +93,12 @@ impl Table {
         ((key as u64 >> 4).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 32) as usize & self.mask
     }
 
+    /// Place of `key`: the first place of its probe window holding it (the newest entry of the key, see
+    /// [`Table::insert`]).
     #[inline]
     fn position(&self, key: usize) -> Option<usize> {
         let h = self.home(key);
-        (0..PROBE)
-            .map(|k| (h + k) & self.mask)
-            .find(|&i| self.entries[i].key == key)
+        (h..h + PROBE).find(|&i| self.keys[i] == key)
     }
 
     /// The entry of `key`.
@@ -108,50 +110,58 @@ impl Table {
         Some(&mut self.entries[i])
     }
 
-    /// Starts tracking `key`. Returns the new entry and whatever it displaced: a stale entry of the same key (the
-    /// request object was reused without a log phase) or the oldest entry of a full probe window.
-    pub fn insert(
-        &mut self,
-        key: usize,
-        upstream: u32,
-        now_us: u64,
-    ) -> (&mut Entry, Option<Entry>) {
+    /// Starts tracking `key` (not 0) and returns its new entry, in the first place of the probe window that is free
+    /// or holds `key` (a stale entry of the same key: the request object was reused without a log phase), else in
+    /// the place of the window's oldest entry. A displaced entry is shown to `evicted` first, so that the caller can
+    /// release its in-flight counts.
+    ///
+    /// The probe stops at the first free place, so an older stale entry of the same key may remain further on; it is
+    /// never found (lookups return the first match, which is the newest) and [`Table::sweep`] releases it.
+    pub fn insert(&mut self, key: usize, upstream: u32, now_us: u64, evicted: impl FnOnce(&Entry)) -> &mut Entry {
+        debug_assert!(key != 0 && key & 1 == 0, "keys are addresses of (aligned) request objects");
         let h = self.home(key);
-        // One pass: the key itself if present, else the first free place.
-        let mut free = None;
-        let mut found = None;
-        for k in 0..PROBE {
-            let i = (h + k) & self.mask;
-            let at = self.keys[i];
-            if at == key {
-                found = Some(i);
-                break;
-            }
-            if at == 0 && free.is_none() {
-                free = Some(i);
+        let i = (h..h + PROBE)
+            .find(|&i| {
+                let at = self.keys[i];
+                at == key || at == 0
+            })
+            .unwrap_or_else(|| (h..h + PROBE).min_by_key(|&i| self.entries[i].born_us).unwrap_or(h));
+        let old = self.keys[i];
+        if old != 0 {
+            evicted(&self.entries[i]);
+            if old != key && old & 1 == 0 {
+                self.mark_stale_after(i, old);
             }
         }
-        let i = found.or(free).unwrap_or_else(|| {
-            (0..PROBE)
-                .map(|k| (h + k) & self.mask)
-                .min_by_key(|&i| self.entries[i].born_us)
-                .unwrap_or(h)
-        });
-        let old = if self.keys[i] != 0 {
-            Some(self.entries[i])
-        } else {
-            None
-        };
         self.keys[i] = key;
         let e = &mut self.entries[i];
         e.key = key;
         e.upstream = upstream;
         e.count = 0;
         e.born_us = now_us;
-        (e, old)
+        e
     }
 
-    /// Stops tracking `key`; `f` sees its entry one last time (no copy of the entry is made).
+    /// Removes the stale entries [`Table::insert`] left behind (a key present twice: all but its first place, and
+    /// those [`Table::remove_with`] marked) and shows each to `evicted`. For the upkeep timer: O(entries × PROBE), off
+    /// the request path.
+    pub fn sweep(&mut self, mut evicted: impl FnMut(&Entry)) -> usize {
+        let mut n = 0;
+        for i in 0..self.keys.len() {
+            let key = self.keys[i];
+            if key != 0 && (key & 1 == 1 || self.position(key) != Some(i)) {
+                evicted(&self.entries[i]);
+                self.keys[i] = 0;
+                self.entries[i].key = 0;
+                n += 1;
+            }
+        }
+        n
+    }
+
+    /// Stops tracking `key`; `f` sees its entry one last time (no copy of the entry is made). An older, stale entry
+    /// of the same key further on in the window would become the key's first match; it is marked (its key's low bit
+    /// set, which no real key has) for [`Table::sweep`] to release.
     pub fn remove_with<T>(&mut self, key: usize, f: impl FnOnce(&Entry) -> T) -> Option<T> {
         if key == 0 {
             return None;
@@ -159,7 +169,19 @@ impl Table {
         let i = self.position(key)?;
         self.keys[i] = 0;
         self.entries[i].key = 0;
+        self.mark_stale_after(i, key);
         Some(f(&self.entries[i]))
+    }
+
+    /// Marks the entries of `key` after place `i` (stale ones, see [`Table::remove_with`]) for the sweep.
+    #[inline]
+    fn mark_stale_after(&mut self, i: usize, key: usize) {
+        let end = self.home(key) + PROBE;
+        for k in &mut self.keys[i + 1..end] {
+            if *k == key {
+                *k |= 1;
+            }
+        }
     }
 
     /// Stops tracking `key` and returns a copy of its entry.
@@ -186,8 +208,8 @@ mod tests {
     #[test]
     fn insert_find_remove() {
         let mut t = Table::new(64);
-        let (e, old) = t.insert(0x1000, 3, 1);
-        assert!(old.is_none());
+        let mut old = None;
+        let e = t.insert(0x1000, 3, 1, |o| old = Some(*o));
         e.push(Attempt {
             slot: 5,
             gen: 1,
@@ -196,11 +218,35 @@ mod tests {
         });
         assert!(t.find(0x1000).unwrap().tried(5));
         assert!(!t.find(0x1000).unwrap().tried(6));
+        assert!(old.is_none());
         // Reinserting the same key displaces the stale entry.
-        let (_, old) = t.insert(0x1000, 3, 2);
+        t.insert(0x1000, 3, 2, |o| old = Some(*o));
         assert_eq!(old.unwrap().count, 1);
         assert_eq!(t.remove(0x1000).unwrap().born_us, 2);
         assert!(t.find(0x1000).is_none());
+        assert!(t.is_empty());
+    }
+
+    /// A request reused without a log phase, after an earlier place of its window was freed: the new entry goes
+    /// first, lookups see it, and the sweep releases the stale one.
+    #[test]
+    fn stale_entry_behind_a_free_place_is_swept() {
+        let mut t = Table::new(16);
+        let (a, b) = (0x10, 0x20);
+        let h = t.home(a);
+        // Find a second key with the same home, so that b sits before a in the window.
+        let b = (1..10_000).map(|k| k * 16).find(|&k| k != a && t.home(k) == h).unwrap_or(b);
+        t.insert(b, 0, 1, |_| panic!("nothing to evict"));
+        t.insert(a, 0, 2, |_| panic!("nothing to evict")).push(Attempt { slot: 1, ..Attempt::default() });
+        t.remove(b);
+        let mut evicted = Vec::new();
+        t.insert(a, 0, 3, |o| evicted.push(o.born_us)); // goes into b's free place, before the stale entry
+        assert!(evicted.is_empty());
+        assert_eq!(t.find(a).map(|e| e.born_us), Some(3));
+        assert_eq!(t.sweep(|o| evicted.push(o.born_us)), 1);
+        assert_eq!(evicted, vec![2]);
+        assert_eq!(t.len(), 1);
+        assert_eq!(t.remove(a).map(|e| e.born_us), Some(3));
         assert!(t.is_empty());
     }
 
@@ -218,31 +264,40 @@ mod tests {
         assert_eq!(e.attempts()[MAX_ATTEMPTS - 1].slot, 19);
     }
 
-    /// Property: with random inserts and removes, every live key is found, and a full table evicts the oldest of the
-    /// probe window rather than losing a live key silently.
+    /// Property: with random inserts and removes, every live key is found (its newest entry), a full table evicts the
+    /// oldest of the probe window rather than losing a live key silently, and every entry left behind by a key
+    /// inserted again is stale (never the live one) and is released by the sweep or by eviction, exactly once.
     #[test]
     fn model_check_against_a_map() {
+        use std::collections::{HashMap, HashSet};
         let mut rng = XorShift64::new(11);
         let mut t = Table::new(64);
-        let mut model = std::collections::HashMap::new();
+        let mut live: HashMap<usize, u64> = HashMap::new();
+        let mut stale: HashSet<(usize, u64)> = HashSet::new();
         for step in 0..100_000u64 {
             let key = (1 + rng.below(300) as usize) * 16;
             if rng.below(2) == 0 {
-                let (_, old) = t.insert(key, 0, step);
-                model.insert(key, step);
+                let mut old = None;
+                t.insert(key, 0, step, |o| old = Some(*o));
+                if let Some(prev) = live.insert(key, step) {
+                    stale.insert((key, prev));
+                }
                 if let Some(old) = old {
-                    if old.key != key {
-                        assert_eq!(model.remove(&old.key), Some(old.born_us));
+                    let id = (old.key, old.born_us);
+                    if !stale.remove(&id) {
+                        assert_eq!(live.remove(&old.key), Some(old.born_us), "evicted an unknown entry");
                     }
                 }
-            } else {
-                assert_eq!(t.remove(key).map(|e| e.born_us), model.remove(&key));
+            } else if let Some(born) = live.remove(&key) {
+                assert_eq!(t.remove(key).map(|e| e.born_us), Some(born));
             }
             if step % 1000 == 0 {
-                for (&k, &born) in &model {
+                t.sweep(|o| assert!(stale.remove(&(o.key, o.born_us)), "swept a live entry"));
+                assert!(stale.is_empty(), "stale entries left after the sweep: {stale:?}");
+                for (&k, &born) in &live {
                     assert_eq!(t.find(k).map(|e| e.born_us), Some(born));
                 }
-                assert_eq!(t.len(), model.len());
+                assert_eq!(t.len(), live.len());
             }
         }
     }
