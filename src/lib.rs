@@ -108,6 +108,10 @@ pub struct autoscale_upstream_spec_t {
     pub slow_start_aggression: f64,
     pub slow_start_min_weight: f64,
     pub failure_penalty: f64,
+    /// A peer whose estimate exceeds this many times the upstream's baseline is slow (0: off).
+    pub slow_peer_factor: f64,
+    /// Cost multiplier of a slow peer (>= 1).
+    pub slow_peer_penalty: f64,
     pub peers: *const autoscale_peer_spec_t,
     pub npeers: usize,
     pub outlier: autoscale_outlier_spec_t,
@@ -454,6 +458,11 @@ unsafe fn upstream_conf(s: &autoscale_upstream_spec_t) -> Result<UpstreamConf, S
             decay_us: s.decay_ms as u64 * 1000,
             default_rtt_us: s.default_rtt_us,
             failure_penalty: finite(s.failure_penalty, "failure_penalty", 1.0, 1000.0)?,
+            slow_peer_factor: match s.slow_peer_factor {
+                f if f == 0.0 => 0.0,
+                f => finite(f, "slow_peer_factor", 1.1, 1000.0)?,
+            },
+            slow_peer_penalty: finite(s.slow_peer_penalty, "slow_peer_penalty", 1.0, 1.0e6)?,
             outlier: outlier_params(&s.outlier, name)?,
             failure_statuses: failure_statuses(s, name)?,
         },

@@ -11,7 +11,7 @@
 use crate::addr;
 use crate::ewma;
 use crate::health::{self, OutlierParams};
-use crate::layout::{state, LayoutError, Peer, PeerHead, Region, Upstream};
+use crate::layout::{state, LayoutError, Peer, PeerHead, Region, Upstream, UpstreamHead};
 use std::sync::atomic::AtomicU64;
 use crate::rng::Rng;
 use crate::select::{Algorithm, PeerView};
@@ -33,6 +33,12 @@ pub struct UpstreamParams {
     pub default_rtt_us: u32,
     /// A failed attempt counts as a latency of at least `penalty ×` the upstream's mean estimate.
     pub failure_penalty: f64,
+    /// A peer whose estimate exceeds `slow_peer_factor ×` the upstream's baseline (the lower median of its healthy
+    /// peers' estimates) is slow (0 switches the rule off) ...
+    pub slow_peer_factor: f64,
+    /// ... and its cost is multiplied by `slow_peer_penalty`, so that it wins a comparison only when the other peer
+    /// has that many times more requests in flight.
+    pub slow_peer_penalty: f64,
     /// Outlier detection, ejection and panic mode.
     pub outlier: OutlierParams,
     /// HTTP statuses counted as failures, as a bitmap (bit `s` for status `s`, `s` < 640).
@@ -63,6 +69,8 @@ impl Default for UpstreamParams {
             decay_us: 10_000_000,
             default_rtt_us: 30_000,
             failure_penalty: 2.0,
+            slow_peer_factor: 3.0,
+            slow_peer_penalty: 10.0,
             outlier: OutlierParams::default(),
             failure_statuses: default_failure_statuses(),
         }
@@ -175,6 +183,8 @@ impl Region {
             decay_us: sp.decay_us,
             default_rtt_us: h.default_rtt_us.load(Relaxed),
             failure_penalty: h.failure_penalty_milli.load(Relaxed) as f64 / 1000.0,
+            slow_peer_factor: sp.slow_factor,
+            slow_peer_penalty: sp.slow_penalty,
             outlier: load_outlier(&h.outlier),
             failure_statuses: std::array::from_fn(|i| h.failure_statuses[i].load(Relaxed)),
         }
@@ -194,6 +204,8 @@ impl Region {
             },
             decay_us: h.decay_ms.load(Relaxed) as u64 * 1000,
             half_open_probes: h.outlier[14].load(Relaxed) as u32,
+            slow_factor: h.slow_factor_milli.load(Relaxed) as f64 / 1000.0,
+            slow_penalty: h.slow_penalty_milli.load(Relaxed).max(1000) as f64 / 1000.0,
         }
     }
 
@@ -495,6 +507,10 @@ impl Region {
         h.default_rtt_us.store(q.default_rtt_us, Relaxed);
         h.failure_penalty_milli
             .store((q.failure_penalty * 1000.0).round() as u32, Relaxed);
+        h.slow_factor_milli
+            .store((q.slow_peer_factor * 1000.0).round() as u32, Relaxed);
+        h.slow_penalty_milli
+            .store((q.slow_peer_penalty * 1000.0).round() as u32, Relaxed);
         h.max_weight
             .store(u.peers.iter().map(|p| p.weight).max().unwrap_or(1), Relaxed);
         store_outlier(&h.outlier, &q.outlier);
@@ -645,6 +661,7 @@ impl Region {
                 now_us,
                 tried: &excluded,
                 panic: up.head.panic.load(Relaxed) != 0,
+                slow: slow_threshold(up.head, &params),
             };
             let ticket = if params.algorithm == Algorithm::RoundRobin {
                 up.head.ticket.fetch_add(1, Relaxed)
@@ -817,6 +834,39 @@ impl Region {
             .min_by(|a, b| a.total_cmp(b))
     }
 
+    /// Refreshes the latency baseline of upstream `idx` for the slow-peer rule: the lower median of the decayed
+    /// estimates of its healthy, measured peers (0 when it has none). The lower median, so that with two peers the
+    /// faster one is the baseline, and a minority of slow peers never moves it.
+    pub(crate) fn update_baseline(&self, idx: u32, now_us: u64) {
+        let up = self.upstream(idx);
+        if up.head.state.load(Acquire) != state::ACTIVE {
+            return;
+        }
+        let decay_us = up.head.decay_ms.load(Relaxed) as f64 * 1000.0;
+        let n = up.head.npeers.load(Relaxed).min(self.params().max_peers) as usize;
+        let mut estimates: Vec<f64> = up.slots[..n]
+            .iter()
+            .map(|s| s.load(Relaxed))
+            .filter(|&slot| {
+                let h = self.peer_head(slot);
+                h.health.load(Relaxed) == health::state::HEALTHY && h.totals[counter::REQUESTS].load(Relaxed) > 0
+            })
+            .map(|slot| self.decayed_estimate(&self.peer(slot), decay_us, now_us))
+            .collect();
+        estimates.sort_by(|a, b| a.total_cmp(b));
+        let baseline = estimates.get(estimates.len().saturating_sub(1) / 2).copied().unwrap_or(0.0);
+        up.head.baseline_us.store(baseline.to_bits(), Relaxed);
+    }
+
+    /// `(threshold µs, multiplier)` of upstream `idx`'s slow-peer rule now (see [`load_cost`]).
+    pub fn slow_threshold(&self, idx: u32) -> (f64, f64) {
+        if idx >= self.params().max_upstreams {
+            return (f64::INFINITY, 1.0);
+        }
+        let up = self.upstream(idx);
+        slow_threshold(up.head, &self.select_params(&up))
+    }
+
     /// Periodic upkeep, called by every worker about twice per window bucket: clears ahead of time the window
     /// bucket the next time slice will use, and runs each upstream's outlier sweep once per interval (whichever
     /// worker comes first does it).
@@ -829,6 +879,7 @@ impl Region {
             }
         }
         for idx in 0..self.params().max_upstreams {
+            self.update_baseline(idx, now_us);
             self.sweep(idx, now_us, rng);
         }
     }
@@ -888,7 +939,13 @@ impl Region {
             totals,
             total_latency_us: h.total_latency_us.load(Relaxed),
             ewma_us: self.decayed_estimate(&peer, params.decay_us as f64, now_us),
-            cost: load_cost(h, params.decay_us as f64, &params.slow_start, now_us),
+            cost: load_cost(
+                h,
+                params.decay_us as f64,
+                &params.slow_start,
+                self.slow_threshold(up_idx),
+                now_us,
+            ),
             slow_start: params
                 .slow_start
                 .factor(now_us.saturating_sub(h.added_us.load(Relaxed))),
@@ -914,6 +971,8 @@ struct SelectParams {
     slow_start: SlowStart,
     decay_us: u64,
     half_open_probes: u32,
+    slow_factor: f64,
+    slow_penalty: f64,
 }
 
 /// An upstream's peers in shared memory, as the selection algorithms see them.
@@ -927,6 +986,8 @@ struct ShmView<'a> {
     tried: &'a dyn Fn(u32) -> bool,
     /// The upstream is in panic: health is ignored.
     panic: bool,
+    /// Slow-peer threshold (µs) and cost multiplier.
+    slow: (f64, f64),
 }
 
 impl ShmView<'_> {
@@ -986,7 +1047,7 @@ impl PeerView for ShmView<'_> {
                 _ => {}
             }
         }
-        load_cost(h, self.params.decay_us as f64, &self.params.slow_start, self.now_us)
+        load_cost(h, self.params.decay_us as f64, &self.params.slow_start, self.slow, self.now_us)
     }
 
     #[inline]
@@ -1021,6 +1082,18 @@ fn read_stable<T>(up: &Upstream<'_>, mut read: impl FnMut() -> T) -> T {
     }
 }
 
+/// `(threshold µs, multiplier)` of the slow-peer rule of an upstream: infinite while the rule is off or the baseline
+/// unknown.
+#[inline]
+fn slow_threshold(h: &UpstreamHead, params: &SelectParams) -> (f64, f64) {
+    let baseline = f64::from_bits(h.baseline_us.load(Relaxed));
+    if params.slow_factor <= 0.0 || baseline <= 0.0 {
+        (f64::INFINITY, 1.0)
+    } else {
+        (params.slow_factor * baseline, params.slow_penalty)
+    }
+}
+
 /// Static weight × slow-start factor of a peer now.
 #[inline]
 fn effective_weight(h: &PeerHead, slow_start: &SlowStart, now_us: u64) -> f64 {
@@ -1030,11 +1103,20 @@ fn effective_weight(h: &PeerHead, slow_start: &SlowStart, now_us: u64) -> f64 {
 
 /// The load cost of a peer: decayed peak-EWMA estimate × (in flight + 1) ÷ effective weight.
 #[inline]
-fn load_cost(h: &PeerHead, decay_us: f64, slow_start: &SlowStart, now_us: u64) -> f64 {
+///
+/// A slow peer (estimate above `slow.0`, see [`Region::slow_threshold`]) costs `slow.1` times more: under the plain
+/// formula a peer 6× slower than its peers wins as soon as they have 5 requests in flight, which at a few hundred
+/// requests per second happens often enough to put it into the client p99; with the penalty it takes 10× that.
+fn load_cost(h: &PeerHead, decay_us: f64, slow_start: &SlowStart, slow: (f64, f64), now_us: u64) -> f64 {
     let (est, elapsed) = ewma::unpack(h.ewma.load(Relaxed), now_us);
     let est = ewma::decayed(est, elapsed, decay_us).max(1.0);
     let inflight = h.inflight.load(Relaxed).max(0) as f64;
-    est * (inflight + 1.0) / effective_weight(h, slow_start, now_us)
+    let cost = est * (inflight + 1.0) / effective_weight(h, slow_start, now_us);
+    if est > slow.0 {
+        cost * slow.1
+    } else {
+        cost
+    }
 }
 
 /// Writes outlier parameters into their slots of an upstream record.

@@ -21,7 +21,7 @@ use std::sync::atomic::{AtomicI32, AtomicU32, AtomicU64, Ordering::*};
 /// "ASCALE" and a format number.
 pub const MAGIC: u64 = u64::from_le_bytes(*b"ASCALE\x00\x01");
 /// Bumped whenever any record changes shape.
-pub const LAYOUT_VERSION: u32 = 2;
+pub const LAYOUT_VERSION: u32 = 3;
 /// Events kept in the ring (the most recent ones).
 pub const EVENT_RING: usize = 1024;
 
@@ -220,7 +220,8 @@ pub struct UpstreamHead {
     pub default_rtt_us: AtomicU32,
     pub failure_penalty_milli: AtomicU32,
     pub max_weight: AtomicU32,
-    pub _pad: u32,
+    /// A peer whose estimate exceeds `slow_factor ×` the upstream's baseline counts as slow (0: off).
+    pub slow_factor_milli: AtomicU32,
     pub config_epoch: AtomicU64,
     pub retired_us: AtomicU64,
     /// Round-robin tickets.
@@ -239,6 +240,12 @@ pub struct UpstreamHead {
     pub last_sweep_us: AtomicU64,
     /// When a fallback response was last served (for logging once per episode).
     pub fallback_us: AtomicU64,
+    /// Cost multiplier of a slow peer.
+    pub slow_penalty_milli: AtomicU32,
+    pub _pad: u32,
+    /// The upstream's latency baseline (µs, as f64 bits): the lower median of its healthy, measured peers'
+    /// estimates, refreshed by the upkeep timer; 0 while unknown.
+    pub baseline_us: AtomicU64,
 }
 
 /// A peer record; followed in memory by its window buckets and per-worker in-flight counts.

@@ -10,7 +10,9 @@
 //! - [`engine`]: configuration, peer choice and accounting over a region;
 //! - [`reqtrack`]: per-worker tracking of requests between balancer and log phases;
 //! - [`addr`]: strict parsing of peer addresses;
-//! - [`admin`]: run-time changes (peers, weights, tunables) through the same path as a reload.
+//! - [`admin`]: run-time changes (peers, weights, tunables) through the same path as a reload;
+//! - [`scaling`]: how many instances a service needs (HPA/Knative rules, Holt forecast);
+//! - [`hmac`]: SHA-256 and HMAC-SHA256 for signed scaling webhooks.
 #![deny(unsafe_code)]
 
 pub mod addr;
@@ -19,11 +21,13 @@ pub mod engine;
 pub mod events;
 pub mod ewma;
 pub mod health;
+pub mod hmac;
 pub mod histogram;
 pub mod layout;
 mod outlier;
 pub mod reqtrack;
 pub mod rng;
+pub mod scaling;
 pub mod select;
 pub mod slowstart;
 pub mod window;

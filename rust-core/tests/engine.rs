@@ -42,7 +42,8 @@ fn yes(_: u32) -> bool {
 }
 
 /// Closed-loop simulation: `clients` clients each send a request, wait for it, send the next. `behaviour(port)`
-/// gives (latency µs, outcome). Returns requests per port during `[from, until)` of simulated time.
+/// gives (latency µs, outcome). Returns requests per port during `[from, until)` of simulated time. The upkeep
+/// (`tick`) runs every 0.5 s, as nginx's timer does.
 fn simulate(
     r: &Region,
     up: u32,
@@ -58,9 +59,14 @@ fn simulate(
     for c in 0..clients {
         events.push((Reverse(start + c as u64), u32::MAX, 0u32, c));
     }
+    let mut next_tick = start;
     while let Some((Reverse(now), slot, gen, c)) = events.pop() {
         if now >= until {
             break;
+        }
+        while next_tick <= now {
+            r.tick(next_tick, &mut rng);
+            next_tick += SEC / 2;
         }
         if slot != u32::MAX {
             let port = r.snapshot(slot, now).unwrap().port as u16;
@@ -76,6 +82,12 @@ fn simulate(
         }
         let (lat, _) = behaviour(port, now);
         events.push((Reverse(now + lat), pick.slot, pick.gen, c));
+    }
+    // Requests still out at the end are abandoned, so that a following simulation starts with nothing in flight.
+    for (_, slot, gen, _) in events {
+        if slot != u32::MAX {
+            r.end_attempt(slot, gen, Some(0), Outcome::Aborted, 0, until);
+        }
     }
     hits
 }
@@ -117,6 +129,34 @@ fn a_peer_made_20x_slower_loses_its_traffic_within_2s() {
         &behaviour,
     );
     assert!(share(&after, 3) < 0.10, "after: {after:?}");
+}
+
+/// A peer 6× slower than its peers (60 ms against 10 ms, as in the lab's degraded-peer scenario) under a load that
+/// keeps ~5 requests in flight per peer: by cost alone (estimate × (in flight + 1)) it wins every comparison in which
+/// the other peer has 5 or more in flight; as a slow peer (above 3× the baseline) it costs 10× more.
+#[test]
+fn a_slow_peer_stays_out_of_the_tail() {
+    let run = |factor: f64| {
+        let r = region();
+        let mut c = conf("api", &[1, 2, 3, 4]);
+        c.params.slow_peer_factor = factor;
+        let up = r.configure(&[c], 1, &yes, 0).unwrap()[0];
+        let slow_at = 5 * SEC;
+        let behaviour = |port: u16, now: u64| {
+            // ±20 % jitter, deterministic per (port, time)
+            let j = ((now / 997 + port as u64 * 7919) % 41) as u64; // 0..40
+            let base = 8_000 + j * 100; // 8..12 ms
+            (if port == 1 && now >= slow_at { base + 50_000 } else { base }, Outcome::Success)
+        };
+        simulate(&r, up, 20, slow_at, SEC, 0, &behaviour);
+        let after = simulate(&r, up, 20, slow_at + 20 * SEC, slow_at + SEC, slow_at, &behaviour);
+        share(&after, 1)
+    };
+    let off = run(0.0);
+    let on = run(3.0);
+    eprintln!("slow peer share without the rule {off:.5}, with it {on:.5}");
+    assert!(off > 0.005, "without the rule the slow peer should keep some traffic: {off}");
+    assert!(on < 0.002, "with the rule the slow peer should get almost nothing: {on} (off: {off})");
 }
 
 #[test]

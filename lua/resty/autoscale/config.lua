@@ -32,6 +32,8 @@ _M.defaults = {
         slow_start_aggression = 1.0,
         slow_start_min_weight = 0.1,
         failure_penalty = 2.0,
+        slow_peer_factor = 3.0,
+        slow_peer_penalty = 10.0,
     },
     -- Envoy's outlier-detection defaults (times in seconds); 0 switches a trigger off.
     outlier = {
@@ -130,6 +132,7 @@ end
 local UPSTREAM_FIELDS = {
     peers = true, balancer = true, retries = true, ewma_decay = true, default_rtt = true, slow_start = true,
     slow_start_aggression = true, slow_start_min_weight = true, failure_penalty = true, outlier = true,
+    slow_peer_factor = true, slow_peer_penalty = true,
     failure_statuses = true, healthcheck = true, fallback = true,
 }
 
@@ -330,6 +333,17 @@ local function upstream(path, u)
         return fail(path .. ".balancer", "must be \"peak_ewma\", \"round_robin\" or \"random\" (got %s)", show(balancer))
     end
     out.balancer = balancer
+    local spf = u.slow_peer_factor
+    if spf == nil then
+        out.slow_peer_factor = d.slow_peer_factor
+    elseif spf == 0 then
+        out.slow_peer_factor = 0
+    else
+        out.slow_peer_factor, err = number(path .. ".slow_peer_factor", spf, 1.1, 1000)
+        if not out.slow_peer_factor then
+            return nil, err .. " (or 0 to switch the rule off)"
+        end
+    end
     for field, spec in pairs {
         retries = { 0, 100, true },
         ewma_decay = { 0.001, 3600 },
@@ -338,6 +352,7 @@ local function upstream(path, u)
         slow_start_aggression = { 0.01, 100 },
         slow_start_min_weight = { 0, 1 },
         failure_penalty = { 1, 1000 },
+        slow_peer_penalty = { 1, 1e6 },
     } do
         local v = u[field]
         if v == nil then

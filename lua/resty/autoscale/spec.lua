@@ -54,6 +54,8 @@ function _M.fill(s, name, u, keep)
     s.slow_start_aggression = u.slow_start_aggression
     s.slow_start_min_weight = u.slow_start_min_weight
     s.failure_penalty = u.failure_penalty
+    s.slow_peer_factor = u.slow_peer_factor
+    s.slow_peer_penalty = u.slow_peer_penalty
     s.peers, s.npeers = peers, #u.peers
     s.outlier = outlier(u.outlier)
     local fs = ffi.new("uint16_t[?]", #u.failure_statuses, u.failure_statuses)
