@@ -20,6 +20,7 @@ local control = require "resty.autoscale.control"
 local prometheus = require "resty.autoscale.prometheus"
 local dashboard = require "resty.autoscale.dashboard"
 local trace = require "resty.autoscale.trace"
+local discovery = require "resty.autoscale.discovery"
 local ffi = require "ffi"
 
 local ngx = ngx
@@ -51,7 +52,11 @@ local function start_timer()
         timer_started = false
         return nil, err
     end
-    return healthcheck.start(conf, index)
+    local ok2, err2 = healthcheck.start(conf, index)
+    if not ok2 then
+        return nil, err2
+    end
+    return discovery.start()
 end
 
 -- autoscale.configure(conf)
@@ -108,6 +113,7 @@ function _M.configure(user_conf)
     healthcheck.init(lib)
     control.init(lib, conf, index)
     return true
+    discovery.init(lib, conf, index)
 end
 
 -- autoscale.init_worker()
@@ -152,6 +158,12 @@ _M.fallback = balancer.fallback
 _M.control = control
 
 -- list = autoscale.events(max): the most recent events, oldest first
+-- Service discovery: the standby pool (activate/deactivate) and the state of the sources; see docs/discovery.md.
+_M.discovery = discovery
+
+-- autoscale.discovery_handler(), in content_by_lua*: GET the discovery state, POST ?upstream=&activate=n|deactivate=n
+_M.discovery_handler = discovery.handler
+
 function _M.events(max)
     if not lib then
         return nil, "resty.autoscale is not configured"

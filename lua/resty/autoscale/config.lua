@@ -133,7 +133,7 @@ local UPSTREAM_FIELDS = {
     peers = true, balancer = true, retries = true, ewma_decay = true, default_rtt = true, slow_start = true,
     slow_start_aggression = true, slow_start_min_weight = true, failure_penalty = true, outlier = true,
     slow_peer_factor = true, slow_peer_penalty = true,
-    failure_statuses = true, healthcheck = true, fallback = true,
+    failure_statuses = true, healthcheck = true, fallback = true, discovery = true,
 }
 
 -- A list of HTTP statuses: numbers and "lo-hi" ranges, e.g. { 500, "502-504" } or "500-599".
@@ -169,6 +169,7 @@ local function statuses(path, v)
     return out
 end
 _M.statuses = statuses
+_M.fail, _M.number, _M.known, _M.show = fail, number, known, show -- for the validators of other modules
 
 local function section(path, v, defaults, ranges)
     if type(v) ~= "table" then
@@ -378,6 +379,10 @@ local function upstream(path, u)
     end
     out.fallback, err = fallback(path .. ".fallback", u.fallback)
     if not out.fallback then
+        return nil, err
+    end
+    out.discovery, err = require("resty.autoscale.discovery").validate(path .. ".discovery", u.discovery, u.peers)
+    if out.discovery == nil then
         return nil, err
     end
     if type(u.peers) ~= "table" or #u.peers == 0 then

@@ -150,6 +150,7 @@ function _M.region()
     }
 end
 
+        discovery = conf.upstreams[name].discovery and require("resty.autoscale.discovery").state(name) or nil,
 -- st = status.all()
 function _M.all()
     local names = {}

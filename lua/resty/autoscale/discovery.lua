@@ -1,0 +1,571 @@
+-- Service discovery: where an upstream's peers come from, beyond the static `peers` list.
+--
+--   * standby pool: known instances kept out of rotation until discovery.activate() brings them in (a scale-up) and
+--     discovery.deactivate() drains them out again (a scale-down);
+--   * DNS: A/AAAA or SRV records, asked again when their TTL runs out (discovery/dns.lua);
+--   * etcd v3: the keys under a prefix, through etcd's HTTP/JSON gateway (discovery/etcd.lua).
+--
+-- Sources are asked in background timers, by one worker at a time (the lease the active health checks use: a worker
+-- that dies loses it). That worker brings the upstream's peer set to "static ∪ sources ∪ active standby" through
+-- autoscale.control, which reaches every worker at once through shared memory and keeps statistics: new peers
+-- enter with slow start; a peer that left is drained (no new requests), and removed once its in-flight requests have
+-- finished (or drain_timeout has passed). A source that fails keeps its last good set; the failure and the recovery
+-- are logged once each, not per attempt. The desired set is computed against the peers in shared memory, so another
+-- worker taking the lease over carries on where the last one stopped.
+
+local ffi = require "ffi"
+require "resty.autoscale.lib" -- declares the C types
+local cjson = require "cjson.safe"
+local config = require "resty.autoscale.config"
+local control = require "resty.autoscale.control"
+local addr = require "resty.autoscale.discovery.addr"
+
+local ngx = ngx
+local ngx_log = ngx.log
+local ngx_WARN = ngx.WARN
+local ngx_NOTICE = ngx.NOTICE
+local ngx_ERR = ngx.ERR
+local now = ngx.now
+local update_time = ngx.update_time
+local type = type
+local pairs = pairs
+local ipairs = ipairs
+local next = next
+local pcall = pcall
+local tostring = tostring
+local tonumber = tonumber
+local max = math.max
+local sort = table.sort
+local fail, number, known, show = config.fail, config.number, config.known, config.show
+
+local _M = {}
+
+-- Sources, asked in this order; each is a module with validate(path, v) and fetch(conf, last) (see dns.lua).
+local SOURCES = { "dns", "etcd" }
+local MODULES = {
+    dns = require "resty.autoscale.discovery.dns",
+    etcd = require "resty.autoscale.discovery.etcd",
+}
+
+_M.defaults = {
+    keep_static = true,
+    drain_timeout = 30,
+}
+
+local TICK = 0.1      -- s between looks at the sources' schedules
+local SWEEP = 0.5     -- s between reconciliations when nothing changed (drains to finish, standby changes)
+local LEASE_MS = 3000 -- how long a worker that stopped running keeps the lease
+
+local lib, index
+local ups = {} -- name -> per-worker state of the upstream's discovery
+local stats = ffi.new("autoscale_peer_stats_t")
+local addr_buf = ffi.new("uint8_t[64]")
+local HEALTH_DRAINING = 3
+
+local function peer_list(path, v, static)
+    if type(v) ~= "table" or #v == 0 then
+        return fail(path, "must be a non-empty list of \"ip:port\" or { addr = \"ip:port\", weight = n }")
+    end
+    local taken = {}
+    for _, p in ipairs(type(static) == "table" and static or {}) do
+        local a = addr.of(p)
+        if a then
+            taken[a] = "is also in peers"
+        end
+    end
+    local out = {}
+    for i, p in ipairs(v) do
+        local at = path .. "[" .. i .. "]"
+        local weight = 1
+        if type(p) == "table" then
+            local ok, err = known(at, p, { addr = true, weight = true })
+            if not ok then
+                return nil, err
+            end
+            if p.weight ~= nil then
+                weight, err = number(at .. ".weight", p.weight, 1, 10000, true)
+                if not weight then
+                    return nil, err
+                end
+            end
+        end
+        local a = addr.of(p)
+        if not a then
+            return fail(at, "must be \"ip:port\", \"[ipv6]:port\" or { addr = ..., weight = n } (got %s)",
+                        show(type(p) == "table" and p.addr or p))
+        end
+        if taken[a] then
+            return fail(at, "%s %s", a, taken[a])
+        end
+        taken[a] = "is listed twice"
+        out[i] = { addr = a, weight = weight }
+    end
+    return out
+end
+
+-- out, err = discovery.validate(path, v, peers): the checked `discovery` option of an upstream (false when unset).
+function _M.validate(path, v, static)
+    if v == nil or v == false then
+        return false
+    end
+    if type(v) ~= "table" then
+        return fail(path, "must be a table (got %s)", type(v))
+    end
+    local ok, err = known(path, v, { keep_static = true, drain_timeout = true, standby = true, dns = true, etcd = true })
+    if not ok then
+        return nil, err
+    end
+    local out = { keep_static = _M.defaults.keep_static }
+    if v.keep_static ~= nil then
+        if type(v.keep_static) ~= "boolean" then
+            return fail(path .. ".keep_static", "must be true or false (got %s)", show(v.keep_static))
+        end
+        out.keep_static = v.keep_static
+    end
+    out.drain_timeout, err = number(path .. ".drain_timeout",
+                                    v.drain_timeout == nil and _M.defaults.drain_timeout or v.drain_timeout, 0, 86400)
+    if not out.drain_timeout then
+        return nil, err
+    end
+    if v.standby ~= nil then
+        out.standby, err = peer_list(path .. ".standby", v.standby, static)
+        if not out.standby then
+            return nil, err
+        end
+    end
+    for _, kind in ipairs(SOURCES) do
+        if v[kind] ~= nil then
+            out[kind], err = MODULES[kind].validate(path .. "." .. kind, v[kind])
+            if not out[kind] then
+                return nil, err
+            end
+        end
+    end
+    if not (out.standby or out.dns or out.etcd) then
+        return fail(path, "names no source: give standby, dns and/or etcd")
+    end
+    return out
+end
+
+-- The upstream's peers in shared memory: addr -> { draining =, inflight =, weight = }.
+local function current(idx)
+    local count = lib.autoscale_upstream_peers(idx, nil, 0)
+    if count < 0 then
+        return nil, "cannot read the upstream's peers (code " .. count .. ")"
+    end
+    local slots = ffi.new("uint32_t[?]", count + 1)
+    count = lib.autoscale_upstream_peers(idx, slots, count + 1)
+    local out = {}
+    for i = 0, count - 1 do
+        if lib.autoscale_peer_stats(slots[i], stats) == 0 then
+            local n = lib.autoscale_peer_addr(slots[i], addr_buf, 64)
+            if n > 0 and n <= 64 then
+                out[ffi.string(addr_buf, n)] = {
+                    draining = stats.health == HEALTH_DRAINING, inflight = stats.inflight, weight = stats.weight,
+                }
+            end
+        end
+    end
+    return out
+end
+
+-- Logs `msg` for `key` unless that same message was the last one logged for it (so a lasting problem is logged
+-- once, and again only when it changes).
+local function once(u, key, level, msg)
+    if u.logged[key] ~= msg then
+        u.logged[key] = msg
+        ngx_log(level, "resty.autoscale: discovery of ", u.name, ": ", msg)
+    end
+end
+
+-- want, from_source: addr -> weight of every peer the upstream should have now, and which of them a source named.
+local function desired(u, cur)
+    local want, from_source, heard = {}, {}, false
+    for _, s in ipairs(u.sources) do
+        if s.peers then
+            heard = true
+            for _, p in ipairs(s.peers) do
+                want[p.addr] = max(want[p.addr] or 0, p.weight)
+                from_source[p.addr] = true
+            end
+        end
+    end
+    if u.c.keep_static or not heard then
+        for _, p in ipairs(u.static) do
+            want[p.addr] = want[p.addr] or p.weight
+        end
+    end
+    for _, p in ipairs(u.c.standby or {}) do
+        local c = cur[p.addr]
+        if c and not c.draining then
+            want[p.addr] = want[p.addr] or p.weight
+        end
+    end
+    return want, from_source
+end
+
+-- Brings the upstream's peers to the desired set: adds (and takes back drained peers that came back) first, so that
+-- the upstream never runs short; then drains the peers that left and removes those whose requests have finished.
+local function reconcile(u)
+    local cur, err = current(u.idx)
+    if not cur then
+        return once(u, "read", ngx_ERR, err)
+    end
+    local want, from_source = desired(u, cur)
+    local t = now()
+    for a, w in pairs(want) do
+        local c = cur[a]
+        local ok
+        if not c then
+            ok, err = control.add_peer(u.name, a, w)
+            if ok then
+                u.logged["add " .. a] = nil
+            else
+                once(u, "add " .. a, ngx_ERR, "cannot add " .. a .. ": " .. tostring(err))
+            end
+        elseif c.draining and u.drained[a] then
+            control.enable(u.name, a)
+            u.drained[a] = nil
+        elseif from_source[a] and c.weight ~= w then
+            control.set_weight(u.name, a, w)
+        end
+    end
+    if next(want) == nil then
+        return once(u, "empty", ngx_WARN, "no source names any peer: keeping the current ones")
+    end
+    u.logged.empty = nil
+    local pending = false
+    for a, c in pairs(cur) do
+        if not want[a] then
+            if not c.draining then
+                control.drain(u.name, a)
+                u.drained[a] = t
+                pending = true
+            else
+                local since = u.drained[a] or t
+                u.drained[a] = since
+                if c.inflight <= 0 or t - since >= u.c.drain_timeout then
+                    local ok
+                    ok, err = control.remove_peer(u.name, a)
+                    if ok then
+                        u.drained[a] = nil
+                    else
+                        once(u, "remove " .. a, ngx_ERR, "cannot remove " .. a .. ": " .. tostring(err))
+                    end
+                else
+                    pending = true
+                end
+            end
+        end
+    end
+    for a in pairs(u.drained) do -- taken back by someone else, or gone
+        if not cur[a] or not cur[a].draining or want[a] then
+            u.drained[a] = nil
+        end
+    end
+    u.pending = pending
+end
+
+local function same(a, b)
+    if a == nil or #a ~= #b then
+        return false
+    end
+    local seen = {}
+    for _, p in ipairs(a) do
+        seen[p.addr] = p.weight
+    end
+    for _, p in ipairs(b) do
+        if seen[p.addr] ~= p.weight then
+            return false
+        end
+    end
+    return true
+end
+
+-- Asks one source; keeps its last good set when it fails.
+local function ask(u, s)
+    local peers, interval, bad, revision = MODULES[s.kind].fetch(s.conf, s.revision)
+    update_time()
+    local t = now()
+    if peers == nil then -- logged once per failure, not per attempt
+        if not s.error then
+            ngx_log(ngx_WARN, "resty.autoscale: discovery of ", u.name, ": ", s.kind, " failed (", tostring(interval),
+                    "); keeping its last good set of ", s.peers and #s.peers or 0, " peers")
+        end
+        s.error, s.failures = tostring(interval), s.failures + 1
+        s.next_at = t + s.retry
+        return false
+    end
+    if s.error then
+        ngx_log(ngx_NOTICE, "resty.autoscale: discovery of ", u.name, ": ", s.kind, " answers again after ",
+                s.failures, " failed attempts")
+    end
+    s.error, s.last_ok, s.next_at = nil, t, t + interval
+    for key, why in pairs(bad or {}) do
+        once(u, "bad " .. key, ngx_WARN, s.kind .. " key " .. key .. " skipped: " .. why)
+    end
+    if peers == false then -- unchanged since last time
+        return false
+    end
+    s.revision = revision
+    for i = 1, #peers do -- addresses in the library's form, so that they compare equal
+        peers[i].addr = addr.canonical(peers[i].addr) or peers[i].addr
+    end
+    sort(peers, function(x, y) return x.addr < y.addr end)
+    if same(s.peers, peers) then
+        return false
+    end
+    s.peers, s.changed_at = peers, t
+    return true
+end
+
+-- One look at upstream `u`: when this worker holds the lease, ask the sources that are due and reconcile.
+local function step(u)
+    if lib.autoscale_check_lease(u.idx, LEASE_MS) ~= 1 then
+        u.owner = false
+        return
+    end
+    u.owner = true
+    update_time()
+    local changed = false
+    for _, s in ipairs(u.sources) do
+        if now() >= s.next_at and ask(u, s) then
+            changed = true
+        end
+    end
+    if (changed or u.pending or now() >= u.next_sweep) and lib.autoscale_check_lease(u.idx, LEASE_MS) == 1 then
+        reconcile(u)
+        u.next_sweep = now() + SWEEP
+    end
+end
+
+-- discovery.init(lib, conf, index): called by autoscale.configure.
+function _M.init(library, configuration, upstream_index)
+    lib, index = library, upstream_index
+    ups = {}
+    for name, uc in pairs(configuration.upstreams) do
+        local c = uc.discovery
+        if c then
+            local u = {
+                name = name, idx = upstream_index[name], c = c, sources = {}, drained = {}, logged = {},
+                static = {}, next_sweep = 0, pending = false, owner = false,
+            }
+            for i, p in ipairs(uc.peers) do
+                u.static[i] = { addr = addr.canonical(p.addr) or p.addr, weight = p.weight }
+            end
+            for _, kind in ipairs(SOURCES) do
+                if c[kind] then
+                    u.sources[#u.sources + 1] = {
+                        kind = kind, conf = c[kind], next_at = 0, failures = 0,
+                        retry = kind == "dns" and c[kind].min_ttl or c[kind].interval,
+                    }
+                end
+            end
+            ups[name] = u
+        end
+    end
+end
+
+-- ok, err = discovery.start(): the discovery timers of this worker (one per upstream with discovery).
+function _M.start()
+    for name, u in pairs(ups) do
+        local busy = false
+        local ok, err = ngx.timer.every(TICK, function(premature)
+            if premature or busy then
+                return
+            end
+            busy = true
+            local done, perr = pcall(step, u)
+            busy = false
+            if not done then
+                ngx_log(ngx_ERR, "resty.autoscale: discovery of ", name, " failed: ", perr)
+            end
+        end)
+        if not ok then
+            return nil, err
+        end
+    end
+    return true
+end
+
+-- u, peers = pool(name, n): the upstream's discovery state and its peers now, or nil and why `name` or `n` is wrong.
+local function pool(name, n)
+    if not lib then
+        return nil, "resty.autoscale is not configured"
+    end
+    if not index[name] then
+        return nil, "unknown upstream " .. tostring(name)
+    end
+    local u = ups[name]
+    if not u or not u.c.standby then
+        return nil, "upstream " .. name .. " has no standby pool (discovery.standby)"
+    end
+    if type(n) ~= "number" or n ~= n or n % 1 ~= 0 or n < 0 or n > 65536 then
+        return nil, "count must be an integer between 0 and 65536 (got " .. show(n) .. ")"
+    end
+    local cur, err = current(u.idx)
+    if not cur then
+        return nil, err
+    end
+    return u, cur
+end
+
+-- n, addrs = discovery.activate(name, n): brings up to `n` standby peers into rotation (in the order of the pool;
+-- a peer still draining out comes straight back). Returns how many it activated and their addresses (fewer than `n`
+-- when the pool runs out), or nil and the reason.
+function _M.activate(name, n)
+    local u, cur = pool(name, n)
+    if not u then
+        return nil, cur
+    end
+    local done, err = {}, nil
+    for _, p in ipairs(u.c.standby) do
+        if #done >= n then
+            break
+        end
+        local c, ok = cur[p.addr], nil
+        if not c then
+            ok, err = control.add_peer(name, p.addr, p.weight)
+        elseif c.draining then
+            ok, err = control.enable(name, p.addr)
+        end
+        if ok then
+            done[#done + 1] = p.addr
+        elseif err then
+            return nil, err
+        end
+    end
+    return #done, done
+end
+
+-- n, addrs = discovery.deactivate(name, n): drains up to `n` active standby peers (the last activated first): no
+-- new requests; the discovery timer removes each once its in-flight requests have finished (or drain_timeout has
+-- passed). Never drains the upstream's last serving peer.
+function _M.deactivate(name, n)
+    local u, cur = pool(name, n)
+    if not u then
+        return nil, cur
+    end
+    local err
+    local serving = 0
+    for _, c in pairs(cur) do
+        serving = serving + (c.draining and 0 or 1)
+    end
+    local done = {}
+    for i = #u.c.standby, 1, -1 do
+        local a = u.c.standby[i].addr
+        if #done >= n or serving <= 1 then
+            break
+        end
+        local c = cur[a]
+        if c and not c.draining then
+            local ok
+            ok, err = control.drain(name, a)
+            if ok == nil then
+                return nil, err
+            end
+            done[#done + 1] = a
+            serving = serving - 1
+        end
+    end
+    return #done, done
+end
+
+-- st, err = discovery.state(name): the standby pool as all workers see it, and the sources as this worker knows
+-- them (`runs_here` tells whether this worker asks them; only that worker has their latest answers).
+function _M.state(name)
+    if not lib then
+        return nil, "resty.autoscale is not configured"
+    end
+    local u = ups[name]
+    if not u then
+        return nil, index[name] and ("upstream " .. name .. " has no discovery") or ("unknown upstream " .. tostring(name))
+    end
+    local cur = current(u.idx) or {}
+    local out = { runs_here = u.owner, worker = ngx.worker.pid(), keep_static = u.c.keep_static, sources = {} }
+    if u.c.standby then
+        local sb = { size = #u.c.standby, active = 0, draining = 0, peers = {} }
+        for i, p in ipairs(u.c.standby) do
+            local c = cur[p.addr]
+            local st = not c and "standby" or c.draining and "draining" or "active"
+            if st ~= "standby" then
+                sb[st] = sb[st] + 1
+            end
+            sb.peers[i] = { addr = p.addr, state = st, inflight = c and c.inflight or 0 }
+        end
+        out.standby = sb
+    end
+    local t = now()
+    for _, s in ipairs(u.sources) do
+        local list = {}
+        for i, p in ipairs(s.peers or {}) do
+            list[i] = p.addr
+        end
+        out.sources[s.kind] = {
+            ok = s.last_ok ~= nil and s.error == nil,
+            error = s.error,
+            failures = s.failures,
+            peers = u.owner and list or nil,
+            last_ok_ago = s.last_ok and (t - s.last_ok) or nil,
+            next_in = u.owner and max(0, s.next_at - t) or nil,
+            revision = s.revision,
+        }
+    end
+    return out
+end
+
+local function reply(status, body)
+    ngx.status = status
+    ngx.header["Content-Type"] = "application/json"
+    ngx.header["Cache-Control"] = "no-store"
+    ngx.say(cjson.encode(body))
+end
+
+-- autoscale.discovery_handler(), in content_by_lua*:
+--   GET                                  the discovery state of every upstream (or ?upstream=name)
+--   POST ?upstream=name&activate=n       discovery.activate(name, n)
+--   POST ?upstream=name&deactivate=n     discovery.deactivate(name, n)
+-- Bad requests get 400/404/405 with {"error": reason} and change nothing.
+function _M.handler()
+    local args = ngx.req.get_uri_args(16)
+    local method = ngx.req.get_method()
+    local name = args.upstream
+    if method == "GET" then
+        if name then
+            local st, err = _M.state(name)
+            return reply(st and 200 or 404, st or { error = err })
+        end
+        local all = {}
+        for n in pairs(ups) do
+            all[n] = _M.state(n)
+        end
+        return reply(200, { upstreams = all })
+    end
+    if method ~= "POST" then
+        ngx.header["Allow"] = "GET, POST"
+        return reply(405, { error = "use GET (state) or POST (activate/deactivate)" })
+    end
+    if type(name) ~= "string" then
+        return reply(400, { error = "upstream: required" })
+    end
+    if not ups[name] or not ups[name].c.standby then
+        local _, err = pool(name, 0)
+        return reply(404, { error = err })
+    end
+    local verb = args.activate ~= nil and "activate" or args.deactivate ~= nil and "deactivate" or nil
+    if not verb or (args.activate ~= nil and args.deactivate ~= nil) then
+        return reply(400, { error = "give exactly one of activate=n or deactivate=n" })
+    end
+    local text = args[verb]
+    local n = type(text) == "string" and text:match("^%d+$") and tonumber(text)
+    if not n then
+        return reply(400, { error = verb .. ": must be a whole number (got " .. show(text) .. ")" })
+    end
+    local done, list = _M[verb](name, n)
+    if not done then
+        return reply(400, { error = list })
+    end
+    return reply(200, { [verb .. "d"] = done, peers = list, state = _M.state(name) })
+end
+
+return _M
