@@ -52,6 +52,11 @@
 #define AUTOSCALE_ABI_VERSION 1
 
 /**
+ * A service's decision state (opaque).
+ */
+typedef struct autoscale_scaler_t autoscale_scaler_t;
+
+/**
  * Sizes of the shared region.
  */
 typedef struct autoscale_region_params_t {
@@ -118,6 +123,14 @@ typedef struct autoscale_upstream_spec_t {
   double slow_start_aggression;
   double slow_start_min_weight;
   double failure_penalty;
+  /**
+   * A peer whose estimate exceeds this many times the upstream's baseline is slow (0: off).
+   */
+  double slow_peer_factor;
+  /**
+   * Cost multiplier of a slow peer (>= 1).
+   */
+  double slow_peer_penalty;
   const struct autoscale_peer_spec_t *peers;
   size_t npeers;
   struct autoscale_outlier_spec_t outlier;
@@ -244,6 +257,95 @@ typedef struct autoscale_event_t {
   uint32_t slot;
   double values[4];
 } autoscale_event_t;
+
+/**
+ * The tunables of an upstream as they are in force, in the units of `autoscale_upstream_spec_t` (its peers are
+ * read with `autoscale_upstream_peers`).
+ */
+typedef struct autoscale_upstream_config_t {
+  /**
+   * 0 peak-EWMA, 1 round robin, 2 weighted random.
+   */
+  uint32_t algorithm;
+  uint32_t retries;
+  uint32_t slow_start_ms;
+  uint32_t decay_ms;
+  uint32_t default_rtt_us;
+  uint32_t _pad;
+  double slow_start_aggression;
+  double slow_start_min_weight;
+  double failure_penalty;
+  struct autoscale_outlier_spec_t outlier;
+  /**
+   * HTTP statuses counted as failures, as a bitmap: bit `s % 64` of word `s / 64` for status `s`.
+   */
+  uint64_t failure_statuses[10];
+} autoscale_upstream_config_t;
+
+/**
+ * Parameters of a scaler (see docs/scaling.md); times in milliseconds, a target of 0 switches its signal off.
+ * Signals, in array order: utilization, requests/s per instance, latency (µs), error rate, external per instance.
+ */
+typedef struct autoscale_scaling_params_t {
+  uint32_t min_instances;
+  uint32_t max_instances;
+  double capacity;
+  double targets[5];
+  uint32_t hold_ms[5];
+  uint32_t up_window_ms;
+  uint32_t down_window_ms;
+  uint32_t panic_window_ms;
+  uint32_t cooldown_ms;
+  uint32_t max_step_up;
+  uint32_t forecast_lead_ms;
+  double tolerance;
+  double panic_threshold;
+  double max_up_rate;
+  double max_down_rate;
+  double forecast_alpha;
+  double forecast_beta;
+} autoscale_scaling_params_t;
+
+/**
+ * One tick's measurements; a NaN or negative value is missing.
+ */
+typedef struct autoscale_scaling_signals_t {
+  uint32_t current;
+  uint32_t ready;
+  double values[5];
+} autoscale_scaling_signals_t;
+
+/**
+ * One decision (see `autoscale_core::scaling::Decision`).
+ */
+typedef struct autoscale_scaling_decision_t {
+  uint32_t current;
+  uint32_t ready;
+  uint32_t desired;
+  /**
+   * 1: act (ask for `desired`).
+   */
+  uint32_t action;
+  /**
+   * 0 steady, 1 scale up, 2 scale down, 3 holding, 4 up window, 5 stabilizing, 6 cooldown, 7 panic, 8 bounded,
+   * 9 no data.
+   */
+  uint32_t reason;
+  /**
+   * Index of the deciding signal, -1 for none.
+   */
+  int32_t signal;
+  uint32_t recommendation;
+  uint32_t panic;
+  uint32_t per_signal[5];
+  uint32_t _pad;
+  double value;
+  double target;
+  /**
+   * NaN without a forecast.
+   */
+  double forecast_rps;
+} autoscale_scaling_decision_t;
 
 /**
  * The version of this ABI ([`AUTOSCALE_ABI_VERSION`]).
@@ -524,5 +626,67 @@ int autoscale_admin_upstream_tune(uint32_t upstream,
                                   const struct autoscale_upstream_spec_t *spec,
                                   char *err,
                                   size_t err_len);
+
+/**
+ * Fills `out` with the tunables of upstream `upstream` in force now (read consistently from shared memory).
+ *
+ * # Safety
+ * `out` must point to a writable struct (or be NULL, which is refused).
+ *
+ * # Errors
+ * `AUTOSCALE_ERR_NO_REGION` before `autoscale_region_init`; `AUTOSCALE_ERR_ARG` for NULL; `AUTOSCALE_ERR_UPSTREAM`
+ * for an index that is not an upstream.
+ */
+int autoscale_upstream_config(uint32_t upstream,
+                              struct autoscale_upstream_config_t *out);
+
+/**
+ * Creates a scaler; `*out` receives the handle, to be released with `autoscale_scaler_free`.
+ *
+ * # Safety
+ * `params` must point to a valid `autoscale_scaling_params_t` and `out` to a writable pointer.
+ *
+ * # Errors
+ * `AUTOSCALE_ERR_ARG` for NULL pointers or out-of-range parameters (the Lua side validates first, with field paths).
+ */
+int autoscale_scaler_new(const struct autoscale_scaling_params_t *params,
+                         struct autoscale_scaler_t **out);
+
+/**
+ * Releases a scaler made by `autoscale_scaler_new`; NULL is ignored.
+ *
+ * # Safety
+ * `h` must come from `autoscale_scaler_new` and not have been freed.
+ */
+void autoscale_scaler_free(struct autoscale_scaler_t *h);
+
+/**
+ * One tick: the decision for `signals` at `now_ms` (any monotonic clock in milliseconds) into `*out`.
+ *
+ * # Safety
+ * `h` from `autoscale_scaler_new`; `signals` readable, `out` writable.
+ *
+ * # Errors
+ * `AUTOSCALE_ERR_ARG` for a NULL pointer.
+ */
+int autoscale_scaler_decide(struct autoscale_scaler_t *h,
+                            double now_ms,
+                            const struct autoscale_scaling_signals_t *signals,
+                            struct autoscale_scaling_decision_t *out);
+
+/**
+ * HMAC-SHA256 of `msg` under `key` into the 32 bytes at `out`.
+ *
+ * # Safety
+ * `key`/`msg` readable for their lengths (may be NULL when the length is 0); `out` writable for 32 bytes.
+ *
+ * # Errors
+ * `AUTOSCALE_ERR_ARG` for a NULL pointer with a non-zero length, or a NULL `out`.
+ */
+int autoscale_hmac_sha256(const uint8_t *key,
+                          size_t key_len,
+                          const uint8_t *msg,
+                          size_t msg_len,
+                          uint8_t *out);
 
 #endif  /* RESTY_AUTOSCALE_H */

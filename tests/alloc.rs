@@ -45,6 +45,8 @@ fn the_request_path_allocates_nothing() {
         slow_start_aggression: 1.0,
         slow_start_min_weight: 0.1,
         failure_penalty: 2.0,
+        slow_peer_factor: 3.0,
+        slow_peer_penalty: 10.0,
         peers: peers.as_ptr(),
         npeers: peers.len(),
         outlier: outlier_defaults(),

@@ -42,6 +42,8 @@ fn spec(name: &str, peers: &[autoscale_peer_spec_t]) -> autoscale_upstream_spec_
         slow_start_aggression: 1.0,
         slow_start_min_weight: 0.1,
         failure_penalty: 2.0,
+        slow_peer_factor: 3.0,
+        slow_peer_penalty: 10.0,
         peers: peers.as_ptr(),
         npeers: peers.len(),
         outlier: outlier_defaults(),

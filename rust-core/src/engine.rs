@@ -844,17 +844,24 @@ impl Region {
         }
         let decay_us = up.head.decay_ms.load(Relaxed) as f64 * 1000.0;
         let n = up.head.npeers.load(Relaxed).min(self.params().max_peers) as usize;
-        let mut estimates: Vec<f64> = up.slots[..n]
-            .iter()
-            .map(|s| s.load(Relaxed))
-            .filter(|&slot| {
-                let h = self.peer_head(slot);
-                h.health.load(Relaxed) == health::state::HEALTHY && h.totals[counter::REQUESTS].load(Relaxed) > 0
-            })
-            .map(|slot| self.decayed_estimate(&self.peer(slot), decay_us, now_us))
-            .collect();
-        estimates.sort_by(|a, b| a.total_cmp(b));
-        let baseline = estimates.get(estimates.len().saturating_sub(1) / 2).copied().unwrap_or(0.0);
+        // A buffer kept per thread, so that the upkeep allocates nothing once it has seen the largest upstream.
+        thread_local!(static ESTIMATES: std::cell::RefCell<Vec<f64>> = const { std::cell::RefCell::new(Vec::new()) });
+        let baseline = ESTIMATES.with_borrow_mut(|estimates| {
+            estimates.clear();
+            estimates.extend(
+                up.slots[..n]
+                    .iter()
+                    .map(|s| s.load(Relaxed))
+                    .filter(|&slot| {
+                        let h = self.peer_head(slot);
+                        h.health.load(Relaxed) == health::state::HEALTHY
+                            && h.totals[counter::REQUESTS].load(Relaxed) > 0
+                    })
+                    .map(|slot| self.decayed_estimate(&self.peer(slot), decay_us, now_us)),
+            );
+            estimates.sort_unstable_by(|a, b| a.total_cmp(b));
+            estimates.get(estimates.len().saturating_sub(1) / 2).copied().unwrap_or(0.0)
+        });
         up.head.baseline_us.store(baseline.to_bits(), Relaxed);
     }
 

@@ -10,6 +10,7 @@ static const int AUTOSCALE_ERR_UPSTREAM = -5;
 static const int AUTOSCALE_ERR_PANIC = -6;
 static const int AUTOSCALE_NEED_DETAIL = 1;
 static const int AUTOSCALE_ABI_VERSION = 1;
+typedef struct autoscale_scaler_t autoscale_scaler_t;
 typedef struct autoscale_region_params_t {
   uint32_t max_upstreams;
   uint32_t max_peers;
@@ -53,6 +54,8 @@ typedef struct autoscale_upstream_spec_t {
   double slow_start_aggression;
   double slow_start_min_weight;
   double failure_penalty;
+  double slow_peer_factor;
+  double slow_peer_penalty;
   const struct autoscale_peer_spec_t *peers;
   size_t npeers;
   struct autoscale_outlier_spec_t outlier;
@@ -137,6 +140,58 @@ typedef struct autoscale_event_t {
   uint32_t slot;
   double values[4];
 } autoscale_event_t;
+typedef struct autoscale_upstream_config_t {
+  uint32_t algorithm;
+  uint32_t retries;
+  uint32_t slow_start_ms;
+  uint32_t decay_ms;
+  uint32_t default_rtt_us;
+  uint32_t _pad;
+  double slow_start_aggression;
+  double slow_start_min_weight;
+  double failure_penalty;
+  struct autoscale_outlier_spec_t outlier;
+  uint64_t failure_statuses[10];
+} autoscale_upstream_config_t;
+typedef struct autoscale_scaling_params_t {
+  uint32_t min_instances;
+  uint32_t max_instances;
+  double capacity;
+  double targets[5];
+  uint32_t hold_ms[5];
+  uint32_t up_window_ms;
+  uint32_t down_window_ms;
+  uint32_t panic_window_ms;
+  uint32_t cooldown_ms;
+  uint32_t max_step_up;
+  uint32_t forecast_lead_ms;
+  double tolerance;
+  double panic_threshold;
+  double max_up_rate;
+  double max_down_rate;
+  double forecast_alpha;
+  double forecast_beta;
+} autoscale_scaling_params_t;
+typedef struct autoscale_scaling_signals_t {
+  uint32_t current;
+  uint32_t ready;
+  double values[5];
+} autoscale_scaling_signals_t;
+typedef struct autoscale_scaling_decision_t {
+  uint32_t current;
+  uint32_t ready;
+  uint32_t desired;
+  uint32_t action;
+  uint32_t reason;
+  int32_t signal;
+  uint32_t recommendation;
+  uint32_t panic;
+  uint32_t per_signal[5];
+  uint32_t _pad;
+  double value;
+  double target;
+  double forecast_rps;
+} autoscale_scaling_decision_t;
 uint32_t autoscale_abi_version(void);
 int autoscale_region_init(const struct autoscale_region_params_t *params,
                           char *err,
@@ -213,4 +268,18 @@ int autoscale_admin_upstream_tune(uint32_t upstream,
                                   const struct autoscale_upstream_spec_t *spec,
                                   char *err,
                                   size_t err_len);
+int autoscale_upstream_config(uint32_t upstream,
+                              struct autoscale_upstream_config_t *out);
+int autoscale_scaler_new(const struct autoscale_scaling_params_t *params,
+                         struct autoscale_scaler_t **out);
+void autoscale_scaler_free(struct autoscale_scaler_t *h);
+int autoscale_scaler_decide(struct autoscale_scaler_t *h,
+                            double now_ms,
+                            const struct autoscale_scaling_signals_t *signals,
+                            struct autoscale_scaling_decision_t *out);
+int autoscale_hmac_sha256(const uint8_t *key,
+                          size_t key_len,
+                          const uint8_t *msg,
+                          size_t msg_len,
+                          uint8_t *out);
 ]]
