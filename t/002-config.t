@@ -72,6 +72,8 @@ upstreams.api.retires: unknown option (valid: balancer, default_rtt, discovery, 
             { { upstreams = { api = { peers = { "127.0.0.1:1" } } }, window = { buckets = 0 } }, "window.buckets: must be between 1 and 600 (got 0)" },
             { { upstreams = { api = { peers = { "127.0.0.1:1" } } }, max_peers = 1e9 }, "max_peers: must be between 1 and 65536 (got 1000000000)" },
             { { upstreams = { api = { peers = many(300) } } }, "300 peers configured in all but max_peers is 256" },
+            { { upstreams = { api = { peers = { "127.0.0.1:1" }, slow_peer_factor = 1 } } }, "upstreams.api.slow_peer_factor: must be between 1.1 and 1000 (got 1) (or 0 to switch the rule off)" },
+            { { upstreams = { api = { peers = { "127.0.0.1:1" }, slow_peer_penalty = 0.5 } } }, "upstreams.api.slow_peer_penalty: must be between 1 and 1000000 (got 0.5)" },
             { { upstream = {} }, "upstream: unknown option" },
             { "api", "configuration: must be a table (got string)" },
         }
@@ -86,7 +88,7 @@ upstreams.api.retires: unknown option (valid: balancer, default_rtt, discovery, 
     }
 --- must_die
 --- error_log
-all 14 cases refused as expected
+all 16 cases refused as expected
 
 
 
