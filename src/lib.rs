@@ -28,6 +28,8 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicI64, Ordering::*};
 use std::sync::OnceLock;
 
+mod admin_ffi;
+
 /// Success.
 pub const AUTOSCALE_OK: c_int = 0;
 /// An argument was out of range or a pointer was NULL.

@@ -21,6 +21,7 @@ local prometheus = require "resty.autoscale.prometheus"
 local dashboard = require "resty.autoscale.dashboard"
 local trace = require "resty.autoscale.trace"
 local discovery = require "resty.autoscale.discovery"
+local admin = require "resty.autoscale.admin"
 local ffi = require "ffi"
 
 local ngx = ngx
@@ -176,6 +177,17 @@ _M.prometheus_handler = prometheus.handler
 
 -- autoscale.dashboard_handler(opts), in content_by_lua*: the dashboard page, and with ?format=json its data
 _M.dashboard_handler = dashboard.handler
+
+-- autoscale.admin(opts), in init_by_lua* after configure: turns the admin HTTP API on (docs/admin-api.md)
+function _M.admin(opts)
+    if not lib then
+        error("resty.autoscale.admin: call autoscale.configure first", 2)
+    end
+    return admin.setup(opts)
+end
+
+-- autoscale.admin_handler(), in content_by_lua*: the admin HTTP API (off unless autoscale.admin was called)
+_M.admin_handler = admin.handler
 
 -- autoscale.trace(opts), in init_by_lua* after configure: $autoscale_* variables name each peer choice and its cost
 function _M.trace(opts)

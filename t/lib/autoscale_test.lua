@@ -12,13 +12,35 @@ local _M = {}
 
 -- status, body, headers = t.get(port, path, timeout_ms)   (status nil and err on a broken connection)
 function _M.get(port, path, timeout)
+    return _M.request { port = port, path = path, timeout = timeout }
+end
+
+-- status, body, headers = t.request{ port =, method = "GET", path =, headers = { name = value }, body =,
+--                                    host = "127.0.0.1", bind = source address, timeout = ms }
+-- `Content-Length` is sent for a body unless `headers` has its own (or a Transfer-Encoding).
+function _M.request(opts)
     local sock = tcp()
-    sock:settimeout(timeout or 5000)
-    local ok, err = sock:connect("127.0.0.1", port)
+    sock:settimeout(opts.timeout or 5000)
+    if opts.bind then
+        local ok, err = sock:bind(opts.bind)
+        if not ok then
+            return nil, "bind " .. opts.bind .. ": " .. err
+        end
+    end
+    local ok, err = sock:connect(opts.host or "127.0.0.1", opts.port)
     if not ok then
         return nil, "connect: " .. err
     end
-    sock:send("GET " .. path .. " HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+    local head = { (opts.method or "GET") .. " " .. opts.path .. " HTTP/1.1", "Host: localhost", "Connection: close" }
+    local given = {}
+    for k, v in pairs(opts.headers or {}) do
+        head[#head + 1] = k .. ": " .. v
+        given[k:lower()] = true
+    end
+    if opts.body and not given["content-length"] and not given["transfer-encoding"] then
+        head[#head + 1] = "Content-Length: " .. #opts.body
+    end
+    sock:send(table.concat(head, "\r\n") .. "\r\n\r\n" .. (opts.body or ""))
     local line
     line, err = sock:receive("*l")
     if not line then

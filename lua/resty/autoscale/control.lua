@@ -11,6 +11,9 @@ local spec = require "resty.autoscale.spec"
 local type = type
 local pairs = pairs
 local tostring = tostring
+local ipairs = ipairs
+
+local LUA_ONLY = { "healthcheck", "fallback" }
 
 local _M = {}
 
@@ -117,6 +120,11 @@ function _M.tune(name, options)
     end
     if options.peers ~= nil then
         return nil, "peers: use add_peer/remove_peer"
+    end
+    for _, k in ipairs(LUA_ONLY) do -- read by Lua at start only; changing them needs a reload
+        if options[k] ~= nil then
+            return nil, k .. ": cannot be changed at run time (change nginx.conf and reload)"
+        end
     end
     local merged = {}
     for k, v in pairs(conf.raw.upstreams[name]) do merged[k] = v end

@@ -3,36 +3,53 @@
 local ffi = require "ffi"
 local config = require "resty.autoscale.config"
 
+local bit = require "bit"
+
 local floor = math.floor
 local max = math.max
 local ipairs = ipairs
+local pairs = pairs
+local tonumber = tonumber
 
 local _M = {}
+
+local BALANCER_NAMES = {}
+for name, n in pairs(config.balancers) do
+    BALANCER_NAMES[n] = name
+end
 
 local function ms(s)
     return floor(s * 1000 + 0.5)
 end
 
+-- The outlier options: name in the Lua table, field of autoscale_outlier_spec_t, and whether it is a time (seconds
+-- in Lua, milliseconds in C).
+local OUTLIER = {
+    { "consecutive_5xx", "consecutive_5xx" },
+    { "consecutive_gateway_failures", "consecutive_gateway" },
+    { "consecutive_timeouts", "consecutive_timeout" },
+    { "base_ejection_time", "base_ejection_ms", true },
+    { "max_ejection_time", "max_ejection_ms", true },
+    { "ejection_jitter", "ejection_jitter_ms", true },
+    { "max_ejection_percent", "max_ejection_percent" },
+    { "interval", "interval_ms", true },
+    { "success_rate_stdev", "success_rate_stdev" },
+    { "success_rate_min_hosts", "success_rate_min_hosts" },
+    { "success_rate_request_volume", "success_rate_volume" },
+    { "failure_percentage", "failure_percentage" },
+    { "failure_percentage_min_hosts", "failure_percentage_min_hosts" },
+    { "failure_percentage_request_volume", "failure_percentage_volume" },
+    { "half_open_probes", "half_open_probes" },
+    { "half_open_successes", "half_open_successes" },
+    { "panic_threshold", "panic_threshold" },
+}
+
 local function outlier(o)
-    return {
-        consecutive_5xx = o.consecutive_5xx,
-        consecutive_gateway = o.consecutive_gateway_failures,
-        consecutive_timeout = o.consecutive_timeouts,
-        base_ejection_ms = ms(o.base_ejection_time),
-        max_ejection_ms = ms(o.max_ejection_time),
-        ejection_jitter_ms = ms(o.ejection_jitter),
-        max_ejection_percent = o.max_ejection_percent,
-        interval_ms = ms(o.interval),
-        success_rate_min_hosts = o.success_rate_min_hosts,
-        success_rate_volume = o.success_rate_request_volume,
-        failure_percentage = o.failure_percentage,
-        failure_percentage_min_hosts = o.failure_percentage_min_hosts,
-        failure_percentage_volume = o.failure_percentage_request_volume,
-        half_open_probes = o.half_open_probes,
-        half_open_successes = o.half_open_successes,
-        panic_threshold = o.panic_threshold,
-        success_rate_stdev = o.success_rate_stdev,
-    }
+    local out = {}
+    for _, f in ipairs(OUTLIER) do
+        out[f[2]] = f[3] and ms(o[f[1]]) or o[f[1]]
+    end
+    return out
 end
 
 -- spec.fill(s, name, u, keep): fills `s` (an autoscale_upstream_spec_t) from upstream `name`'s validated table `u`;
@@ -61,6 +78,44 @@ function _M.fill(s, name, u, keep)
     local fs = ffi.new("uint16_t[?]", #u.failure_statuses, u.failure_statuses)
     keep[#keep + 1] = fs
     s.failure_statuses, s.nfailure_statuses = fs, #u.failure_statuses
+end
+
+local function bit_set(words, st)
+    return tonumber(bit.band(bit.rshift(words[floor(st / 64)], st % 64), 1ULL)) == 1
+end
+
+-- options = spec.tunables(c): the inverse of fill for the tunables kept in shared memory: `c` (an
+-- autoscale_upstream_config_t) as the options of a validated upstream table. An option stored in shared memory that
+-- is missing here shows its nginx.conf value after a run-time change: add it here when adding it to the struct.
+local function outlier_options(o)
+    local out = {}
+    for _, f in ipairs(OUTLIER) do
+        out[f[1]] = f[3] and o[f[2]] / 1000 or o[f[2]]
+    end
+    return out
+end
+
+function _M.tunables(c)
+    local statuses = {}
+    for st = 100, 639 do
+        if bit_set(c.failure_statuses, st) then
+            statuses[#statuses + 1] = st
+        end
+    end
+    return {
+        balancer = BALANCER_NAMES[c.algorithm] or "peak_ewma",
+        retries = c.retries,
+        ewma_decay = c.decay_ms / 1000,
+        default_rtt = c.default_rtt_us / 1e6,
+        slow_start = c.slow_start_ms / 1000,
+        slow_start_aggression = c.slow_start_aggression,
+        slow_start_min_weight = c.slow_start_min_weight,
+        failure_penalty = c.failure_penalty,
+        slow_peer_factor = c.slow_peer_factor,
+        slow_peer_penalty = c.slow_peer_penalty,
+        outlier = outlier_options(c.outlier),
+        failure_statuses = statuses,
+    }
 end
 
 return _M

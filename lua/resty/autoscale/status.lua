@@ -19,7 +19,9 @@ local addr_buf = ffi.new("uint8_t[64]")
 local STATES = { [0] = "free", [1] = "active", [2] = "retired" }
 local HEALTH = { [0] = "healthy", [1] = "ejected", [2] = "half_open", [3] = "draining" }
 local upinfo = ffi.new("autoscale_upstream_info_t")
+local upconf = ffi.new("autoscale_upstream_config_t")
 local events = require "resty.autoscale.events"
+local spec = require "resty.autoscale.spec"
 
 function _M.init(library, configuration, upstream_index)
     lib, conf, index = library, configuration, upstream_index
@@ -90,6 +92,16 @@ function _M.peer(slot)
     }
 end
 
+-- options = status.tunables(name): the tunables of upstream `name` in force (changed at run time by control.tune or
+-- the admin API), read from shared memory.
+function _M.tunables(name)
+    local idx = index[name]
+    if not idx or lib.autoscale_upstream_config(idx, upconf) ~= 0 then
+        return nil, "unknown upstream " .. tostring(name)
+    end
+    return spec.tunables(upconf)
+end
+
 -- st, err = status.upstream(name)
 function _M.upstream(name)
     if not lib then
@@ -113,10 +125,19 @@ function _M.upstream(name)
             total = total + p.requests
         end
     end
-    for _, p in pairs(peers) do
+    local in_force = {}
+    for i, p in ipairs(peers) do
         p.share = total > 0 and p.requests / total or 0
+        in_force[i] = { addr = p.addr, weight = p.weight }
     end
-    local u = conf.upstreams[name]
+    local u = {}
+    for k, v in pairs(conf.upstreams[name]) do
+        u[k] = v
+    end
+    for k, v in pairs(_M.tunables(name)) do
+        u[k] = v
+    end
+    u.peers = in_force
     lib.autoscale_upstream_info(idx, upinfo)
     return {
         name = name,
