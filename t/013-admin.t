@@ -108,8 +108,6 @@ run_tests();
 __DATA__
 
 === TEST 1: 53 bad requests: each its 4xx and a JSON reason, and the whole state byte-identical afterwards
---- main_config
-    env AUTOSCALE_ADMIN_TOKEN;
 --- http_config eval: $::HttpConfig
 --- config eval
 "location = /t { content_by_lua_block { $::Helpers" . <<'_EOC_'
@@ -210,8 +208,6 @@ resty.autoscale admin: backend:
 
 
 === TEST 2: good requests take effect in both workers and are logged with who made them
---- main_config
-    env AUTOSCALE_ADMIN_TOKEN;
 --- http_config eval: $::HttpConfig
 --- config eval
 "location = /t { content_by_lua_block { $::Helpers" . <<'_EOC_'
@@ -299,7 +295,7 @@ qr/\[notice\].*resty\.autoscale event: .*"event":"peer_added"/,
 
 
 
-=== TEST 3: outside the allow list refused (403); an allowed address, the token from a file
+=== TEST 3: outside the allow list refused (403); an allowed address and a unix socket served, the token from a file
 --- user_files
 >>> admin.token
   file-token-abcdefghijklmnopqrstuvwxyz
@@ -307,11 +303,12 @@ qr/\[notice\].*resty\.autoscale event: .*"event":"peer_added"/,
     init_by_lua_block {
         autoscale = require "resty.autoscale"
         autoscale.configure { upstreams = { backend = { peers = { "127.0.0.1:$TEST_NGINX_RAND_PORT_1" } } } }
-        autoscale.admin { token_file = "$TEST_NGINX_HTML_DIR/admin.token", allow = { "127.0.0.2", "10.0.0.0/8", "::1" },
+        autoscale.admin { token_file = "$TEST_NGINX_HTML_DIR/admin.token", allow = { "127.0.0.2", "10.0.0.0/8", "::1", "unix:" },
                           prefix = "/ops" }
     }
     server {
         listen 127.0.0.1:$TEST_NGINX_RAND_PORT_6;
+        listen unix:$TEST_NGINX_HTML_DIR/admin.sock;
         location /ops { content_by_lua_block { autoscale.admin_handler() } }
     }
 --- config
@@ -319,14 +316,16 @@ qr/\[notice\].*resty\.autoscale event: .*"event":"peer_added"/,
         content_by_lua_block {
             local t = require "autoscale_test"
             local h = { Authorization = "Bearer file-token-abcdefghijklmnopqrstuvwxyz" }
-            local function get(path, bind)
-                local status, body = t.request { port = $TEST_NGINX_RAND_PORT_6, path = path, headers = h, bind = bind }
+            local function get(path, bind, unix)
+                local status, body = t.request { port = $TEST_NGINX_RAND_PORT_6, path = path, headers = h, bind = bind, unix = unix }
                 return status, (body or ""):gsub("\n$", "")
             end
             local st, body = get("/ops/upstreams/backend")
             ngx.say("from 127.0.0.1: ", st, " ", require("cjson").decode(body).error)
             st, body = get("/ops/upstreams/backend", "127.0.0.2")
             ngx.say("from 127.0.0.2: ", st, " ", require("cjson").decode(body).name)
+            st, body = get("/ops/upstreams/backend", nil, "$TEST_NGINX_HTML_DIR/admin.sock")
+            ngx.say("from a unix socket: ", st, " ", require("cjson").decode(body).name)
             h.Authorization = "Bearer test-admin-token-0123456789abcdef"
             st = get("/ops/upstreams/backend", "127.0.0.2")
             ngx.say("another token: ", st)
@@ -337,6 +336,7 @@ GET /t
 --- response_body
 from 127.0.0.1: 403 client address 127.0.0.1 is not in admin.allow
 from 127.0.0.2: 200 backend
+from a unix socket: 200 backend
 another token: 401
 --- error_log
 refused GET /ops/upstreams/backend from 127.0.0.1: 403 client address 127.0.0.1 is not in admin.allow
@@ -446,8 +446,6 @@ naive compare: they differ
 
 
 === TEST 6: status, status JSON and the admin API show the tunables in force, from shared memory, in every worker
---- main_config
-    env AUTOSCALE_ADMIN_TOKEN;
 --- http_config eval: $::HttpConfig
 --- config eval
 "location = /t { content_by_lua_block { $::Helpers" . <<'_EOC_'
@@ -505,7 +503,7 @@ admin: 1 2.5 round_robin
     }
 --- must_die
 --- error_log
-admin.token_env: environment variable AUTOSCALE_NO_SUCH_TOKEN is not set or empty (and nginx.conf needs `env AUTOSCALE_NO_SUCH_TOKEN;`)
+admin.token_env: environment variable AUTOSCALE_NO_SUCH_TOKEN is not set or empty in the environment nginx was started with
 
 
 

@@ -16,7 +16,7 @@ function _M.get(port, path, timeout)
 end
 
 -- status, body, headers = t.request{ port =, method = "GET", path =, headers = { name = value }, body =,
---                                    host = "127.0.0.1", bind = source address, timeout = ms }
+--                                    host = "127.0.0.1", bind = source address, unix = socket path, timeout = ms }
 -- `Content-Length` is sent for a body unless `headers` has its own (or a Transfer-Encoding).
 function _M.request(opts)
     local sock = tcp()
@@ -27,7 +27,12 @@ function _M.request(opts)
             return nil, "bind " .. opts.bind .. ": " .. err
         end
     end
-    local ok, err = sock:connect(opts.host or "127.0.0.1", opts.port)
+    local ok, err
+    if opts.unix then
+        ok, err = sock:connect("unix:" .. opts.unix)
+    else
+        ok, err = sock:connect(opts.host or "127.0.0.1", opts.port)
+    end
     if not ok then
         return nil, "connect: " .. err
     end

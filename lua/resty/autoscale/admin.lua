@@ -62,20 +62,20 @@ json.decode_max_depth(8)
 
 local settings -- nil while the API is off
 
--- equal = admin.constant_time_equal(a, b): whether strings `a` and `b` are equal, in a time that does not depend on
--- where they differ: both are hashed (SHA-1, a C call whose time depends only on each one's own length) and all 20
--- bytes of the digests are compared, always, without an early exit.
-local function digest_equal(da, db)
+-- equal = admin.constant_time_equal(a, b): whether strings `a` and `b` are equal, looking at every byte whatever the
+-- first difference is, so that the time does not tell where they differ. Lengths are not hidden: the token check
+-- compares the SHA-1 digests (20 bytes each) of the token given and of the right one.
+function _M.constant_time_equal(a, b)
+    if #a ~= #b then
+        return false
+    end
     local diff = 0
-    for i = 1, 20 do
-        diff = bor(diff, bxor(byte(da, i), byte(db, i)))
+    for i = 1, #a do
+        diff = bor(diff, bxor(byte(a, i), byte(b, i)))
     end
     return diff == 0
 end
-
-function _M.constant_time_equal(a, b)
-    return digest_equal(sha1_bin(a), sha1_bin(b))
-end
+local constant_time_equal = _M.constant_time_equal
 
 ---------------------------------------------------------------------------------------------------- addresses
 
@@ -156,7 +156,7 @@ end
 
 local function in_network(net, addr)
     if net.unix then
-        return addr == ""
+        return addr == "unix:" -- $binary_remote_addr of a unix-socket client
     end
     if #addr ~= #net.bytes then
         return false
@@ -217,8 +217,8 @@ function _M.setup(opts)
         end
         token = getenv(opts.token_env)
         if not token or token == "" then
-            fail("token_env", "environment variable %s is not set or empty (and nginx.conf needs `env %s;`)",
-                 opts.token_env, opts.token_env)
+            fail("token_env", "environment variable %s is not set or empty in the environment nginx was started with",
+                 opts.token_env)
         end
         source = "token_env"
     else
@@ -504,7 +504,7 @@ function _M.handler()
     if not given then
         return refuse(401, "an Authorization: Bearer token is required", { ["WWW-Authenticate"] = 'Bearer realm="autoscale"' })
     end
-    if not digest_equal(sha1_bin(given), settings.digest) then
+    if not constant_time_equal(sha1_bin(given), settings.digest) then
         return refuse(401, "invalid token", { ["WWW-Authenticate"] = 'Bearer realm="autoscale", error="invalid_token"' })
     end
     local uri = ngx.var.uri
