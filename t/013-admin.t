@@ -50,6 +50,7 @@ our $HttpConfig = <<'_EOC_';
             add_header X-Worker $pid always;
             content_by_lua_block { autoscale.status_handler() }
         }
+        location = /metrics { content_by_lua_block { autoscale.prometheus_handler() } }
     }
     server {
         listen 127.0.0.1:$TEST_NGINX_RAND_PORT_6;
@@ -445,7 +446,7 @@ naive compare: they differ
 
 
 
-=== TEST 6: status, status JSON and the admin API show the tunables in force, from shared memory, in every worker
+=== TEST 6: status, status JSON, Prometheus and the admin API show the tunables in force, from shared memory, in every worker
 --- http_config eval: $::HttpConfig
 --- config eval
 "location = /t { content_by_lua_block { $::Helpers" . <<'_EOC_'
@@ -478,6 +479,15 @@ naive compare: they differ
             for _, v in pairs(seen) do ngx.say("worker: ", v) end
             local st, body = api("GET", "/upstreams/backend")
             ngx.say("admin: ", body.config.retries, " ", body.config.ewma_decay, " ", body.config.balancer)
+            api("PATCH", "/upstreams/backend", '{"balancer":"random","outlier":{"consecutive_5xx":4}}')
+            local _, metrics = t.get($TEST_NGINX_RAND_PORT_5, "/metrics")
+            for line in metrics:gmatch("[^\n]+") do
+                if line:find('upstream="backend"', 1, true) and (line:find("balancer_info", 1, true)
+                   or line:find('option="retries"', 1, true) or line:find('option="ewma_decay"', 1, true)
+                   or line:find('option="outlier.consecutive_5xx"', 1, true)) then
+                    ngx.say(line)
+                end
+            end
         }
     }
 _EOC_
@@ -489,6 +499,10 @@ round trip: identical
 worker: 1 2.5 502,503,504 0
 worker: 1 2.5 502,503,504 0
 admin: 1 2.5 round_robin
+autoscale_upstream_balancer_info{upstream="backend",balancer="random"} 1
+autoscale_upstream_option{upstream="backend",option="retries"} 1
+autoscale_upstream_option{upstream="backend",option="ewma_decay"} 2.5
+autoscale_upstream_option{upstream="backend",option="outlier.consecutive_5xx"} 4
 --- no_error_log
 [error]
 

@@ -8,6 +8,7 @@
 --     location = /metrics { content_by_lua_block { autoscale.prometheus_handler() } }
 
 local status = require "resty.autoscale.status"
+local config = require "resty.autoscale.config"
 
 local ngx = ngx
 local type = type
@@ -52,6 +53,9 @@ local FAMILIES = {
     { "autoscale_upstream_draining_peers", "gauge", "Peers of the upstream that are draining." },
     { "autoscale_upstream_panic", "gauge", "1 while the upstream is in panic mode (too few healthy peers; all take traffic)." },
     { "autoscale_upstream_window_requests", "gauge", "Attempts of the upstream in the rolling window." },
+    { "autoscale_upstream_balancer_info", "gauge", "1, labelled with the upstream's balancer in force." },
+    { "autoscale_upstream_option", "gauge",
+      "Numeric options of the upstream in force, from shared memory, so run-time changes show (times in seconds)." },
     { "autoscale_region_bytes", "gauge", "Size of the shared-memory region." },
     { "autoscale_region_peer_slots", "gauge", "Peer records of the region (max_peers)." },
     { "autoscale_workers_attached", "gauge", "Worker processes attached to the region." },
@@ -77,6 +81,17 @@ for i, q in ipairs { { "0.5", "p50" }, { "0.9", "p90" }, { "0.99", "p99" }, { "0
     QUANTILES[i] = { q[2], ',quantile="' .. q[1] .. '"' }
 end
 local LE_INF = ',le="+Inf"'
+
+-- The numeric options of an upstream, as { name, label }; outlier options are named outlier.<name>.
+local OPTIONS, OUTLIER_OPTIONS = {}, {}
+for _, name in ipairs { "retries", "ewma_decay", "default_rtt", "slow_start", "slow_start_aggression",
+                        "slow_start_min_weight", "slow_peer_factor", "slow_peer_penalty", "failure_penalty" } do
+    OPTIONS[#OPTIONS + 1] = { name, ',option="' .. name .. '"' }
+end
+for name in pairs(config.defaults.outlier) do
+    OUTLIER_OPTIONS[#OUTLIER_OPTIONS + 1] = { name, ',option="outlier.' .. name .. '"' }
+end
+sort(OUTLIER_OPTIONS, function(a, b) return a[1] < b[1] end)
 
 -- A sample value in the exposition format (Lua's "inf"/"nan" are not).
 local function num(v)
@@ -183,6 +198,14 @@ local function upstream_samples(add, name, u)
     add("autoscale_upstream_draining_peers", l, u.draining)
     add("autoscale_upstream_panic", l, u.panic)
     add("autoscale_upstream_window_requests", l, u.requests)
+    local c = u.config
+    add("autoscale_upstream_balancer_info", l, 1, ',balancer="' .. escape(c.balancer) .. '"')
+    for _, o in ipairs(OPTIONS) do
+        add("autoscale_upstream_option", l, c[o[1]], o[2])
+    end
+    for _, o in ipairs(OUTLIER_OPTIONS) do
+        add("autoscale_upstream_option", l, c.outlier[o[1]], o[2])
+    end
     return l
 end
 
@@ -227,7 +250,7 @@ function _M.render(opts)
     end
     update_time()
     add("autoscale_exporter_render_seconds", "", now() - started)
-    return text()
+    return text() .. require("resty.autoscale.scaler").prometheus()
 end
 
 -- autoscale.prometheus_handler(), in content_by_lua*: answers the exposition (GET or HEAD).
