@@ -44,6 +44,7 @@ fn lua_cdef(header: &str) -> String {
 fn main() {
     println!("cargo:rerun-if-changed=src/lib.rs");
     println!("cargo:rerun-if-changed=src/admin_ffi.rs");
+    println!("cargo:rerun-if-changed=src/scaling_ffi.rs");
     println!("cargo:rerun-if-changed=build.rs");
     println!("cargo:rerun-if-env-changed=AUTOSCALE_REGEN");
     let root = PathBuf::from(env::var("CARGO_MANIFEST_DIR").expect("CARGO_MANIFEST_DIR"));

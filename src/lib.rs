@@ -29,6 +29,7 @@ use std::sync::atomic::{AtomicI64, Ordering::*};
 use std::sync::OnceLock;
 
 mod admin_ffi;
+mod scaling_ffi;
 
 /// Success.
 pub const AUTOSCALE_OK: c_int = 0;
@@ -249,7 +250,7 @@ fn with_worker<T>(f: impl FnOnce(&mut Worker) -> T) -> T {
 }
 
 /// Runs `f`, turning a panic into [`AUTOSCALE_ERR_PANIC`].
-fn guard<F: FnOnce() -> c_int>(f: F) -> c_int {
+pub(crate) fn guard<F: FnOnce() -> c_int>(f: F) -> c_int {
     catch_unwind(AssertUnwindSafe(f)).unwrap_or(AUTOSCALE_ERR_PANIC)
 }
 

@@ -214,6 +214,7 @@ pub struct Scaler {
     panic_until: u64,
     last_action: Option<u64>,
     holt: Holt,
+    started: Option<(u64, u32)>,
 }
 
 /// `ceil` that forgives float noise (2.0000000001 is 2).
@@ -241,6 +242,7 @@ impl Scaler {
             panic_until: 0,
             last_action: None,
             holt: Holt::default(),
+            started: None,
         }
     }
 
@@ -338,10 +340,16 @@ impl Scaler {
         while self.history.front().is_some_and(|&(t, _)| now_us.saturating_sub(t) > keep) {
             self.history.pop_front();
         }
+        if self.started.is_none() {
+            // The count in force when the scaler starts counts as a recommendation of the scale-down window, so that
+            // nothing is scaled down before a whole window has been seen.
+            self.started = Some((now_us, current.clamp(p.min_instances, p.max_instances)));
+        }
         self.history.push_back((now_us, recommendation));
         let in_window = |w: u64| self.history.iter().filter(move |&&(t, _)| now_us.saturating_sub(t) <= w).map(|&(_, r)| r);
         let up = if panic { recommendation } else { in_window(p.up_window_us).min().unwrap_or(recommendation) };
-        let down = in_window(p.down_window_us).max().unwrap_or(recommendation);
+        let seed = self.started.filter(|&(t, _)| now_us.saturating_sub(t) <= p.down_window_us).map(|(_, r)| r);
+        let down = in_window(p.down_window_us).chain(seed).max().unwrap_or(recommendation);
 
         let signal = best.map(|(_, i)| i).or(held);
         let mut d = Decision {
@@ -538,6 +546,14 @@ mod tests {
         assert!(acts[0].now_us > 35 * S && acts[0].now_us <= 36 * S, "{acts:?}");
         assert_eq!((acts[0].desired, acts[1].desired), (2, 1));
         assert_eq!(acts[0].reason, Reason::ScaleDown);
+    }
+
+    #[test]
+    fn no_scale_down_within_a_window_of_the_start() {
+        let mut sc = Scaler::new(Params { down_window_us: 10 * S, cooldown_us: 0, ..util(10.0) });
+        let mut cur = 4;
+        let acts = run(&mut sc, &mut cur, 0, 20 * S, |_| 0.0);
+        assert!(acts[0].now_us > 10 * S && acts[0].now_us <= 11 * S, "{acts:?}");
     }
 
     #[test]

@@ -133,7 +133,7 @@ local UPSTREAM_FIELDS = {
     peers = true, balancer = true, retries = true, ewma_decay = true, default_rtt = true, slow_start = true,
     slow_start_aggression = true, slow_start_min_weight = true, failure_penalty = true, outlier = true,
     slow_peer_factor = true, slow_peer_penalty = true,
-    failure_statuses = true, healthcheck = true, fallback = true, discovery = true,
+    failure_statuses = true, healthcheck = true, fallback = true, discovery = true, scaling = true,
 }
 
 -- A list of HTTP statuses: numbers and "lo-hi" ranges, e.g. { 500, "502-504" } or "500-599".
@@ -385,6 +385,10 @@ local function upstream(path, u)
     if out.discovery == nil then
         return nil, err
     end
+    out.scaling, err = require("resty.autoscale.scaler").validate(path .. ".scaling", u.scaling)
+    if out.scaling == nil then
+        return nil, err
+    end
     if type(u.peers) ~= "table" or #u.peers == 0 then
         return fail(path .. ".peers", "must be a non-empty list of peers")
     end
@@ -411,7 +415,7 @@ function _M.validate(conf)
     end
     local ok, err = known("configuration", conf, {
         upstreams = true, max_upstreams = true, max_peers = true, max_workers = true, window = true, lib_path = true,
-        event_log = true,
+        event_log = true, cluster = true,
     })
     if not ok then
         return nil, (err:gsub("^configuration%.", ""))
@@ -440,6 +444,10 @@ function _M.validate(conf)
         return fail("event_log", "must be a file path (got %s)", show(conf.event_log))
     end
     out.event_log = conf.event_log
+    out.cluster, err = require("resty.autoscale.scaler").validate_cluster(conf.cluster)
+    if out.cluster == nil then
+        return nil, err
+    end
     local w = conf.window or {}
     if type(w) ~= "table" then
         return fail("window", "must be a table (got %s)", type(w))

@@ -1,0 +1,694 @@
+-- Scaling decisions per upstream (service), made in a background timer by one worker at a time (the upstream's
+-- lease in shared memory, the same that active health checks use), from the statistics every worker shares:
+-- in-flight requests, request rate, a latency percentile, the error rate, and optionally a number fetched from a
+-- Prometheus server. The rules are in rust-core/src/scaling.rs; this module gathers the signals, coordinates with
+-- other gateways (resty.autoscale.cluster), records every decision, calls the actuator (resty.autoscale.actuator)
+-- or only publishes the desired count, and answers `pending(name)` while new capacity is awaited.
+-- State that every worker must see lives in `lua_shared_dict autoscale_scaling`. See docs/scaling.md.
+
+local ffi = require "ffi"
+local cjson = require "cjson.safe"
+local config = require "resty.autoscale.config"
+local actuator = require "resty.autoscale.actuator"
+local cluster = require "resty.autoscale.cluster"
+local http = require "resty.autoscale.http"
+
+local ngx = ngx
+local ngx_log = ngx.log
+local ngx_ERR = ngx.ERR
+local ngx_WARN = ngx.WARN
+local ngx_NOTICE = ngx.NOTICE
+local fail, number, known, show = config.fail, config.number, config.known, config.show
+local format = string.format
+local concat = table.concat
+local floor = math.floor
+local huge = math.huge
+local pairs = pairs
+local ipairs = ipairs
+local tostring = tostring
+local tonumber = tonumber
+local sort = table.sort
+
+local _M = {}
+
+local DICT = "autoscale_scaling"
+local NAN = 0 / 0
+local SIGNAL_NAMES = { [0] = "utilization", "rps", "latency", "error_rate", "external" }
+local REASONS = { [0] = "steady", "scale_up", "scale_down", "holding", "up_window", "stabilizing", "cooldown", "panic",
+                  "bounded", "no_data" }
+local PERCENTILES = { p50 = true, p90 = true, p99 = true, p999 = true }
+
+_M.defaults = {
+    interval = 0.5, min = 1, max = 100, tolerance = 0.1, scale_up_window = 1, scale_down_window = 300,
+    panic_threshold = 2.0, panic_window = 6, cooldown = 5, max_scale_up_rate = 2.0, max_step_up = 4,
+    max_scale_down_rate = 2.0, provision_timeout = 60, decisions = 100,
+    utilization = { target = 0.7, hold = 0 },
+    rps = { hold = 0 },
+    latency = { percentile = "p99", hold = 0 },
+    error_rate = { hold = 0 },
+    external = { hold = 0, interval = 5, timeout = 2 },
+    forecast = { alpha = 0.5, beta = 0.3 },
+}
+
+local RANGES = {
+    interval = { 0.05, 60 }, min = { 0, 100000, true }, max = { 1, 100000, true }, tolerance = { 0, 10 },
+    scale_up_window = { 0, 3600 }, scale_down_window = { 0, 3600 }, panic_threshold = { 1, 1000 },
+    panic_window = { 0, 3600 }, cooldown = { 0, 3600 }, max_scale_up_rate = { 1, 1000 },
+    max_step_up = { 0, 100000, true }, max_scale_down_rate = { 1, 1000 }, provision_timeout = { 0.1, 86400 },
+    decisions = { 1, 10000, true },
+}
+
+-- Options of each signal: name = { range } (a string range lists the allowed values).
+local SIGNAL_FIELDS = {
+    utilization = { capacity = { 0.001, 1e9 }, target = { 0.01, 100 }, hold = { 0, 3600 } },
+    rps = { target = { 0.001, 1e9 }, hold = { 0, 3600 } },
+    latency = { target = { 0.000001, 3600 }, hold = { 0, 3600 }, percentile = "percentile" },
+    error_rate = { target = { 0.0001, 1 }, hold = { 0, 3600 } },
+    external = { target = { 1e-9, 1e12 }, hold = { 0, 3600 }, interval = { 0.1, 3600 }, timeout = { 0.01, 60 },
+                 url = "url", query = "string" },
+}
+-- The option each signal cannot do without.
+local REQUIRED = { utilization = "capacity", rps = "target", latency = "target", error_rate = "target",
+                   external = "target" }
+
+local function signal(path, name, v)
+    if v == nil then
+        return false
+    end
+    if type(v) ~= "table" then
+        return fail(path, "must be a table (got %s)", type(v))
+    end
+    local fields = SIGNAL_FIELDS[name]
+    local ok, err = known(path, v, fields)
+    if not ok then
+        return nil, err
+    end
+    local out = {}
+    for k, d in pairs(_M.defaults[name]) do
+        out[k] = d
+    end
+    for k, spec in pairs(fields) do
+        local x = v[k]
+        if x ~= nil then
+            if spec == "percentile" then
+                if not PERCENTILES[x] then
+                    return fail(path .. "." .. k, "must be \"p50\", \"p90\", \"p99\" or \"p999\" (got %s)", show(x))
+                end
+                out[k] = x
+            elseif spec == "url" then
+                local u
+                u, err = http.parse_url(x)
+                if not u then
+                    return fail(path .. "." .. k, "%s (got %s)", err, show(x))
+                end
+                out[k] = x:gsub("/+$", "")
+            elseif spec == "string" then
+                if type(x) ~= "string" or x == "" then
+                    return fail(path .. "." .. k, "must be a non-empty string (got %s)", show(x))
+                end
+                out[k] = x
+            else
+                out[k], err = number(path .. "." .. k, x, spec[1], spec[2], spec[3])
+                if not out[k] then
+                    return nil, err
+                end
+            end
+        end
+    end
+    if out[REQUIRED[name]] == nil then
+        return fail(path .. "." .. REQUIRED[name], "is required")
+    end
+    if name == "external" and (not out.url or not out.query) then
+        return fail(path, "needs url (a Prometheus server) and query (a PromQL expression)")
+    end
+    return out
+end
+
+-- out, err = scaler.validate(path, v): a complete copy with defaults filled in, false when v is nil.
+function _M.validate(path, v)
+    if v == nil then
+        return false
+    end
+    if type(v) ~= "table" then
+        return fail(path, "must be a table (got %s)", type(v))
+    end
+    local allowed = { actuator = true, forecast = true }
+    for k in pairs(RANGES) do
+        allowed[k] = true
+    end
+    for k in pairs(SIGNAL_FIELDS) do
+        allowed[k] = true
+    end
+    local ok, err = known(path, v, allowed)
+    if not ok then
+        return nil, err
+    end
+    local out = {}
+    for k, r in pairs(RANGES) do
+        out[k], err = number(path .. "." .. k, v[k] == nil and _M.defaults[k] or v[k], r[1], r[2], r[3])
+        if not out[k] then
+            return nil, err
+        end
+    end
+    if out.min > out.max then
+        return fail(path .. ".min", "must not be above max (%s > %s)", out.min, out.max)
+    end
+    local any = false
+    for name in pairs(SIGNAL_FIELDS) do
+        out[name], err = signal(path .. "." .. name, name, v[name])
+        if out[name] == nil then
+            return nil, err
+        end
+        any = any or out[name] ~= false
+    end
+    if not any then
+        return fail(path, "needs at least one signal: utilization, rps, latency, error_rate or external")
+    end
+    if v.forecast ~= nil then
+        if type(v.forecast) ~= "table" then
+            return fail(path .. ".forecast", "must be a table (got %s)", type(v.forecast))
+        end
+        ok, err = known(path .. ".forecast", v.forecast, { lead_time = true, alpha = true, beta = true })
+        if not ok then
+            return nil, err
+        end
+        if not out.rps then
+            return fail(path .. ".forecast", "forecasts the request rate: needs the rps signal")
+        end
+        out.forecast = {}
+        for k, r in pairs { lead_time = { 0.001, 3600 }, alpha = { 0.01, 1 }, beta = { 0.01, 1 } } do
+            local x = v.forecast[k]
+            if x == nil then
+                x = _M.defaults.forecast[k]
+            end
+            if x == nil then
+                return fail(path .. ".forecast." .. k, "is required")
+            end
+            out.forecast[k], err = number(path .. ".forecast." .. k, x, r[1], r[2])
+            if not out.forecast[k] then
+                return nil, err
+            end
+        end
+    else
+        out.forecast = false
+    end
+    out.actuator, err = actuator.validate(path .. ".actuator", v.actuator)
+    if out.actuator == nil then
+        return nil, err
+    end
+    return out
+end
+
+_M.validate_cluster = cluster.validate
+
+----------------------------------------------------------------------------------------------------------------------
+
+local lib, conf, index, dict
+local services = {} -- name -> this worker's state of the service (engine handle, counters of the last tick)
+local params, sig, dec -- FFI out-parameters, made by init
+
+local function finite(v)
+    if v == nil or v ~= v or v == huge or v == -huge then
+        return nil
+    end
+    return v
+end
+
+-- scaler.init(lib, conf, index), from configure (init_by_lua*): raises when scaling is configured without its
+-- shared dict.
+function _M.init(library, configuration, upstream_index)
+    lib, conf, index = library, configuration, upstream_index
+    actuator.init(library)
+    local any = false
+    for _, u in pairs(conf.upstreams) do
+        any = any or (u.scaling and true)
+    end
+    if not any then
+        return true
+    end
+    params = ffi.new("autoscale_scaling_params_t")
+    sig = ffi.new("autoscale_scaling_signals_t")
+    dec = ffi.new("autoscale_scaling_decision_t")
+    dict = ngx.shared[DICT]
+    if not dict then
+        return nil, "scaling needs `lua_shared_dict " .. DICT .. " 1m;` in the http block"
+    end
+    dict:add("boot", floor(ngx.now()))
+    return true
+end
+
+local function new_engine(s)
+    params.min_instances, params.max_instances = s.min, s.max
+    params.capacity = s.utilization and s.utilization.capacity or 0
+    local targets = {
+        s.utilization and s.utilization.target or 0,
+        s.rps and s.rps.target or 0,
+        s.latency and s.latency.target * 1e6 or 0,
+        s.error_rate and s.error_rate.target or 0,
+        s.external and s.external.target or 0,
+    }
+    for i, name in ipairs { "utilization", "rps", "latency", "error_rate", "external" } do
+        params.targets[i - 1] = targets[i]
+        params.hold_ms[i - 1] = s[name] and floor(s[name].hold * 1000) or 0
+    end
+    params.up_window_ms = floor(s.scale_up_window * 1000)
+    params.down_window_ms = floor(s.scale_down_window * 1000)
+    params.panic_window_ms = floor(s.panic_window * 1000)
+    params.cooldown_ms = floor(s.cooldown * 1000)
+    params.max_step_up = s.max_step_up
+    params.forecast_lead_ms = s.forecast and floor(s.forecast.lead_time * 1000) or 0
+    params.tolerance = s.tolerance
+    params.panic_threshold = s.panic_threshold
+    params.max_up_rate = s.max_scale_up_rate
+    params.max_down_rate = s.max_scale_down_rate
+    params.forecast_alpha = s.forecast and s.forecast.alpha or 0.5
+    params.forecast_beta = s.forecast and s.forecast.beta or 0.3
+    local out = ffi.new("autoscale_scaler_t*[1]")
+    local rc = lib.autoscale_scaler_new(params, out)
+    if rc ~= 0 then
+        return nil, "autoscale_scaler_new failed (code " .. rc .. ")"
+    end
+    return ffi.gc(out[0], lib.autoscale_scaler_free)
+end
+
+-- This gateway's demand for service `name`: what its peers show now.
+local function measure(name, svc, s)
+    local st = require("resty.autoscale.status").upstream(name)
+    local d = { ready = 0, inflight = 0, requests = 0, failures = 0 }
+    if not st then
+        return d
+    end
+    local total, lat, lat_weight = 0, 0, 0
+    local pct = s.latency and s.latency.percentile
+    for _, p in ipairs(st.peers) do
+        if p.state ~= "draining" and p.state ~= "retired" then
+            d.ready = d.ready + 1
+        end
+        d.inflight = d.inflight + p.inflight
+        d.requests = d.requests + p.requests
+        d.failures = d.failures + p.failures
+        total = total + p.totals.requests
+        if pct and p[pct] and p.requests > 0 then
+            lat = lat + p[pct] * p.requests
+            lat_weight = lat_weight + p.requests
+        end
+    end
+    ngx.update_time()
+    local now = ngx.now()
+    if svc.last_total and total >= svc.last_total and now > svc.last_t then
+        d.rps = (total - svc.last_total) / (now - svc.last_t)
+    end
+    svc.last_total, svc.last_t = total, now
+    d.latency = lat_weight > 0 and lat / lat_weight or nil
+    d.error_rate = d.requests > 0 and d.failures / d.requests or nil
+    if svc.external and now - svc.external_t <= 3 * s.external.interval then
+        d.external = svc.external
+    end
+    return d
+end
+
+-- The whole cluster's demand from the demands of every live gateway.
+local function aggregate(own, demands)
+    local a = { ready = own.ready, external = own.external, inflight = 0, requests = 0, failures = 0, gateways = 0 }
+    local rps, lat
+    for _, d in ipairs(demands) do
+        a.gateways = a.gateways + 1
+        a.inflight = a.inflight + (d.inflight or 0)
+        a.requests = a.requests + (d.requests or 0)
+        a.failures = a.failures + (d.failures or 0)
+        if d.rps then
+            rps = (rps or 0) + d.rps
+        end
+        if d.latency and (not lat or d.latency > lat) then
+            lat = d.latency
+        end
+    end
+    a.rps, a.latency = rps, lat
+    a.error_rate = a.requests > 0 and a.failures / a.requests or nil
+    return a
+end
+
+local function why(r)
+    local reason = r.reason
+    if reason == "scale_up" or reason == "scale_down" then
+        local unit = r.signal == "latency" and " s" or ""
+        return format("%s %.4g%s vs target %.4g%s%s", r.signal or "bounds", r.value or 0, unit, r.target or 0, unit,
+                      r.panic and " (panic)" or "")
+    end
+    return ({
+        steady = "no change: every signal within tolerance of its target",
+        holding = "no change: " .. tostring(r.signal) .. " is off target for less than its hold time",
+        up_window = "no change: the scale-up window still holds a lower recommendation",
+        stabilizing = "no change: a recommendation of at least the current count is within the scale-down window",
+        cooldown = "no change yet: cooldown after the last action",
+        panic = "no change: no scale-down while panicking",
+        bounded = "no change: min/max instances or the step limits",
+        no_data = "no change: no signal has data",
+        follower = "decided by the leader " .. tostring(r.leader),
+    })[reason] or reason
+end
+
+local function record(name, s, r)
+    local seq = dict:incr("decseq:" .. name, 1, 0)
+    r.seq = seq
+    dict:set(format("dec:%s:%d", name, seq % s.decisions), cjson.encode(r) or "{}")
+    dict:incr("decisions:" .. name, 1, 0)
+    local state = {
+        service = name, desired = r.desired, current = r.current, ready = r.ready, mode = r.mode,
+        leader = r.leader, fencing_token = r.fencing_token, panic = r.panic, reason = r.reason, why = r.why,
+        time = r.time, seq = seq,
+    }
+    dict:set("state:" .. name, cjson.encode(state) or "{}")
+end
+
+-- Runs the actuator for one decision in its own timer (the tick goes on meanwhile).
+local function actuate(premature, name, s, call)
+    if premature then
+        return
+    end
+    local ok, err, attempts = actuator.call(s.actuator, call)
+    if ok then
+        ngx_log(ngx_NOTICE, "resty.autoscale scaling: ", cjson.encode { event = "actuated", service = name,
+                desired = call.desired, decision_id = call.decision_id, attempts = attempts })
+    else
+        dict:incr("failures:" .. name, 1, 0)
+        dict:delete("pending:" .. name) -- nothing is coming: decide again from what serves
+        ngx_log(ngx_ERR, "resty.autoscale scaling: ", cjson.encode { event = "actuator_failed", service = name,
+                desired = call.desired, decision_id = call.decision_id, attempts = attempts, error = err })
+    end
+end
+
+local function tick(name, s, svc)
+    local idx = index[name]
+    if lib.autoscale_check_lease(idx, floor(math.max(3 * s.interval, 1) * 1000)) ~= 1 then
+        svc.holder = false
+        return
+    end
+    svc.holder = true
+    if not svc.engine then
+        local err
+        svc.engine, err = new_engine(s)
+        if not svc.engine then
+            ngx_log(ngx_ERR, "resty.autoscale scaling of ", name, ": ", err)
+            return
+        end
+    end
+    local own = measure(name, svc, s)
+    local c = conf.cluster
+    local mode, view, demand, err = "local", nil, own, nil
+    if c then
+        view, err = cluster.exchange(c, name, own)
+        if view then
+            mode = view.leader and "leader" or "follower"
+            if view.leader then
+                demand = aggregate(own, view.demands or { own })
+            end
+        else
+            mode = "no_redis"
+            if svc.mode ~= "no_redis" then
+                ngx_log(ngx_WARN, "resty.autoscale scaling of ", name, ": deciding locally, ",
+                        c.actuate_without_redis and "acting" or "not acting", ": ", err)
+            end
+        end
+    end
+    svc.mode = mode
+
+    -- Capacity asked for and not there yet counts as current until it comes or provision_timeout passes.
+    local pending = dict:get("pending:" .. name)
+    local from = dict:get("pending_from:" .. name) or pending
+    if pending and ((pending >= from and own.ready >= pending) or (pending < from and own.ready <= pending)) then
+        dict:delete("pending:" .. name)
+        pending = nil
+    end
+    local current = pending or own.ready
+    ngx.update_time()
+    local now = ngx.now()
+    local r = {
+        time = now, service = name, mode = mode, gateway = c and c.gateway_id or nil, ready = own.ready,
+        current = current, inputs = { inflight = demand.inflight, rps = finite(demand.rps),
+        latency = finite(demand.latency), error_rate = finite(demand.error_rate), external = finite(demand.external),
+        gateways = demand.gateways },
+        leader = view and view.holder or nil, fencing_token = view and view.token or nil,
+    }
+    if mode == "follower" then
+        local d = view.desired
+        r.desired = d and d.desired or current
+        r.reason, r.panic = "follower", d and d.panic or false
+        r.why = why(r)
+        record(name, s, r)
+        return
+    end
+
+    sig.current, sig.ready = current, own.ready
+    sig.values[0] = s.utilization and demand.inflight or NAN
+    sig.values[1] = s.rps and demand.rps or NAN
+    sig.values[2] = s.latency and demand.latency and demand.latency * 1e6 or NAN
+    sig.values[3] = s.error_rate and demand.error_rate or NAN
+    sig.values[4] = s.external and demand.external or NAN
+    local rc = lib.autoscale_scaler_decide(svc.engine, now * 1000, sig, dec)
+    if rc ~= 0 then
+        ngx_log(ngx_ERR, "resty.autoscale scaling of ", name, ": decide failed (code ", rc, ")")
+        return
+    end
+    r.desired, r.action, r.reason = dec.desired, dec.action == 1, REASONS[dec.reason]
+    r.signal = SIGNAL_NAMES[dec.signal]
+    r.value, r.target = finite(dec.value), finite(dec.target)
+    if r.signal == "latency" then
+        r.value, r.target = r.value and r.value / 1e6, r.target and r.target / 1e6
+    end
+    r.recommendation, r.panic, r.forecast_rps = dec.recommendation, dec.panic == 1, finite(dec.forecast_rps)
+    r.per_signal = {}
+    for i = 0, 4 do
+        if dec.per_signal[i] > 0 then
+            r.per_signal[SIGNAL_NAMES[i]] = dec.per_signal[i]
+        end
+    end
+    r.why = why(r)
+
+    if r.action then
+        local boot = dict:get("boot") or 0
+        local seq = dict:incr("seq", 1, 0)
+        r.decision_id = format("%s-%s-%d-%d", r.gateway or "gw", name, boot, seq)
+        r.idempotency_key = format("%s-%d-%d-%d", name, r.fencing_token or 0, boot, seq)
+        local may_act = mode == "local" or mode == "leader" or c.actuate_without_redis
+        local up = r.desired > current
+        if may_act then
+            dict:incr("actions:" .. name .. (up and ":up" or ":down"), 1, 0)
+            dict:set("pending:" .. name, r.desired, s.provision_timeout)
+            dict:set("pending_from:" .. name, own.ready, s.provision_timeout)
+            if s.actuator then
+                local call = { service = name, current = current, desired = r.desired, reason = r.why,
+                               decision_id = r.decision_id, idempotency_key = r.idempotency_key,
+                               gateway = r.gateway or "gateway", fencing_token = r.fencing_token or 0, ts = now }
+                local ok, terr = ngx.timer.at(0, actuate, name, s, call)
+                if not ok then
+                    ngx_log(ngx_ERR, "resty.autoscale scaling of ", name, ": cannot start the actuator: ", terr)
+                end
+            end
+        else
+            r.suppressed = "Redis unreachable and cluster.actuate_without_redis is false"
+            dict:incr("suppressed:" .. name, 1, 0)
+        end
+        ngx_log(ngx_WARN, "resty.autoscale scaling: ", cjson.encode(r))
+    elseif r.reason ~= svc.last_reason then
+        ngx_log(ngx_NOTICE, "resty.autoscale scaling: ", cjson.encode(r))
+    end
+    svc.last_reason = r.reason
+    record(name, s, r)
+    if mode == "leader" then
+        local ok, perr = cluster.publish(c, name, { desired = r.desired, panic = r.panic, seq = r.seq })
+        if not ok then
+            ngx_log(ngx_WARN, "resty.autoscale scaling of ", name, ": ", perr)
+        end
+    end
+end
+
+-- The external signal: one Prometheus instant query, its first sample's value.
+local function fetch_external(name, s, svc)
+    if not svc.holder then
+        return
+    end
+    local e = s.external
+    local status, body = http.request { url = e.url .. "/api/v1/query?query=" .. ngx.escape_uri(e.query),
+                                        timeout = e.timeout }
+    local data = status == 200 and cjson.decode(body)
+    local result = type(data) == "table" and type(data.data) == "table" and data.data.result
+    local v = type(result) == "table" and type(result[1]) == "table" and type(result[1].value) == "table"
+              and tonumber(result[1].value[2])
+    if v and finite(v) then
+        ngx.update_time()
+        svc.external, svc.external_t = v, ngx.now()
+    else
+        ngx_log(ngx_WARN, "resty.autoscale scaling of ", name, ": external query failed: ",
+                tostring(status), " ", tostring(body):sub(1, 200))
+    end
+end
+
+local function every(interval, fn, label)
+    local busy = false
+    return ngx.timer.every(interval, function(premature)
+        if premature or busy then
+            return
+        end
+        busy = true
+        local ok, err = pcall(fn)
+        busy = false
+        if not ok then
+            ngx_log(ngx_ERR, "resty.autoscale scaling: ", label, ": ", err)
+        end
+    end)
+end
+
+-- ok, err = scaler.start(): in every worker (init_worker); one timer per upstream with `scaling`.
+function _M.start()
+    if not dict then
+        return true
+    end
+    for name, u in pairs(conf.upstreams) do
+        local s = u.scaling
+        if s then
+            local svc = {}
+            services[name] = svc
+            local ok, err = every(s.interval, function() tick(name, s, svc) end, name)
+            if ok and s.external then
+                ok, err = every(s.external.interval, function() fetch_external(name, s, svc) end, name .. " external")
+            end
+            if not ok then
+                return nil, err
+            end
+        end
+    end
+    return true
+end
+
+-- pending = scaler.pending(name): true while an action for upstream `name` is in flight or its new capacity is
+-- awaited (until the serving peers reach the desired count or provision_timeout passes). Cheap: one shared-dict
+-- read, usable in any phase.
+function _M.pending(name)
+    return dict ~= nil and dict:get("pending:" .. name) ~= nil
+end
+
+-- st = scaler.state(name): the latest decision state of upstream `name` (nil without scaling or before one).
+function _M.state(name)
+    local u = conf and conf.upstreams[name]
+    if not (u and u.scaling and dict) then
+        return nil
+    end
+    local st = cjson.decode(dict:get("state:" .. name) or "null")
+    if type(st) ~= "table" then
+        st = { service = name }
+    end
+    st.pending = _M.pending(name)
+    st.decisions_total = dict:get("decisions:" .. name) or 0
+    st.actions = { up = dict:get("actions:" .. name .. ":up") or 0, down = dict:get("actions:" .. name .. ":down") or 0 }
+    st.actuator_failures = dict:get("failures:" .. name) or 0
+    st.suppressed = dict:get("suppressed:" .. name) or 0
+    st.actuator = u.scaling.actuator and u.scaling.actuator.type or "publish"
+    return st
+end
+
+-- list = scaler.decisions(name, max): the most recent decisions (with their inputs), oldest first.
+function _M.decisions(name, max)
+    local u = conf and conf.upstreams[name]
+    if not (u and u.scaling and dict) then
+        return {}
+    end
+    local size = u.scaling.decisions
+    local last = dict:get("decseq:" .. name) or 0
+    local out = {}
+    for seq = math.max(1, last - math.min(max or size, size) + 1), last do
+        local r = cjson.decode(dict:get(format("dec:%s:%d", name, seq % size)) or "null")
+        if type(r) == "table" and r.seq == seq then
+            out[#out + 1] = r
+        end
+    end
+    return out
+end
+
+local function names()
+    local out = {}
+    for name, u in pairs(conf and conf.upstreams or {}) do
+        if u.scaling then
+            out[#out + 1] = name
+        end
+    end
+    sort(out)
+    return out
+end
+
+-- autoscale.scaling_handler(), in content_by_lua*: the desired instances per service as JSON, for KEDA's
+-- metrics-api scaler (valueLocation "desired" with ?service=name) or anyone else. `?decisions=n` adds the last n
+-- decisions.
+function _M.handler()
+    local args = ngx.req.get_uri_args()
+    local n = tonumber(args.decisions)
+    local function one(name)
+        local st = _M.state(name)
+        if n then
+            st.decisions = _M.decisions(name, n)
+        end
+        return st
+    end
+    local body
+    ngx.header["Content-Type"] = "application/json"
+    ngx.header["Cache-Control"] = "no-store"
+    if args.service then
+        if type(args.service) ~= "string" or not _M.state(args.service) then
+            ngx.status = 404
+            ngx.say(cjson.encode { error = "no service with scaling named " .. tostring(args.service) })
+            return
+        end
+        body = one(args.service)
+    else
+        body = { services = {} }
+        for _, name in ipairs(names()) do
+            body.services[name] = one(name)
+        end
+    end
+    ngx.say(cjson.encode(body))
+end
+
+-- text = scaler.prometheus(): the scaling families in Prometheus' text format ("" without scaling).
+function _M.prometheus()
+    local list = names()
+    if #list == 0 or not dict then
+        return ""
+    end
+    local families = {
+        { "autoscale_scaling_desired_instances", "gauge", "Instances the service should have (for an HPA external metric: target averageValue 1).", "desired" },
+        { "autoscale_scaling_current_instances", "gauge", "Instances asked for (serving, or being provisioned).", "current" },
+        { "autoscale_scaling_ready_instances", "gauge", "Peers of the service taking traffic.", "ready" },
+        { "autoscale_scaling_pending", "gauge", "1 while an action is in flight or its capacity is awaited.", "pending" },
+        { "autoscale_scaling_panic", "gauge", "1 while the service is in the panic window.", "panic" },
+        { "autoscale_scaling_leader", "gauge", "1 when this gateway decides for the service (the Redis leader, or alone).", "leader" },
+        { "autoscale_scaling_decisions_total", "counter", "Decisions made (including no change).", "decisions_total" },
+        { "autoscale_scaling_actions_total", "counter", "Scaling actions decided, by direction.", "actions" },
+        { "autoscale_scaling_actuator_failures_total", "counter", "Actions whose actuator failed after all retries.", "actuator_failures" },
+    }
+    local out = {}
+    for _, f in ipairs(families) do
+        out[#out + 1] = format("# HELP %s %s\n# TYPE %s %s\n", f[1], f[3], f[1], f[2])
+        for _, name in ipairs(list) do
+            local st = _M.state(name)
+            local l = 'upstream="' .. name .. '"'
+            local v = st[f[4]]
+            if f[4] == "actions" then
+                out[#out + 1] = format("%s{%s,direction=\"up\"} %d\n%s{%s,direction=\"down\"} %d\n", f[1], l, v.up,
+                                       f[1], l, v.down)
+            else
+                if f[4] == "leader" then
+                    v = st.mode == nil or st.mode == "local" or st.mode == "leader" or st.mode == "no_redis"
+                end
+                if type(v) == "boolean" then
+                    v = v and 1 or 0
+                end
+                if v ~= nil then
+                    out[#out + 1] = format("%s{%s} %s\n", f[1], l, tostring(v))
+                end
+            end
+        end
+    end
+    return concat(out)
+end
+
+return _M
