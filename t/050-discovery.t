@@ -84,13 +84,14 @@ __DATA__
             check { dns = { name = "a.b", type = "MX", port = 80 } }
             check { dns = { name = "a.b", port = 80, nameservers = { "localhost" } } }
             check { dns = { name = "a.b", port = 80, nameservers = { "127.0.0.1" }, min_ttl = 5, max_ttl = 1 } }
-            check { etcd = { endpoints = { "https://127.0.0.1:2379" }, prefix = "/svc/" } }
+            check { etcd = { endpoints = { "http://127.0.0.1:2379/v3" }, prefix = "/svc/" } }
+            check { etcd = { endpoints = { "127.0.0.1:2379" }, prefix = "/svc/" } }
             check { etcd = { endpoints = { "http://127.0.0.1:2379" } } }
             check { etcd = { endpoints = { "http://127.0.0.1:2379" }, prefix = "/svc/", interval = 0 } }
             check({ standby = { "[::1]:80" } }, { "[0:0::1]:80" })
             check { standby = { { addr = "[2001:DB8:0:0:1::1]:80", weight = 2 } },
                     dns = { name = "_http._tcp.api.default.svc.cluster.local", type = "SRV", nameservers = { "[::1]:53" } },
-                    etcd = { endpoints = { "http://127.0.0.1:2379", "http://[::1]:2379" }, prefix = "/svc/api/" } }
+                    etcd = { endpoints = { "http://127.0.0.1:2379", "https://[::1]:2379/" }, prefix = "/svc/api/" } }
         }
     }
 --- request
@@ -112,7 +113,8 @@ upstreams.api.discovery.dns.port: SRV records carry their own ports: leave port 
 upstreams.api.discovery.dns.type: must be "A", "AAAA" or "SRV" (got "MX")
 upstreams.api.discovery.dns.nameservers[1]: must be "ip", "ip:port" or "[ipv6]:port" (got "localhost")
 upstreams.api.discovery.dns.max_ttl: must not be less than min_ttl (1 < 5)
-upstreams.api.discovery.etcd.endpoints[1]: must be "http://host:port" (https is not supported; got "https://127.0.0.1:2379")
+upstreams.api.discovery.etcd.endpoints[1]: must be "http://host:port" or "https://host:port" (has a path; got "http://127.0.0.1:2379/v3")
+upstreams.api.discovery.etcd.endpoints[1]: must be "http://host:port" or "https://host:port" (must start with http:// or https://; got "127.0.0.1:2379")
 upstreams.api.discovery.etcd.prefix: must be a non-empty string, e.g. "/services/api/" (got nil)
 upstreams.api.discovery.etcd.interval: must be between 0.05 and 3600 (got 0)
 upstreams.api.discovery.standby[1]: [::1]:80 is also in peers

@@ -101,4 +101,35 @@ function _M.write(path, text)
     f:close()
 end
 
+-- proc = process.etcd(dir, port): a single-member etcd (Debian etcd-server) with its data in `dir`/etcd-data, clients on
+-- `port` and peers on `port` + 1, started anew (its data kept when it was started before) and waited for (20 s).
+function _M.etcd(dir, port)
+    local proc = _M.start(string.format("etcd --name t --data-dir %setcd-data --logger zap --log-level error"
+        .. " --listen-client-urls http://127.0.0.1:%d --advertise-client-urls http://127.0.0.1:%d"
+        .. " --listen-peer-urls http://127.0.0.1:%d --initial-advertise-peer-urls http://127.0.0.1:%d"
+        .. " --initial-cluster t=http://127.0.0.1:%d", dir, port, port, port + 1, port + 1, port + 1), dir .. "etcd.log")
+    assert(t.poll(function()
+        return t.request { port = port, method = "POST", path = "/v3/kv/range", body = '{"key":"AA=="}' } == 200
+    end, 20), "etcd did not start: " .. _M.read(dir .. "etcd.log"):sub(-2000))
+    return proc
+end
+
+-- n = process.count(path, pattern): how many times the Lua pattern occurs in the file (e.g. an error log)
+function _M.count(path, pattern)
+    return select(2, _M.read(path):gsub(pattern, ""))
+end
+
+-- seconds = process.until_served(port, path, body): how long until a request to the gateway on `port` is answered
+-- with `body` (nil after 5 s). Asks in small concurrent bursts, as under load: a peer in slow start is rarely the
+-- cheaper of the two a lone request compares.
+function _M.until_served(port, path, body)
+    ngx.update_time()
+    local t0 = ngx.now()
+    local ok = t.poll(function()
+        return t.load { port = port, path = path, concurrency = 4, requests = 16, timeout = 1000 }.by_key[body] ~= nil
+    end, 5)
+    ngx.update_time()
+    return ok and ngx.now() - t0 or nil
+end
+
 return _M

@@ -292,15 +292,15 @@ local function ask(u, s)
             ngx_log(ngx_WARN, "resty.autoscale: discovery of ", u.name, ": ", s.kind, " failed (", tostring(interval),
                     "); keeping its last good set of ", s.peers and #s.peers or 0, " peers")
         end
-        s.error, s.failures = tostring(interval), s.failures + 1
+        s.error, s.failures, s.streak = tostring(interval), s.failures + 1, s.streak + 1
         s.next_at = t + s.retry
         return false
     end
     if s.error then
         ngx_log(ngx_NOTICE, "resty.autoscale: discovery of ", u.name, ": ", s.kind, " answers again after ",
-                s.failures, " failed attempts")
+                s.streak, " failed attempts")
     end
-    s.error, s.last_ok, s.next_at = nil, t, t + interval
+    s.error, s.streak, s.last_ok, s.next_at = nil, 0, t, t + interval
     for key, why in pairs(bad or {}) do
         once(u, "bad " .. key, ngx_WARN, s.kind .. " key " .. key .. " skipped: " .. why)
     end
@@ -356,7 +356,7 @@ function _M.init(library, configuration, upstream_index)
             for _, kind in ipairs(SOURCES) do
                 if c[kind] then
                     u.sources[#u.sources + 1] = {
-                        kind = kind, conf = c[kind], next_at = 0, failures = 0,
+                        kind = kind, conf = c[kind], next_at = 0, failures = 0, streak = 0,
                         retry = kind == "dns" and c[kind].min_ttl or c[kind].interval,
                     }
                 end

@@ -1,24 +1,22 @@
 -- etcd v3 discovery source: every key under a prefix is one peer, read through etcd's HTTP/JSON gateway
 -- (`POST /v3/kv/range` with base64 keys). A value is `{"addr":"127.0.0.1:9001","weight":2}` (weight optional) or a
 -- plain `127.0.0.1:9001`. Polled every `interval`; when the store's revision has not moved, nothing is parsed.
--- Endpoints are tried in order; the one that answered is asked first next time.
+-- Endpoints (http or https) are tried in order; the one that answered is asked first next time.
 
 local cjson = require "cjson.safe"
 local config = require "resty.autoscale.config"
 local addr = require "resty.autoscale.discovery.addr"
+local http = require "resty.autoscale.http"
 
 local ngx = ngx
-local tcp = ngx.socket.tcp
 local encode_base64 = ngx.encode_base64
 local decode_base64 = ngx.decode_base64
 local type = type
 local ipairs = ipairs
 local pairs = pairs
-local tonumber = tonumber
 local tostring = tostring
 local byte = string.byte
 local char = string.char
-local concat = table.concat
 local fail, number, known, show = config.fail, config.number, config.known, config.show
 
 local _M = {}
@@ -28,21 +26,13 @@ _M.defaults = {
     timeout = 2,
 }
 
-local MAX_BODY = 16 * 1024 * 1024
-
 local function endpoint(path, v)
-    if type(v) ~= "string" then
-        return fail(path, "must be \"http://host:port\" (got %s)", type(v))
+    local u, err = http.parse_url(v)
+    if not u or u.path ~= "/" then
+        return fail(path, "must be \"http://host:port\" or \"https://host:port\" (%s; got %s)", err or "has a path",
+                    show(v))
     end
-    local host, port = v:match("^http://%[([%x:]+)%]:(%d+)/?$")
-    if not host then
-        host, port = v:match("^http://([%w%-%.]+):(%d+)/?$")
-    end
-    port = tonumber(port)
-    if not host or not port or port < 1 or port > 65535 then
-        return fail(path, "must be \"http://host:port\" (https is not supported; got %s)", show(v))
-    end
-    return { host = host, port = port, url = v }
+    return (v:gsub("/$", ""))
 end
 
 -- The end of the key range of every key starting with `prefix` (etcd's "prefix end").
@@ -91,93 +81,6 @@ function _M.validate(path, v)
     return out
 end
 
--- status, body = post(ep, path, body, timeout): one HTTP/1.1 request; nil, err when there is no complete answer.
-local function post(ep, path, body, timeout)
-    local sock = tcp()
-    sock:settimeout(timeout * 1000)
-    local ok, err = sock:connect(ep.host, ep.port)
-    if not ok then
-        return nil, "connect: " .. tostring(err)
-    end
-    ok, err = sock:send { "POST ", path, " HTTP/1.1\r\nHost: ", ep.host, ":", tostring(ep.port),
-                          "\r\nContent-Type: application/json\r\nContent-Length: ", tostring(#body),
-                          "\r\nUser-Agent: resty.autoscale discovery\r\n\r\n", body }
-    if not ok then
-        sock:close()
-        return nil, "send: " .. tostring(err)
-    end
-    local line
-    line, err = sock:receive("*l")
-    local status = line and tonumber(line:match("^HTTP/1%.[01] (%d%d%d)"))
-    if not status then
-        sock:close()
-        return nil, "bad status line: " .. tostring(line or err)
-    end
-    local length, chunked, close = nil, false, false
-    while true do
-        local h
-        h, err = sock:receive("*l")
-        if not h then
-            sock:close()
-            return nil, "headers: " .. tostring(err)
-        end
-        if h == "" then
-            break
-        end
-        local k, v = h:match("^([^:]+):%s*(.-)%s*$")
-        k = k and k:lower()
-        if k == "content-length" then
-            length = tonumber(v)
-        elseif k == "transfer-encoding" then
-            chunked = v:lower() == "chunked"
-        elseif k == "connection" then
-            close = v:lower() == "close"
-        end
-    end
-    local data
-    if chunked then
-        local parts, total = {}, 0
-        while true do
-            local size = sock:receive("*l")
-            size = size and tonumber(size:match("^%x+"), 16)
-            if not size or total + size > MAX_BODY then
-                sock:close()
-                return nil, "bad chunked body"
-            end
-            if size == 0 then
-                sock:receive("*l")
-                break
-            end
-            parts[#parts + 1], err = sock:receive(size)
-            if not parts[#parts] or not sock:receive("*l") then
-                sock:close()
-                return nil, "body: " .. tostring(err)
-            end
-            total = total + size
-        end
-        data = concat(parts)
-    elseif length then
-        if length > MAX_BODY then
-            sock:close()
-            return nil, "body too large (" .. length .. " bytes)"
-        end
-        data, err = sock:receive(length)
-    else
-        data, err = sock:receive("*a")
-        close = true
-    end
-    if not data then
-        sock:close()
-        return nil, "body: " .. tostring(err)
-    end
-    if close then
-        sock:close()
-    else
-        sock:setkeepalive(60000, 2)
-    end
-    return status, data
-end
-
 -- peer, err = etcd.peer(value): a stored value as { addr =, weight = }.
 function _M.peer(value)
     local text = value:match("^%s*(.-)%s*$")
@@ -205,7 +108,8 @@ end
 function _M.fetch(c, last_revision)
     local status, body, err
     for i, ep in ipairs(c.endpoints) do
-        status, body = post(ep, "/v3/kv/range", c.body, c.timeout)
+        status, body = http.request { url = ep .. "/v3/kv/range", method = "POST", body = c.body, timeout = c.timeout,
+                                      headers = { ["Content-Type"] = "application/json" } }
         if status == 200 then
             if i > 1 then -- the endpoint that answered goes first
                 table.remove(c.endpoints, i)
@@ -213,7 +117,7 @@ function _M.fetch(c, last_revision)
             end
             break
         end
-        err = (err and err .. "; " or "") .. ep.url .. ": " .. (status and ("HTTP " .. status) or tostring(body))
+        err = (err and err .. "; " or "") .. ep .. ": " .. (status and ("HTTP " .. status) or tostring(body))
         status = nil
     end
     if not status then
