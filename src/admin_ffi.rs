@@ -1,10 +1,11 @@
-//! Reading back the tunables in force: what `autoscale.status()`, the status JSON, the admin API and the Prometheus
-//! exporter show after a run-time change (`control.tune`, an admin `PATCH`), read from shared memory rather than from
-//! the Lua table of `init_by_lua`, so every worker shows the same, current values.
+//! What the status, the admin API and the Prometheus exporter read beyond the statistics: the tunables in force
+//! after a run-time change (`control.tune`, an admin `PATCH`), read from shared memory rather than from the Lua table
+//! of `init_by_lua`, so every worker shows the same, current values; and the totals of events per kind.
 
 use crate::{autoscale_outlier_spec_t, guard, AUTOSCALE_ERR_ARG, AUTOSCALE_ERR_NO_REGION, AUTOSCALE_ERR_UPSTREAM, AUTOSCALE_OK, REGION};
 use autoscale_core::engine::UpstreamParams;
 use autoscale_core::health::OutlierParams;
+use autoscale_core::layout::EVENT_KINDS;
 use std::ffi::c_int;
 
 /// The tunables of an upstream as they are in force, in the units of `autoscale_upstream_spec_t` (its peers are
@@ -90,6 +91,51 @@ pub unsafe extern "C" fn autoscale_upstream_config(upstream: u32, out: *mut auto
         let Some((params, _, _)) = region.read_upstream(upstream) else { return AUTOSCALE_ERR_UPSTREAM };
         *out = config_of(&params);
         AUTOSCALE_OK
+    })
+}
+
+/// Writes the number of events written so far of each kind into `out[kind]` (at most `cap` kinds) and returns the
+/// number of kinds counted ([`EVENT_KINDS`]; the last one counts any kind at or above it).
+///
+/// # Safety
+/// `out` must point to `cap` writable u64 (or be NULL with `cap` = 0).
+///
+/// # Errors
+/// `AUTOSCALE_ERR_NO_REGION` before `autoscale_region_init`; `AUTOSCALE_ERR_ARG` for NULL with `cap` > 0.
+#[no_mangle]
+pub unsafe extern "C" fn autoscale_event_totals(out: *mut u64, cap: usize) -> c_int {
+    guard(|| {
+        let Some(region) = REGION.get() else { return AUTOSCALE_ERR_NO_REGION };
+        if out.is_null() && cap > 0 {
+            return AUTOSCALE_ERR_ARG;
+        }
+        for (k, total) in region.event_totals().into_iter().take(cap).enumerate() {
+            // SAFETY: k < cap, and `out` points to `cap` writable u64.
+            unsafe { *out.add(k) = total };
+        }
+        EVENT_KINDS as c_int
+    })
+}
+
+/// Copies the name of event kind `kind` (`"ejected"`, ...; `"unknown"` for a number that is no kind) into `buf`,
+/// truncated to `len` bytes, not NUL-terminated, and returns its length.
+///
+/// # Safety
+/// `buf` must point to `len` writable bytes.
+///
+/// # Errors
+/// `AUTOSCALE_ERR_ARG` for a NULL `buf`.
+#[no_mangle]
+pub unsafe extern "C" fn autoscale_event_kind_name(kind: u32, buf: *mut u8, len: usize) -> c_int {
+    guard(|| {
+        if buf.is_null() {
+            return AUTOSCALE_ERR_ARG;
+        }
+        let name = autoscale_core::events::kind::name(kind);
+        let n = name.len().min(len);
+        // SAFETY: `buf` points to `len` >= n writable bytes.
+        unsafe { std::ptr::copy_nonoverlapping(name.as_ptr(), buf, n) };
+        n as c_int
     })
 }
 

@@ -261,6 +261,11 @@ resty.autoscale admin: backend:
             status, body = api("GET", "/events")
             for _, e in ipairs(body.events) do kinds[#kinds + 1] = e.event end
             ngx.say(table.concat(kinds, " "))
+            -- the totals per kind, in Prometheus (from shared memory, whatever worker answers)
+            local _, metrics = t.get(gw, "/metrics")
+            ngx.print((metrics:gsub("[^\n]*\n", function(line)
+                return line:find("^autoscale_events_total{") and line or ""
+            end)))
         }
     }
 _EOC_
@@ -283,6 +288,20 @@ read: 200 backend 2 peers, balancer random
 list: 200 backend single
 peer: 200 true weight 1
 config config peer_added config weight draining enabled config peer_removed config tuned config tuned
+autoscale_events_total{kind="config"} 6
+autoscale_events_total{kind="draining"} 1
+autoscale_events_total{kind="ejected"} 0
+autoscale_events_total{kind="ejection_skipped"} 0
+autoscale_events_total{kind="enabled"} 1
+autoscale_events_total{kind="fallback"} 0
+autoscale_events_total{kind="half_open"} 0
+autoscale_events_total{kind="healthy"} 0
+autoscale_events_total{kind="panic_off"} 0
+autoscale_events_total{kind="panic_on"} 0
+autoscale_events_total{kind="peer_added"} 1
+autoscale_events_total{kind="peer_removed"} 1
+autoscale_events_total{kind="tuned"} 2
+autoscale_events_total{kind="weight"} 1
 --- error_log eval
 [
 qr/resty\.autoscale admin: backend: added peer 127\.0\.0\.1:\d+ weight 2 \(POST \/autoscale\/admin\/upstreams\/backend\/peers by client=127\.0\.0\.1 token=ops request_id=[0-9a-f]{32}\)/,

@@ -6,7 +6,7 @@
 //! and reasons exist in one place.
 
 use crate::health::{self, Reason};
-use crate::layout::{Region, EVENT_RING};
+use crate::layout::{Region, EVENT_KINDS, EVENT_RING};
 use std::fmt::Write;
 use std::sync::atomic::Ordering::*;
 
@@ -74,6 +74,7 @@ impl Region {
     /// Appends an event to the ring.
     pub fn emit(&self, now_us: u64, kind: u32, reason: Option<Reason>, upstream: u32, slot: u32, values: [f64; 4]) {
         let seq = self.header().event_seq.fetch_add(1, AcqRel);
+        self.header().event_totals[(kind as usize).min(EVENT_KINDS - 1)].fetch_add(1, Relaxed);
         let e = &self.events()[(seq % EVENT_RING as u64) as usize];
         e.seq.store(0, Release);
         e.time_us.store(now_us, Relaxed);
@@ -85,6 +86,11 @@ impl Region {
             d.store(v.to_bits(), Relaxed);
         }
         e.seq.store(seq + 1, Release);
+    }
+
+    /// Events written since the region was created, per kind (index = kind), including those the ring no longer holds.
+    pub fn event_totals(&self) -> [u64; EVENT_KINDS] {
+        std::array::from_fn(|k| self.header().event_totals[k].load(Relaxed))
     }
 
     /// The next sequence number (events `0..next` were written; the last [`EVENT_RING`] are still there).
@@ -228,6 +234,11 @@ mod tests {
         let (from, to) = r.claim_events();
         assert_eq!((from, to), (0, EVENT_RING as u64 + 10));
         assert_eq!(r.claim_events().0, r.claim_events().1, "nothing left to claim");
+        assert_eq!(r.event_totals()[kind::CONFIG as usize], EVENT_RING as u64 + 10, "totals outlive the ring");
+        r.emit(0, kind::EJECTED, None, NO_PEER, NO_PEER, [0.0; 4]);
+        r.emit(0, 99, None, NO_PEER, NO_PEER, [0.0; 4]);
+        let totals = r.event_totals();
+        assert_eq!((totals[kind::EJECTED as usize], totals[EVENT_KINDS - 1], totals.iter().sum::<u64>()), (1, 1, EVENT_RING as u64 + 12));
         let json = r.event_json(&out[0], 0);
         assert_eq!(json, "{\"seq\":10,\"time\":0.010,\"event\":\"config\",\"epoch\":10,\"upstreams\":1,\"peers\":2}");
     }

@@ -24,6 +24,8 @@ pub const MAGIC: u64 = u64::from_le_bytes(*b"ASCALE\x00\x01");
 pub const LAYOUT_VERSION: u32 = 3;
 /// Events kept in the ring (the most recent ones).
 pub const EVENT_RING: usize = 1024;
+/// Event kinds counted in [`Header::event_totals`] (kinds at or above it count in the last one).
+pub const EVENT_KINDS: usize = 16;
 
 /// Sizes of the region, fixed for its lifetime.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -179,6 +181,8 @@ pub struct Header {
     pub event_seq: AtomicU64,
     /// Events already claimed for logging (see `Region::claim_events`).
     pub events_logged: AtomicU64,
+    /// Events written so far, per kind (see `Region::event_totals`).
+    pub event_totals: [AtomicU64; EVENT_KINDS],
 }
 
 /// One state change or decision, in a ring of the most recent [`EVENT_RING`].

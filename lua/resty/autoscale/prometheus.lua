@@ -60,6 +60,7 @@ local FAMILIES = {
     { "autoscale_region_peer_slots", "gauge", "Peer records of the region (max_peers)." },
     { "autoscale_workers_attached", "gauge", "Worker processes attached to the region." },
     { "autoscale_config_epoch", "gauge", "Configuration generation (bumped by every configure)." },
+    { "autoscale_events_total", "counter", "Events written since the start, by kind (state changes and decisions)." },
     { "autoscale_dropped_samples_total", "counter", "Samples dropped by the core (should stay 0)." },
     { "autoscale_evicted_requests_total", "counter", "Requests evicted from a worker's request table (should stay 0)." },
     { "autoscale_exporter_render_seconds", "gauge", "Time this scrape took to render, up to this line." },
@@ -214,6 +215,14 @@ local function region_samples(add, r)
     add("autoscale_region_peer_slots", "", r.max_peers)
     add("autoscale_workers_attached", "", r.workers_attached)
     add("autoscale_config_epoch", "", r.config_epoch)
+    local kinds = {}
+    for k in pairs(r.event_totals) do
+        kinds[#kinds + 1] = k
+    end
+    sort(kinds)
+    for _, k in ipairs(kinds) do
+        add("autoscale_events_total", 'kind="' .. k .. '"', r.event_totals[k])
+    end
     add("autoscale_dropped_samples_total", "", r.dropped_samples)
     add("autoscale_evicted_requests_total", "", r.evicted_requests)
 end

@@ -23,8 +23,31 @@ local upconf = ffi.new("autoscale_upstream_config_t")
 local events = require "resty.autoscale.events"
 local spec = require "resty.autoscale.spec"
 
+local totals = ffi.new("uint64_t[64]")
+local KINDS = {} -- event kind number -> name
+
 function _M.init(library, configuration, upstream_index)
     lib, conf, index = library, configuration, upstream_index
+    local name = ffi.new("uint8_t[32]")
+    for k = 1, 63 do
+        local len = lib.autoscale_event_kind_name(k, name, 32)
+        local text = len > 0 and ffi.string(name, len)
+        if text and text ~= "unknown" then
+            KINDS[k] = text
+        end
+    end
+end
+
+-- totals = status.event_totals(): { [kind name] = events of that kind written since the region was created }
+function _M.event_totals()
+    local count = lib.autoscale_event_totals(totals, 64)
+    local out = {}
+    for k = 1, count - 1 do
+        if KINDS[k] then
+            out[KINDS[k]] = tonumber(totals[k])
+        end
+    end
+    return out
 end
 
 local function seconds(us)
@@ -168,6 +191,7 @@ function _M.region()
         config_epoch = n(info.config_epoch),
         dropped_samples = n(info.dropped_samples),
         evicted_requests = n(info.evicted_requests),
+        event_totals = _M.event_totals(),
     }
 end
 
