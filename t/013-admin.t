@@ -108,7 +108,7 @@ run_tests();
 
 __DATA__
 
-=== TEST 1: 53 bad requests: each its 4xx and a JSON reason, and the whole state byte-identical afterwards
+=== TEST 1: 54 bad requests: each its 4xx and a JSON reason, and the whole state byte-identical afterwards
 --- http_config eval: $::HttpConfig
 --- config eval
 "location = /t { content_by_lua_block { $::Helpers" . <<'_EOC_'
@@ -135,6 +135,7 @@ __DATA__
                 { "POST", B .. "/peers", '{"addr":"127.0.0.1:9"}', with { ["Content-Type"] = "text/plain" }, 415, "must be application/json" },
                 { "POST", B .. "/peers", 'addr=127.0.0.1:9', with { ["Content-Type"] = "application/x-www-form-urlencoded" }, 415, "must be application/json" },
                 { "POST", B .. "/peers", big, json, 413, "body larger than 256 bytes" },
+                { "POST", B .. "/peers", string.format("%x\r\n%s\r\n0\r\n\r\n", #big, big), with { ["Transfer-Encoding"] = "chunked" }, 413, "body larger than 256 bytes" },
                 { "POST", B .. "/peers", '{"addr":', json, 400, "malformed JSON" },
                 { "POST", B .. "/peers", '[1, 2]', json, 400, "must be a JSON object" },
                 { "POST", B .. "/peers", '"127.0.0.1:9"', json, 400, "must be a JSON object" },
@@ -201,7 +202,7 @@ _EOC_
 GET /t
 --- timeout: 30
 --- response_body
-53 bad requests, 0 not refused as expected; state byte-identical: true
+54 bad requests, 0 not refused as expected; state byte-identical: true
 --- no_error_log
 [error]
 resty.autoscale admin: backend:
@@ -329,6 +330,7 @@ qr/\[notice\].*resty\.autoscale event: .*"event":"peer_added"/,
     server {
         listen 127.0.0.1:$TEST_NGINX_RAND_PORT_6;
         listen unix:$TEST_NGINX_HTML_DIR/admin.sock;
+        client_body_buffer_size 1k; # larger bodies go to a file
         location /ops { content_by_lua_block { autoscale.admin_handler() } }
     }
 --- config
@@ -346,6 +348,11 @@ qr/\[notice\].*resty\.autoscale event: .*"event":"peer_added"/,
             ngx.say("from 127.0.0.2: ", st, " ", require("cjson").decode(body).name)
             st, body = get("/ops/upstreams/backend", nil, "$TEST_NGINX_HTML_DIR/admin.sock")
             ngx.say("from a unix socket: ", st, " ", require("cjson").decode(body).name)
+            -- a 3 KB body is read from nginx's temporary file
+            st, body = t.request { port = $TEST_NGINX_RAND_PORT_6, method = "POST", path = "/ops/upstreams/backend/peers",
+                headers = { Authorization = h.Authorization, ["Content-Type"] = "application/json" }, bind = "127.0.0.2",
+                body = '{"addr":"127.0.0.1:9","pad":"' .. string.rep("x", 3000) .. '"}' }
+            ngx.say("3 KB body: ", st, " ", require("cjson").decode(body).error)
             h.Authorization = "Bearer test-admin-token-0123456789abcdef"
             st = get("/ops/upstreams/backend", "127.0.0.2")
             ngx.say("another token: ", st)
@@ -357,6 +364,7 @@ GET /t
 from 127.0.0.1: 403 client address 127.0.0.1 is not in admin.allow
 from 127.0.0.2: 200 backend
 from a unix socket: 200 backend
+3 KB body: 422 pad: unknown field (valid: addr, weight)
 another token: 401
 --- error_log
 refused GET /ops/upstreams/backend from 127.0.0.1: 403 client address 127.0.0.1 is not in admin.allow
