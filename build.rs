@@ -44,6 +44,8 @@ fn lua_cdef(header: &str) -> String {
 fn main() {
     println!("cargo:rerun-if-changed=src/lib.rs");
     println!("cargo:rerun-if-changed=src/admin_ffi.rs");
+    println!("cargo:rerun-if-changed=src/cost.rs");
+    println!("cargo:rerun-if-changed=src/discovery_ffi.rs");
     println!("cargo:rerun-if-changed=src/scaling_ffi.rs");
     println!("cargo:rerun-if-changed=build.rs");
     println!("cargo:rerun-if-env-changed=AUTOSCALE_REGEN");

@@ -29,6 +29,8 @@ use std::sync::atomic::{AtomicI64, Ordering::*};
 use std::sync::OnceLock;
 
 mod admin_ffi;
+mod cost;
+mod discovery_ffi;
 mod scaling_ffi;
 
 /// Success.
@@ -588,7 +590,7 @@ pub unsafe extern "C" fn autoscale_balancer_pick(
     last_status: c_int,
     out: *mut autoscale_pick_t,
 ) -> c_int {
-    guard(|| {
+    cost::timed(cost::BALANCER, || {
         let Some(region) = REGION.get() else {
             return AUTOSCALE_ERR_NO_REGION;
         };
@@ -657,7 +659,7 @@ pub unsafe extern "C" fn autoscale_balancer_pick(
 /// `req` is not dereferenced.
 #[no_mangle]
 pub extern "C" fn autoscale_log_finish(req: *const c_void, status: c_int) -> c_int {
-    guard(|| {
+    cost::timed(cost::LOG, || {
         let Some(region) = REGION.get() else {
             return AUTOSCALE_ERR_NO_REGION;
         };
@@ -704,7 +706,7 @@ pub unsafe extern "C" fn autoscale_log_detail(
     statuses: *const u32,
     n: usize,
 ) -> c_int {
-    guard(|| {
+    cost::timed(cost::LOG, || {
         let Some(region) = REGION.get() else {
             return AUTOSCALE_ERR_NO_REGION;
         };

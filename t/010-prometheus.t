@@ -241,7 +241,7 @@ promtool: rc=0 output=[]
 ejected peer: state 1, healthy 0, ejected_peers 1, ejections >= 1 true, http_5xx >= 3 true
 web attempts 100, healthy web peers 2, panic 0
 idle: peers 1, quantile samples 0, +Inf bucket 0
-weight 3, families 31
+weight 3, families 32
 --- no_error_log
 [error]
 

@@ -1,7 +1,8 @@
 # vim:set ft= ts=4 sw=4 et:
 # etcd v3 discovery against a real etcd (Debian etcd-server) that the test starts and stops by PID: a key put under
 # the prefix reaches the balancer without reload and its peer takes traffic within 1 s; a deleted key drains its
-# peer out; a bad value is skipped and logged once; etcd going away keeps the last good set (logged once).
+# peer out; a bad value is skipped and logged once; etcd going away keeps the last good set (logged once), also across
+# a reload.
 
 use lib 't';
 use Autoscale;
@@ -83,14 +84,14 @@ __DATA__
             end
             local function until_served(port) return process.until_served(gw, "/", port .. "\n") end
             local function count(pattern) return process.count(dir .. "error.log", pattern) end
-            local function owner_state() -- the etcd source as the worker that asks it sees it
+            local function owner_state() -- the etcd source as the worker that asks it sees it, and that worker
                 local st
                 t.poll(function()
                     local _, body = t.get(gw, "/discovery?upstream=api")
                     st = cjson.decode(body)
                     return st.runs_here
                 end, 5)
-                return st.sources.etcd
+                return st.sources.etcd, st.worker
             end
 
             local server
@@ -125,6 +126,21 @@ __DATA__
                         res.by_key[p2 .. "\n"] ~= nil, ", p3 ", res.by_key[p3 .. "\n"] ~= nil, "; peers ", peers(),
                         "; source ok ", st.ok, ", error names the cause ", (st.error or ""):find("connection refused") ~= nil)
 
+                -- a reload while etcd is away: the peers it named stay, with their statistics, and the seed stays out
+                local before = t.peer(autoscale.status("api"), "127.0.0.1:" .. p2).totals.requests
+                local epoch = autoscale.status_all().region.config_epoch
+                local _, asker = owner_state()
+                os.execute("kill -HUP " .. process.read(dir .. "nginx.pid"):match("%d+"))
+                assert(t.poll(function() return autoscale.status_all().region.config_epoch > epoch end, 10), "no reload")
+                assert(t.poll(function()
+                    local src, worker = owner_state()
+                    return worker ~= asker and src.failures >= 3
+                end, 10), "no new worker asks etcd")
+                res = t.load { port = gw, path = "/", concurrency = 4, requests = 100 }
+                local after = t.peer(autoscale.status("api"), "127.0.0.1:" .. p2)
+                ngx.say("reloaded while etcd is away: ", res.errors, " errors; peers ", peers(), "; p2 kept its statistics ",
+                        after ~= nil and after.totals.requests >= before)
+
                 -- etcd back: a deleted key drains its peer out
                 server = process.etcd(dir, 26700)
                 assert(etcd("deleterange", "/svc/api/a"))
@@ -133,6 +149,7 @@ __DATA__
                 res = t.load { port = gw, path = "/", concurrency = 4, requests = 50 }
                 ngx.say("key a deleted: p2 removed ", gone, ", all of 50 requests served by p3 ",
                         res.by_key[p3 .. "\n"] == 50, ", errors ", res.errors)
+                -- once per worker that asks: the old one, and the one that took over after the reload
                 ngx.say("log lines while etcd was away: failed ", count("etcd failed") - failed, ", answers again ",
                         count("etcd answers again") - back, "; bad key ", count("key /svc/api/bad skipped"))
             end)
@@ -152,7 +169,8 @@ the seed p1 is replaced: p2
 key b put: p3 serves within 1 s: true
 peers: p2,p3, p3 weight 2
 etcd stopped: 0 errors in 100 requests; served by p2 true, p3 true; peers p2,p3; source ok false, error names the cause true
+reloaded while etcd is away: 0 errors; peers p2,p3; p2 kept its statistics true
 key a deleted: p2 removed true, all of 50 requests served by p3 true, errors 0
-log lines while etcd was away: failed 1, answers again 1; bad key 1
+log lines while etcd was away: failed 2, answers again 1; bad key 2
 --- no_error_log
 [error]

@@ -300,3 +300,36 @@ state via GET: 200 2
 --- must_die
 --- error_log
 upstreams.api.discovery.etcd.timeout: must be a number (got string "1s")
+
+
+
+=== TEST 5: a reload keeps the activated standby peer, with its statistics, and the pool's state
+--- http_config eval: $::HttpConfig
+--- config
+    location = /t {
+        content_by_lua_block {
+            local t = require "autoscale_test"
+            local process = require "autoscale_process"
+            local gw = $TEST_NGINX_RAND_PORT_5
+            local p2 = "127.0.0.1:$TEST_NGINX_RAND_PORT_2"
+            assert(autoscale.discovery.activate("api", 1) == 1)
+            local res = t.load { port = gw, path = "/", concurrency = 4, requests = 40 }
+            local before = t.peer(autoscale.status("api"), p2).totals.requests
+            local epoch = autoscale.status_all().region.config_epoch
+            os.execute("kill -HUP " .. process.read(ngx.config.prefix() .. "logs/nginx.pid"):match("%d+"))
+            assert(t.poll(function() return autoscale.status_all().region.config_epoch > epoch end, 10), "no reload")
+            res = t.load { port = gw, path = "/", concurrency = 4, requests = 40 }
+            local after = t.peer(autoscale.status("api"), p2)
+            local st = autoscale.status("api").discovery.standby
+            ngx.say("before the reload p2 served: ", before > 0, "; after: still in the upstream ", after ~= nil,
+                    ", statistics kept ", after and after.totals.requests >= before, ", served ", res.by_key["$TEST_NGINX_RAND_PORT_2\n"] ~= nil,
+                    "; pool ", st.active, " active of ", st.size)
+        }
+    }
+--- request
+GET /t
+--- timeout: 20
+--- response_body
+before the reload p2 served: true; after: still in the upstream true, statistics kept true, served true; pool 1 active of 2
+--- no_error_log
+[error]

@@ -93,6 +93,7 @@ function _M.configure(user_conf)
         names[#names + 1] = name
     end
     sort(names)
+    discovery.carry_over(l, c)
     local keep = {} -- keeps the strings and arrays alive during the call
     local specs = ffi.new("autoscale_upstream_spec_t[?]", #names)
     for i, name in ipairs(names) do

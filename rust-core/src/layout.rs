@@ -183,6 +183,10 @@ pub struct Header {
     pub events_logged: AtomicU64,
     /// Events written so far, per kind (see `Region::event_totals`).
     pub event_totals: [AtomicU64; EVENT_KINDS],
+    /// The library's own cost: nanoseconds inside its balancer (0) and log (1) calls, summed over the calls timed.
+    pub cost_ns: [AtomicU64; 2],
+    /// Calls timed, balancer (0) and log (1): one in a few (the FFI layer decides).
+    pub cost_calls: [AtomicU64; 2],
 }
 
 /// One state change or decision, in a ring of the most recent [`EVENT_RING`].

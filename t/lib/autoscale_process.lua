@@ -120,13 +120,14 @@ function _M.count(path, pattern)
 end
 
 -- seconds = process.until_served(port, path, body): how long until a request to the gateway on `port` is answered
--- with `body` (nil after 5 s). Asks in small concurrent bursts, as under load: a peer in slow start is rarely the
--- cheaper of the two a lone request compares.
+-- with `body` (nil after 5 s). Asks in bursts of 16 concurrent requests, as under the load that makes a service scale
+-- up: a peer in slow start costs 1 / slow_start_min_weight (10) times its latency estimate, so against one busy peer
+-- it wins a comparison only once that peer has about 10 requests in flight (or its ramp has gone on long enough).
 function _M.until_served(port, path, body)
     ngx.update_time()
     local t0 = ngx.now()
     local ok = t.poll(function()
-        return t.load { port = port, path = path, concurrency = 4, requests = 16, timeout = 1000 }.by_key[body] ~= nil
+        return t.load { port = port, path = path, concurrency = 16, requests = 64, timeout = 1000 }.by_key[body] ~= nil
     end, 5)
     ngx.update_time()
     return ok and ngx.now() - t0 or nil

@@ -180,7 +180,7 @@ end
 
 -- want, from_source: addr -> weight of every peer the upstream should have now, and which of them a source named.
 local function desired(u, cur)
-    local want, from_source, heard = {}, {}, false
+    local want, from_source, heard, all_heard = {}, {}, false, true
     for _, s in ipairs(u.sources) do
         if s.peers then
             heard = true
@@ -188,7 +188,16 @@ local function desired(u, cur)
                 want[p.addr] = max(want[p.addr] or 0, p.weight)
                 from_source[p.addr] = true
             end
+        else
+            all_heard = false
         end
+    end
+    if all_heard then
+        u.carried = nil
+    end
+    for _, p in ipairs(u.carried or {}) do -- a reload carried them over; their source has not answered yet
+        heard = true
+        want[p.addr] = want[p.addr] or p.weight
     end
     if u.c.keep_static or not heard then
         for _, p in ipairs(u.static) do
@@ -339,6 +348,53 @@ local function step(u)
     end
 end
 
+-- discovery.carry_over(lib, conf): called by autoscale.configure before it applies `conf`. On a reload, the peers an
+-- upstream with discovery has now (found by its sources, or standby peers activated) go into the new configuration
+-- next to its static peers (with keep_static = false: instead of them), so that they keep serving and keep their
+-- statistics rather than being dropped until the first refresh. Peers being drained out are left out.
+function _M.carry_over(library, configuration)
+    for name, uc in pairs(configuration.upstreams) do
+        local c = uc.discovery
+        if c then
+            c.static = {}
+            for i, p in ipairs(uc.peers) do
+                c.static[i] = { addr = addr.canonical(p.addr) or p.addr, weight = p.weight }
+            end
+            local idx = library.autoscale_upstream_find(name, #name)
+            lib = library
+            local cur = idx >= 0 and current(idx) or {}
+            local peers, seen, pooled = {}, {}, {}
+            for _, p in ipairs(c.static) do
+                pooled[p.addr] = true
+            end
+            for _, p in ipairs(c.standby or {}) do
+                pooled[p.addr] = true
+            end
+            c.carried = {} -- found by a source: kept until every source has answered again
+            for a, p in pairs(cur) do
+                if not p.draining then
+                    peers[#peers + 1] = { addr = a, weight = p.weight }
+                    seen[a] = true
+                    if not pooled[a] then
+                        c.carried[#c.carried + 1] = peers[#peers]
+                    end
+                end
+            end
+            if #peers > 0 and c.keep_static == false then
+                uc.peers = peers
+            else
+                for _, p in ipairs(c.static) do
+                    if not seen[p.addr] then
+                        peers[#peers + 1] = p
+                    end
+                end
+                uc.peers = peers
+            end
+            sort(uc.peers, function(x, y) return x.addr < y.addr end)
+        end
+    end
+end
+
 -- discovery.init(lib, conf, index): called by autoscale.configure.
 function _M.init(library, configuration, upstream_index)
     lib, index = library, upstream_index
@@ -348,9 +404,9 @@ function _M.init(library, configuration, upstream_index)
         if c then
             local u = {
                 name = name, idx = upstream_index[name], c = c, sources = {}, drained = {}, logged = {},
-                static = {}, next_sweep = 0, pending = false, owner = false,
+                static = {}, carried = c.carried, next_sweep = 0, pending = false, owner = false,
             }
-            for i, p in ipairs(uc.peers) do
+            for i, p in ipairs(c.static or uc.peers) do -- what nginx.conf lists (carry_over may have added peers)
                 u.static[i] = { addr = addr.canonical(p.addr) or p.addr, weight = p.weight }
             end
             for _, kind in ipairs(SOURCES) do
@@ -371,7 +427,14 @@ function _M.start()
     for name, u in pairs(ups) do
         local busy = false
         local ok, err = ngx.timer.every(TICK, function(premature)
-            if premature or busy then
+            if premature then -- the worker is exiting (a reload): its successor takes over without waiting
+                if u.owner then
+                    u.owner = false
+                    lib.autoscale_check_lease(u.idx, 0)
+                end
+                return
+            end
+            if busy then
                 return
             end
             busy = true

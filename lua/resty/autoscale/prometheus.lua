@@ -61,6 +61,8 @@ local FAMILIES = {
     { "autoscale_workers_attached", "gauge", "Worker processes attached to the region." },
     { "autoscale_config_epoch", "gauge", "Configuration generation (bumped by every configure)." },
     { "autoscale_events_total", "counter", "Events written since the start, by kind (state changes and decisions)." },
+    { "autoscale_library_call_seconds", "summary",
+      "Time inside the library's balancer and log calls, over the calls timed (one in 64 per worker), all workers." },
     { "autoscale_dropped_samples_total", "counter", "Samples dropped by the core (should stay 0)." },
     { "autoscale_evicted_requests_total", "counter", "Requests evicted from a worker's request table (should stay 0)." },
     { "autoscale_exporter_render_seconds", "gauge", "Time this scrape took to render, up to this line." },
@@ -222,6 +224,13 @@ local function region_samples(add, r)
     sort(kinds)
     for _, k in ipairs(kinds) do
         add("autoscale_events_total", 'kind="' .. k .. '"', r.event_totals[k])
+    end
+    for _, phase in ipairs { "balancer", "log" } do
+        local c = r.library_cost and r.library_cost[phase]
+        if c then
+            add("autoscale_library_call_seconds", 'phase="' .. phase .. '"', c.seconds, nil, "_sum")
+            add("autoscale_library_call_seconds", 'phase="' .. phase .. '"', c.calls, nil, "_count")
+        end
     end
     add("autoscale_dropped_samples_total", "", r.dropped_samples)
     add("autoscale_evicted_requests_total", "", r.evicted_requests)

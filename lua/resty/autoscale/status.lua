@@ -24,6 +24,7 @@ local events = require "resty.autoscale.events"
 local spec = require "resty.autoscale.spec"
 
 local totals = ffi.new("uint64_t[64]")
+local cost = ffi.new("autoscale_cost_t")
 local KINDS = {} -- event kind number -> name
 
 function _M.init(library, configuration, upstream_index)
@@ -192,7 +193,21 @@ function _M.region()
         dropped_samples = n(info.dropped_samples),
         evicted_requests = n(info.evicted_requests),
         event_totals = _M.event_totals(),
+        library_cost = _M.library_cost(),
     }
+end
+
+-- cost = status.library_cost(): time inside the library's balancer and log calls, from the calls timed (one in 64
+-- per worker), all workers: { balancer = { calls =, seconds =, mean = }, log = { ... } }
+function _M.library_cost()
+    if lib.autoscale_cost_read(cost) ~= 0 then
+        return nil
+    end
+    local function phase(ns, calls)
+        calls, ns = n(calls), n(ns)
+        return { calls = calls, seconds = ns / 1e9, mean = calls > 0 and ns / calls / 1e9 or nil }
+    end
+    return { balancer = phase(cost.balancer_ns, cost.balancer_calls), log = phase(cost.log_ns, cost.log_calls) }
 end
 
         discovery = conf.upstreams[name].discovery and require("resty.autoscale.discovery").state(name) or nil,
