@@ -333,3 +333,40 @@ GET /t
 before the reload p2 served: true; after: still in the upstream true, statistics kept true, served true; pool 1 active of 2
 --- no_error_log
 [error]
+
+
+
+=== TEST 6: scale_to sets the number of serving peers within what the pool allows
+--- http_config eval: $::HttpConfig
+--- config
+    location = /t {
+        content_by_lua_block {
+            local d = autoscale.discovery
+            local function pool()
+                local st = d.state("api").standby
+                local s = {}
+                for _, p in ipairs(st.peers) do s[#s + 1] = p.state end
+                return table.concat(s, ",")
+            end
+            for _, n in ipairs { 3, 3, 2, 9, 1, 0 } do
+                ngx.say("scale_to ", n, ": ", d.scale_to("api", n), " serving; pool ", pool())
+            end
+            for _, bad in ipairs { { "api", -1 }, { "api", 1.5 }, { "nope", 1 } } do
+                ngx.say("scale_to ", tostring(bad[1]), " ", tostring(bad[2]), ": ", select(2, d.scale_to(bad[1], bad[2])))
+            end
+        }
+    }
+--- request
+GET /t
+--- response_body
+scale_to 3: 3 serving; pool active,active
+scale_to 3: 3 serving; pool active,active
+scale_to 2: 2 serving; pool active,draining
+scale_to 9: 3 serving; pool active,active
+scale_to 1: 1 serving; pool draining,draining
+scale_to 0: 1 serving; pool draining,draining
+scale_to api -1: count must be an integer between 0 and 65536 (got -1)
+scale_to api 1.5: count must be an integer between 0 and 65536 (got 1.5)
+scale_to nope 1: unknown upstream nope
+--- no_error_log
+[error]

@@ -534,6 +534,31 @@ function _M.deactivate(name, n)
     return #done, done
 end
 
+-- serving, err = discovery.scale_to(name, desired): activates or deactivates standby peers so that `desired` peers
+-- serve (static and discovered peers count too), as far as the pool allows. Returns how many serve afterwards.
+-- What a scaler's actuator calls when the standby pool is where its instances come from.
+function _M.scale_to(name, desired)
+    local u, cur = pool(name, desired)
+    if not u then
+        return nil, cur
+    end
+    local serving = 0
+    for _, c in pairs(cur) do
+        serving = serving + (c.draining and 0 or 1)
+    end
+    local n, err = 0, nil
+    if desired > serving then
+        n, err = _M.activate(name, desired - serving)
+    elseif desired < serving then
+        n, err = _M.deactivate(name, serving - desired)
+        n = n and -n
+    end
+    if not n then
+        return nil, err
+    end
+    return serving + n
+end
+
 -- st, err = discovery.state(name): the standby pool as all workers see it, and the sources as this worker knows
 -- them (`runs_here` tells whether this worker asks them; only that worker has their latest answers).
 function _M.state(name)
