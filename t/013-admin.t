@@ -108,7 +108,7 @@ run_tests();
 
 __DATA__
 
-=== TEST 1: 54 bad requests: each its 4xx and a JSON reason, and the whole state byte-identical afterwards
+=== TEST 1: 55 bad requests: each its 4xx and a JSON reason, and the whole state byte-identical afterwards
 --- http_config eval: $::HttpConfig
 --- config eval
 "location = /t { content_by_lua_block { $::Helpers" . <<'_EOC_'
@@ -163,6 +163,7 @@ __DATA__
                 { "PATCH", B, '{"balancer":"fastest"}', json, 422, "balancer: must be \"peak_ewma\"" },
                 { "PATCH", B, '{"retries":"2"}', json, 422, 'retries: must be a number (got string "2")' },
                 { "PATCH", B, '{"retries":null}', json, 422, 'retries: must not be null' },
+                { "PATCH", B, '{}', json, 422, "the body must name at least one option" },
                 { "PATCH", B, '{"colour":"red"}', json, 422, "colour: unknown option (valid: balancer," },
                 { "PATCH", B, '{"peers":[]}', json, 422, "peers: use add_peer/remove_peer" },
                 { "PATCH", B, '{"healthcheck":{"path":"/h"}}', json, 422, "healthcheck: cannot be changed at run time" },
@@ -202,7 +203,7 @@ _EOC_
 GET /t
 --- timeout: 30
 --- response_body
-54 bad requests, 0 not refused as expected; state byte-identical: true
+55 bad requests, 0 not refused as expected; state byte-identical: true
 --- no_error_log
 [error]
 resty.autoscale admin: backend:

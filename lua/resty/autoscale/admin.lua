@@ -398,6 +398,9 @@ local function tune(name, _, body)
     if not options then
         return nil, 404, err
     end
+    if next(body) == nil then
+        return nil, 422, "the body must name at least one option to change"
+    end
     for k, v in pairs(body) do
         if v == cjson.null then
             return nil, 422, k .. ": must not be null"
