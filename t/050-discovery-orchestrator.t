@@ -157,7 +157,9 @@ __DATA__
                 ngx.say("scale to 1: ", code, " running ", table.concat(r.running, ","), "; load ", res.total, " requests, ",
                         res.errors, " errors; peers ", peers(), "; processes stopped ", gone)
             end)
-            local stopped = orch and orch:stop()
+            -- SIGTERM to the orchestrator alone: it deregisters and stops its children itself
+            local stopped = orch and orch:signal("TERM") and t.poll(function() return not orch:alive() end, 10)
+            if orch then orch:stop() end
             local left = 0
             for port = 26730, 26733 do left = left + (process.listening(port) and 1 or 0) end
             local _, keys = t.request { port = 26710, method = "POST", path = "/v3/kv/range",
