@@ -586,3 +586,68 @@ admin.token_env: environment variable AUTOSCALE_NO_SUCH_TOKEN is not set or empt
 --- must_die
 --- error_log
 all 11 cases refused as expected
+
+
+
+=== TEST 9: a reload reads token_file again and applies nginx.conf again: peers, weights and tunables changed at run time are gone; a drained peer stays drained (its state is kept with its statistics)
+--- user_files
+>>> admin.token
+first-token-0123456789abcdef
+--- http_config
+    init_by_lua_block {
+        autoscale = require "resty.autoscale"
+        autoscale.configure { upstreams = { backend = { peers = { "127.0.0.1:$TEST_NGINX_RAND_PORT_1", "127.0.0.1:$TEST_NGINX_RAND_PORT_2" } } } }
+        autoscale.admin { token_file = "$TEST_NGINX_HTML_DIR/admin.token" }
+    }
+    server {
+        listen 127.0.0.1:$TEST_NGINX_RAND_PORT_6;
+        location /autoscale/admin { content_by_lua_block { autoscale.admin_handler() } }
+    }
+--- config
+    location = /t {
+        content_by_lua_block {
+            local t = require "autoscale_test"
+            local cjson = require "cjson"
+            local P1, P3 = "127.0.0.1:$TEST_NGINX_RAND_PORT_1", "127.0.0.1:$TEST_NGINX_RAND_PORT_3"
+            local function api(token, method, path, body)
+                local status, text = t.request { port = $TEST_NGINX_RAND_PORT_6, method = method or "GET",
+                    path = "/autoscale/admin" .. (path or "/upstreams/backend"), body = body,
+                    headers = { Authorization = "Bearer " .. token, ["Content-Type"] = "application/json" } }
+                return status, text and cjson.decode(text)
+            end
+            local names = { [P1] = "p1", ["127.0.0.1:$TEST_NGINX_RAND_PORT_2"] = "p2", [P3] = "p3" }
+            local function peers(st)
+                local out = {}
+                for _, p in ipairs(st.peers) do out[#out + 1] = names[p.addr] .. " " .. p.state .. " w" .. p.weight end
+                table.sort(out)
+                return table.concat(out, ", ")
+            end
+            local A, B = "first-token-0123456789abcdef", "second-token-0123456789abcdef"
+            assert(api(A, "POST", "/upstreams/backend/peers", cjson.encode { addr = P3 }) == 201)
+            assert(api(A, "POST", "/upstreams/backend/peers/" .. P1 .. "/drain") == 200)
+            assert(api(A, "PUT", "/upstreams/backend/peers/" .. P1 .. "/weight", '{"weight":5}') == 200)
+            assert(api(A, "PATCH", "/upstreams/backend", '{"retries":0}') == 200)
+            local _, st = api(A)
+            ngx.say("changed: ", peers(st), "; retries ", st.config.retries)
+            local f = assert(io.open("$TEST_NGINX_HTML_DIR/admin.token", "w"))
+            f:write(B, "\n")
+            f:close()
+            local pidf = assert(io.open(ngx.config.prefix() .. "logs/nginx.pid"))
+            local master = tonumber(pidf:read("*l"))
+            pidf:close()
+            assert(os.execute("kill -HUP " .. master) == 0)
+            local ok = t.poll(function() return api(B) == 200 end, 10)
+            ngx.say("new token after the reload: ", ok, "; old token: ", (api(A)))
+            _, st = api(B)
+            ngx.say("after the reload: ", peers(st), "; retries ", st.config.retries)
+        }
+    }
+--- request
+GET /t
+--- timeout: 20
+--- response_body
+changed: p1 draining w5, p2 healthy w1, p3 healthy w1; retries 0
+new token after the reload: true; old token: 401
+after the reload: p1 draining w1, p2 healthy w1; retries 2
+--- no_error_log
+[error]
