@@ -120,14 +120,7 @@ __DATA__
             end
             local function until_served(path, want) return process.until_served(gw, path, want .. "\n") end
             local function count(pattern) return process.count(dir .. "error.log", pattern) end
-            local function owner(name) -- the DNS source of `name` as the worker that asks it sees it
-                local st
-                t.poll(function()
-                    st = cjson.decode((select(2, t.get(gw, "/discovery?upstream=" .. name))))
-                    return st.runs_here
-                end, 5)
-                return st.sources.dns
-            end
+            local function owner(name) return (process.asker(gw, name, "dns")) end
 
             configure({ p[1], p[2] }, { "127.0.0.2", "127.0.0.3" })
             local server = start()

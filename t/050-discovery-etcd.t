@@ -84,15 +84,7 @@ __DATA__
             end
             local function until_served(port) return process.until_served(gw, "/", port .. "\n") end
             local function count(pattern) return process.count(dir .. "error.log", pattern) end
-            local function owner_state() -- the etcd source as the worker that asks it sees it, and that worker
-                local st
-                t.poll(function()
-                    local _, body = t.get(gw, "/discovery?upstream=api")
-                    st = cjson.decode(body)
-                    return st.runs_here
-                end, 5)
-                return st.sources.etcd, st.worker
-            end
+            local function owner_state() return process.asker(gw, "api", "etcd") end
 
             local server
             local ok, err = pcall(function()

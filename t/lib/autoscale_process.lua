@@ -1,5 +1,6 @@
 -- Background processes of the test suites (etcd, dnsmasq, the orchestrator): each started in a session of its own and
--- stopped by its PID (the whole session: its children too). Used from content_by_lua* in test configs only.
+-- stopped by its PID (the whole session: its children too); and small helpers of the discovery suites. Used from
+-- content_by_lua* in test configs only.
 --
 --     local process = require "autoscale_process"
 --     local etcd = process.start("etcd --data-dir ...", logfile)   -- started under `timeout`, so it cannot outlive
@@ -112,6 +113,18 @@ function _M.etcd(dir, port)
         return t.request { port = port, method = "POST", path = "/v3/kv/range", body = '{"key":"AA=="}' } == 200
     end, 20), "etcd did not start: " .. _M.read(dir .. "etcd.log"):sub(-2000))
     return proc
+end
+
+-- src, worker = process.asker(port, upstream, kind): source `kind` ("dns", "etcd") of `upstream`'s discovery as the
+-- worker that asks it sees it (GET /discovery on the gateway at `port`, until that worker answers), and its PID
+function _M.asker(port, upstream, kind)
+    local cjson = require "cjson"
+    local st
+    t.poll(function()
+        st = cjson.decode((select(2, t.get(port, "/discovery?upstream=" .. upstream))))
+        return st.runs_here
+    end, 5)
+    return st.sources[kind], st.worker
 end
 
 -- n = process.count(path, pattern): how many times the Lua pattern occurs in the file (e.g. an error log)

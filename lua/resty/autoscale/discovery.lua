@@ -451,7 +451,8 @@ function _M.start()
     return true
 end
 
--- u, peers = pool(name, n): the upstream's discovery state and its peers now, or nil and why `name` or `n` is wrong.
+-- u, peers, serving = pool(name, n): the upstream's discovery state, its peers now and how many of them are not
+-- draining; or nil and why `name` or `n` is wrong.
 local function pool(name, n)
     if not lib then
         return nil, "resty.autoscale is not configured"
@@ -470,7 +471,11 @@ local function pool(name, n)
     if not cur then
         return nil, err
     end
-    return u, cur
+    local serving = 0
+    for _, c in pairs(cur) do
+        serving = serving + (c.draining and 0 or 1)
+    end
+    return u, cur, serving
 end
 
 -- n, addrs = discovery.activate(name, n): brings up to `n` standby peers into rotation (in the order of the pool;
@@ -505,15 +510,11 @@ end
 -- new requests; the discovery timer removes each once its in-flight requests have finished (or drain_timeout has
 -- passed). Never drains the upstream's last serving peer.
 function _M.deactivate(name, n)
-    local u, cur = pool(name, n)
+    local u, cur, serving = pool(name, n)
     if not u then
         return nil, cur
     end
     local err
-    local serving = 0
-    for _, c in pairs(cur) do
-        serving = serving + (c.draining and 0 or 1)
-    end
     local done = {}
     for i = #u.c.standby, 1, -1 do
         local a = u.c.standby[i].addr
@@ -538,15 +539,11 @@ end
 -- serve (static and discovered peers count too), as far as the pool allows. Returns how many serve afterwards.
 -- What a scaler's actuator calls when the standby pool is where its instances come from.
 function _M.scale_to(name, desired)
-    local u, cur = pool(name, desired)
+    local u, err, serving = pool(name, desired)
     if not u then
-        return nil, cur
+        return nil, err
     end
-    local serving = 0
-    for _, c in pairs(cur) do
-        serving = serving + (c.draining and 0 or 1)
-    end
-    local n, err = 0, nil
+    local n = 0
     if desired > serving then
         n, err = _M.activate(name, desired - serving)
     elseif desired < serving then
