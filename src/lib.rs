@@ -28,8 +28,8 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicI64, Ordering::*};
 use std::sync::OnceLock;
 
-mod admin_ffi;
-mod cost;
+pub mod admin_ffi;
+pub mod cost;
 mod discovery_ffi;
 mod scaling_ffi;
 

@@ -275,3 +275,34 @@ fn a_request_is_accounted_from_pick_to_log() {
     }
 }
 
+
+#[test]
+fn the_admin_and_observability_exports_survive_null_and_out_of_range() {
+    use resty_autoscale::admin_ffi::*;
+    use resty_autoscale::cost::*;
+    let _serial = init();
+    let peers = [peer("127.0.0.1:1")];
+    apply(&[spec("admin", &peers)]).expect("configured");
+    unsafe {
+        assert_eq!(autoscale_upstream_config(0, null_mut()), AUTOSCALE_ERR_ARG);
+        let mut c: autoscale_upstream_config_t = std::mem::zeroed();
+        assert_eq!(autoscale_upstream_config(u32::MAX, &mut c), AUTOSCALE_ERR_UPSTREAM);
+        assert_eq!(autoscale_upstream_config(0, &mut c), AUTOSCALE_OK);
+        assert_eq!((c.retries, c.decay_ms, c.default_rtt_us, c.slow_peer_factor), (2, 10_000, 30_000, 3.0));
+        assert_eq!(autoscale_event_totals(null_mut(), 4), AUTOSCALE_ERR_ARG);
+        let n = autoscale_event_totals(null_mut(), 0);
+        let mut totals = vec![0u64; n as usize];
+        assert_eq!(autoscale_event_totals(totals.as_mut_ptr(), totals.len()), n);
+        assert!(totals[11] >= 1, "at least one config event: {totals:?}");
+        assert_eq!(autoscale_event_kind_name(1, null_mut(), 8), AUTOSCALE_ERR_ARG);
+        let mut name = [0u8; 4];
+        assert_eq!(autoscale_event_kind_name(1, name.as_mut_ptr(), name.len()), 4, "truncated to the buffer");
+        assert_eq!(&name, b"ejec");
+        let mut long = [0u8; 32];
+        let len = autoscale_event_kind_name(u32::MAX, long.as_mut_ptr(), long.len());
+        assert_eq!(&long[..len as usize], b"unknown");
+        assert_eq!(autoscale_cost_read(null_mut()), AUTOSCALE_ERR_ARG);
+        let mut cost: autoscale_cost_t = std::mem::zeroed();
+        assert_eq!(autoscale_cost_read(&mut cost), AUTOSCALE_OK);
+    }
+}
