@@ -1,7 +1,8 @@
 # vim:set ft= ts=4 sw=4 et:
 # DNS discovery against a real DNS server (dnsmasq) that the test starts and stops by PID: an SRV change (dnsmasq
 # restarted with new records) and an A change (hosts file rewritten, SIGHUP) reach the balancer without reload; the
-# DNS server hanging (questions time out), or answering REFUSED, keeps the last good set and is logged once.
+# DNS server hanging (questions time out), or answering REFUSED, keeps the last good set and is logged once; AAAA
+# records become IPv6 peers.
 
 use lib 't';
 use Autoscale;
@@ -11,6 +12,8 @@ master_on();
 
 our $Have_dnsmasq = grep { -x "$_/dnsmasq" } split /:/, "$ENV{PATH}:/usr/sbin:/sbin";
 diag("dnsmasq not found (Debian package dnsmasq-base): skipped") unless $Have_dnsmasq;
+our $Have_ipv6 = do { my $f; open($f, '<', '/proc/net/if_inet6') ? scalar grep { /\slo$/ } <$f> : 0 };
+diag("no IPv6 loopback: the AAAA upstream is left out") unless $Have_ipv6;
 
 # SRV backends on 127.0.0.1 ports 1-3; A backends on 127.0.0.2-4, port 6. Each answers "ip:port".
 our $HttpConfig = <<'_EOC_';
@@ -22,6 +25,7 @@ our $HttpConfig = <<'_EOC_';
         listen 127.0.0.2:$TEST_NGINX_RAND_PORT_6;
         listen 127.0.0.3:$TEST_NGINX_RAND_PORT_6;
         listen 127.0.0.4:$TEST_NGINX_RAND_PORT_6;
+        #V6_LISTEN#
         location / { content_by_lua_block { ngx.say(ngx.var.server_addr, ":", ngx.var.server_port) } }
     }
     init_by_lua_block {
@@ -37,6 +41,7 @@ our $HttpConfig = <<'_EOC_';
             web = { peers = { "127.0.0.1:$TEST_NGINX_RAND_PORT_4" },
                     discovery = dns("web.svc.test", { port = $TEST_NGINX_RAND_PORT_6 }) },
             refused = { peers = { "127.0.0.1:$TEST_NGINX_RAND_PORT_3" }, discovery = dns("other.example", { port = 80 }) },
+            #V6_UPSTREAM#
         } }
     }
     init_worker_by_lua_block { autoscale.init_worker() }
@@ -64,9 +69,20 @@ our $HttpConfig = <<'_EOC_';
             proxy_set_header Connection "";
             log_by_lua_block { autoscale.log() }
         }
+        location /v6 {
+            proxy_pass http://v6;
+            log_by_lua_block { autoscale.log() }
+        }
         location = /discovery { content_by_lua_block { autoscale.discovery_handler() } }
     }
+    upstream v6 {
+        server 0.0.0.1;
+        balancer_by_lua_block { autoscale.balance(autoscale.status("v6") and "v6" or "web") }
+    }
 _EOC_
+# AAAA records: an upstream whose peers dnsmasq names as ::1, where a backend listens (when lo has IPv6)
+$HttpConfig =~ s{#V6_LISTEN#}{$Have_ipv6 ? 'listen [::1]:$TEST_NGINX_RAND_PORT_7;' : ''}e;
+$HttpConfig =~ s{#V6_UPSTREAM#}{$Have_ipv6 ? 'v6 = { peers = { "127.0.0.1:$TEST_NGINX_RAND_PORT_4" }, discovery = dns("v6.svc.test", { type = "AAAA", port = $TEST_NGINX_RAND_PORT_7 }) },' : ''}e;
 
 run_tests();
 
@@ -92,7 +108,7 @@ __DATA__
             local function configure(srv_ports, web_ips)
                 local conf = { "port=26653", "listen-address=127.0.0.1", "bind-interfaces", "no-resolv", "no-hosts",
                                "keep-in-foreground", "user=root", "local-ttl=1", "addn-hosts=" .. dir .. "dns-hosts",
-                               "host-record=b.svc.test,127.0.0.1", "pid-file=" }
+                               "host-record=b.svc.test,127.0.0.1", "host-record=v6.svc.test,::1", "pid-file=" }
                 for _, port in ipairs(srv_ports) do
                     conf[#conf + 1] = "srv-host=_api._tcp.svc.test,b.svc.test," .. port .. ",0,1"
                 end
@@ -112,7 +128,7 @@ __DATA__
                 for _, peer in ipairs(autoscale.status(name).peers) do
                     if peer.state ~= "draining" then
                         out[#out + 1] = name == "srv" and ("p" .. (({ [p[1]] = 1, [p[2]] = 2, [p[3]] = 3 })[peer.addr:match(":(%d+)$")] or "?"))
-                                        or peer.addr:match("^(.-):")
+                                        or peer.addr:match("^(.*):%d+$")
                     end
                 end
                 table.sort(out)
@@ -128,6 +144,12 @@ __DATA__
                 assert(t.poll(function() return peers("srv") == "p1,p2" and peers("web") == "127.0.0.2,127.0.0.3" end, 5),
                        "first answers not applied: " .. peers("srv") .. " " .. peers("web"))
                 ngx.say("srv: ", peers("srv"), "; web: ", peers("web"))
+                local v6 = autoscale.status("v6") -- nil without an IPv6 loopback
+                if v6 then
+                    assert(t.poll(function() return peers("v6") == "[::1]" end, 5), "AAAA not applied: " .. peers("v6"))
+                    assert(until_served("/v6", "::1:$TEST_NGINX_RAND_PORT_7"), "[::1] serves nothing")
+                end
+                ngx.say("AAAA: ", v6 and peers("v6") or "[::1]") -- (without IPv6 loopback not asked: see the diag)
 
                 -- SRV: p3 replaces p1 (dnsmasq restarted with the new records)
                 configure({ p[2], p[3] }, { "127.0.0.2", "127.0.0.3" })
@@ -148,7 +170,8 @@ __DATA__
 
                 -- the DNS server hangs (SIGSTOP: questions time out): both keep their last good set, each failure
                 -- logged once
-                local failed, back = count("dns failed"), count("dns answers again")
+                local function both(what) return count("of srv: dns " .. what) + count("of web: dns " .. what) end
+                local failed, back = both("failed"), both("answers again")
                 assert(server:signal("STOP"), "SIGSTOP not sent")
                 assert(t.poll(function() return owner("srv").failures >= 3 and owner("web").failures >= 3 end, 10),
                        "fewer than 3 failed questions")
@@ -156,9 +179,9 @@ __DATA__
                 local web = t.load { port = gw, path = "/web", concurrency = 4, requests = 100 }
                 ngx.say("DNS server hangs: errors ", srv.errors + web.errors, " in ", srv.total + web.total,
                         " requests; srv: ", peers("srv"), "; web: ", peers("web"), "; failures logged ",
-                        count("dns failed") - failed, ", timeouts ", (owner("srv").error or ""):find("timeout") ~= nil)
+                        both("failed") - failed, ", timeouts ", (owner("srv").error or ""):find("timeout") ~= nil)
                 server:signal("CONT")
-                assert(t.poll(function() return count("dns answers again") - back == 2 end, 5), "recovery not logged")
+                assert(t.poll(function() return both("answers again") - back == 2 end, 5), "recovery not logged")
                 local st = owner("refused")
                 ngx.say("refused: still the seed ", autoscale.status("refused").peers[1].addr == "127.0.0.1:" .. p[3],
                         ", error ", st.error, ", failures >= 3 ", st.failures >= 3, ", logged ",
@@ -171,11 +194,13 @@ __DATA__
             end
         }
     }
+--- log_level: notice
 --- request
 GET /t
 --- timeout: 60
 --- response_body
 srv: p1,p2; web: 127.0.0.2,127.0.0.3
+AAAA: [::1]
 SRV change: p3 serves within TTL + 1 s: true; srv: p2,p3
 A change: 127.0.0.4 serves within TTL + 1 s: true; web: 127.0.0.3,127.0.0.4
 DNS server hangs: errors 0 in 200 requests; srv: p2,p3; web: 127.0.0.3,127.0.0.4; failures logged 2, timeouts true

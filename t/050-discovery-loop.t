@@ -128,6 +128,7 @@ __DATA__
             end
         }
     }
+--- log_level: notice
 --- request
 GET /t
 --- timeout: 60

@@ -173,6 +173,7 @@ __DATA__
             end
         }
     }
+--- log_level: notice
 --- request
 GET /t
 --- timeout: 90
