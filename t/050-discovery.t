@@ -336,7 +336,7 @@ before the reload p2 served: true; after: still in the upstream true, statistics
 
 
 
-=== TEST 6: scale_to sets the number of serving peers within what the pool allows
+=== TEST 6: scale_to sets the number of serving peers within what the pool allows; tune cannot change discovery
 --- http_config eval: $::HttpConfig
 --- config
     location = /t {
@@ -354,6 +354,7 @@ before the reload p2 served: true; after: still in the upstream true, statistics
             for _, bad in ipairs { { "api", -1 }, { "api", 1.5 }, { "nope", 1 } } do
                 ngx.say("scale_to ", tostring(bad[1]), " ", tostring(bad[2]), ": ", select(2, d.scale_to(bad[1], bad[2])))
             end
+            ngx.say("tune: ", select(2, autoscale.control.tune("api", { discovery = { standby = { "127.0.0.1:9" } } })))
         }
     }
 --- request
@@ -368,5 +369,6 @@ scale_to 0: 1 serving; pool draining,draining
 scale_to api -1: count must be an integer between 0 and 65536 (got -1)
 scale_to api 1.5: count must be an integer between 0 and 65536 (got 1.5)
 scale_to nope 1: unknown upstream nope
+tune: discovery: cannot be changed at run time (change nginx.conf and reload)
 --- no_error_log
 [error]

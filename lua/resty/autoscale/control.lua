@@ -13,7 +13,7 @@ local pairs = pairs
 local tostring = tostring
 local ipairs = ipairs
 
-local LUA_ONLY = { "healthcheck", "fallback" }
+local LUA_ONLY = { "healthcheck", "fallback", "discovery" }
 
 local _M = {}
 
