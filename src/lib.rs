@@ -30,7 +30,7 @@ use std::sync::OnceLock;
 
 pub mod admin_ffi;
 pub mod cost;
-mod discovery_ffi;
+pub mod discovery_ffi;
 mod scaling_ffi;
 
 /// Success.

@@ -306,3 +306,19 @@ fn the_admin_and_observability_exports_survive_null_and_out_of_range() {
         assert_eq!(autoscale_cost_read(&mut cost), AUTOSCALE_OK);
     }
 }
+
+#[test]
+fn the_discovery_export_finds_upstreams_and_survives_bad_names() {
+    use resty_autoscale::discovery_ffi::*;
+    let _serial = init();
+    let peers = [peer("127.0.0.1:1")];
+    let idx = apply(&[spec("disc-a", &peers), spec("disc-b", &peers)]).expect("configured");
+    unsafe {
+        assert_eq!(autoscale_upstream_find(b"disc-b".as_ptr(), 6), idx[1] as i32);
+        assert_eq!(autoscale_upstream_find(b"disc-a".as_ptr(), 6), idx[0] as i32);
+        assert_eq!(autoscale_upstream_find(b"disc-".as_ptr(), 5), AUTOSCALE_ERR_UPSTREAM);
+        assert_eq!(autoscale_upstream_find(b"disc-a".as_ptr(), 0), AUTOSCALE_ERR_UPSTREAM);
+        assert_eq!(autoscale_upstream_find(null(), 0), AUTOSCALE_ERR_ARG);
+        assert_eq!(autoscale_upstream_find([0xffu8, 0xfe].as_ptr(), 2), AUTOSCALE_ERR_ARG);
+    }
+}
