@@ -80,8 +80,19 @@ function _M.fill(s, name, u, keep)
     s.failure_statuses, s.nfailure_statuses = fs, #u.failure_statuses
 end
 
-local function bit_set(words, st)
-    return tonumber(bit.band(bit.rshift(words[floor(st / 64)], st % 64), 1ULL)) == 1
+-- The statuses set in a bitmap of 10 uint64 words (bit s % 64 of word s / 64), as a sorted list. Each word is split
+-- into two 32-bit Lua numbers once, so that the bit tests need no 64-bit cdata.
+local function statuses(words)
+    local out = {}
+    for w = 0, 9 do
+        local halves = { tonumber(bit.band(words[w], 0xffffffffULL)), tonumber(bit.rshift(words[w], 32)) }
+        for b = 0, 63 do
+            if bit.band(halves[floor(b / 32) + 1], bit.lshift(1, b % 32)) ~= 0 then
+                out[#out + 1] = w * 64 + b
+            end
+        end
+    end
+    return out
 end
 
 -- options = spec.tunables(c): the inverse of fill for the tunables kept in shared memory: `c` (an
@@ -96,12 +107,6 @@ local function outlier_options(o)
 end
 
 function _M.tunables(c)
-    local statuses = {}
-    for st = 100, 639 do
-        if bit_set(c.failure_statuses, st) then
-            statuses[#statuses + 1] = st
-        end
-    end
     return {
         balancer = BALANCER_NAMES[c.algorithm] or "peak_ewma",
         retries = c.retries,
@@ -114,7 +119,7 @@ function _M.tunables(c)
         slow_peer_factor = c.slow_peer_factor,
         slow_peer_penalty = c.slow_peer_penalty,
         outlier = outlier_options(c.outlier),
-        failure_statuses = statuses,
+        failure_statuses = statuses(c.failure_statuses),
     }
 end
 
