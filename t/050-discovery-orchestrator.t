@@ -13,7 +13,8 @@ master_on();
 our $Have_etcd = grep { -x "$_/etcd" } split /:/, $ENV{PATH};
 diag("etcd not found (Debian package etcd-server): skipped") unless $Have_etcd;
 
-# etcd on 26710/26711, the orchestrator on 26720, its backends on 26730-26733 (control ports 26740-26743).
+# etcd on 26710/26711, the orchestrator on 26720, its backends on 26730-26733 (control ports 26740-26743) for "api"
+# (registered in etcd) and on 26734-26736 (control ports 26744-26746) for "pool" (the gateway's standby pool).
 our $HttpConfig = <<'_EOC_';
     lua_socket_log_errors off;
     init_by_lua_block {
@@ -22,6 +23,9 @@ our $HttpConfig = <<'_EOC_';
             peers = { "127.0.0.1:26730" }, retries = 0,
             discovery = { keep_static = false, drain_timeout = 10,
                           etcd = { endpoints = { "http://127.0.0.1:26710" }, prefix = "/svc/api/", interval = 0.2 } },
+        }, pool = {
+            peers = { "127.0.0.1:26734" }, retries = 0,
+            discovery = { standby = { "127.0.0.1:26735", "127.0.0.1:26736" }, drain_timeout = 10 },
         } } }
     }
     init_worker_by_lua_block { autoscale.init_worker() }
@@ -30,8 +34,17 @@ our $HttpConfig = <<'_EOC_';
         balancer_by_lua_block { autoscale.balance("api") }
         keepalive 16;
     }
+    upstream pool {
+        server 0.0.0.1;
+        balancer_by_lua_block { autoscale.balance("pool") }
+    }
     server {
         listen 127.0.0.1:$TEST_NGINX_RAND_PORT_5 reuseport;
+        location = /discovery { content_by_lua_block { autoscale.discovery_handler() } }
+        location /pool {
+            proxy_pass http://pool;
+            log_by_lua_block { autoscale.log() }
+        }
         location / {
             proxy_pass http://api;
             proxy_http_version 1.1;
@@ -62,7 +75,10 @@ __DATA__
                 listen = "127.0.0.1:26720", secret_file = dir .. "secret",
                 services = { api = { ports = "26730-26733", ctl_offset = 10, initial = 1, min = 1, drain = 1.5,
                                      settings = { latency_ms = 1 },
-                                     register = { etcd = "http://127.0.0.1:26710", prefix = "/svc/api/" } } },
+                                     register = { etcd = "http://127.0.0.1:26710", prefix = "/svc/api/" } },
+                             pool = { ports = "26734-26736", ctl_offset = 10, initial = 1, min = 1, drain = 1,
+                                      register = { standby = "http://127.0.0.1:" .. gw .. "/discovery",
+                                                   upstream = "pool", static = 1 } } },
             })
 
             local function sign(body) -- the reference HMAC-SHA256: Python's hmac module
@@ -88,10 +104,10 @@ __DATA__
                 return code, reply and cjson.decode(reply), key
             end
             local function backend(status, body, headers) return headers["x-backend"] end
-            local function served_by(names, timeout) -- poll in bursts until every backend in `names` answered
+            local function served_by(names, timeout, path) -- poll in bursts until every backend in `names` answered
                 local seen = {}
                 return t.poll(function()
-                    local res = t.load { port = gw, path = "/", concurrency = 4, requests = 16, key = backend }
+                    local res = t.load { port = gw, path = path or "/", concurrency = 4, requests = 16, key = backend }
                     for name in pairs(res.by_key) do seen[name] = true end
                     for _, name in ipairs(names) do
                         if not seen[name] then return false end
@@ -156,12 +172,25 @@ __DATA__
                 end, 10)
                 ngx.say("scale to 1: ", code, " running ", table.concat(r.running, ","), "; load ", res.total, " requests, ",
                         res.errors, " errors; peers ", peers(), "; processes stopped ", gone)
+
+                -- the same for a service whose instances are the gateway's standby peers
+                local function pool() return autoscale.discovery.state("pool").standby end
+                code, r = webhook(3, 1, { service = "pool" })
+                local served = served_by({ "pool-26735", "pool-26736" }, 5, "/pool")
+                ngx.say("pool to 3: ", code, " running ", table.concat(r.running, ","), "; standby active ", pool().active,
+                        "; both serve ", served)
+                code, r = webhook(1, 2, { service = "pool" })
+                local out = t.poll(function() return pool().active == 0 and pool().draining == 0 end, 5)
+                gone = t.poll(function() return not process.listening(26735) and not process.listening(26736) end, 10)
+                res = t.load { port = gw, path = "/pool", concurrency = 4, requests = 40, key = backend }
+                ngx.say("pool to 1: ", code, " running ", table.concat(r.running, ","), "; standby drained and removed ", out,
+                        "; processes stopped ", gone, "; 40 requests to pool-26734 ", res.by_key["pool-26734"] == 40)
             end)
             -- SIGTERM to the orchestrator alone: it deregisters and stops its children itself
             local stopped = orch and orch:signal("TERM") and t.poll(function() return not orch:alive() end, 10)
             if orch then orch:stop() end
             local left = 0
-            for port = 26730, 26733 do left = left + (process.listening(port) and 1 or 0) end
+            for port = 26730, 26736 do left = left + (process.listening(port) and 1 or 0) end
             local _, keys = t.request { port = 26710, method = "POST", path = "/v3/kv/range",
                                         body = cjson.encode { key = ngx.encode_base64("/svc/api/"),
                                                               range_end = ngx.encode_base64("/svc/api0") } }
@@ -186,6 +215,8 @@ stale fencing token: 409
 unknown service: 404
 after the refusals: [26730,26731,26732], applied 1
 scale to 1: 200 running 26730; load 24 requests, 0 errors; peers 26730; processes stopped true
+pool to 3: 200 running 26734,26735,26736; standby active 2; both serve true
+pool to 1: 200 running 26734; standby drained and removed true; processes stopped true; 40 requests to pool-26734 true
 SIGTERM: orchestrator gone true, backends left 0, keys left 0
 --- no_error_log
 [error]
