@@ -21,6 +21,7 @@ local prometheus = require "resty.autoscale.prometheus"
 local dashboard = require "resty.autoscale.dashboard"
 local trace = require "resty.autoscale.trace"
 local discovery = require "resty.autoscale.discovery"
+local scaler = require "resty.autoscale.scaler"
 local admin = require "resty.autoscale.admin"
 local ffi = require "ffi"
 
@@ -54,6 +55,10 @@ local function start_timer()
         return nil, err
     end
     local ok2, err2 = healthcheck.start(conf, index)
+    if not ok2 then
+        return nil, err2
+    end
+    ok2, err2 = scaler.start()
     if not ok2 then
         return nil, err2
     end
@@ -114,6 +119,10 @@ function _M.configure(user_conf)
     events.init(lib, conf)
     healthcheck.init(lib)
     control.init(lib, conf, index)
+    local sok, serr = scaler.init(lib, conf, index)
+    if not sok then
+        error("resty.autoscale: " .. serr, 2)
+    end
     return true
     discovery.init(lib, conf, index)
 end
@@ -158,6 +167,12 @@ _M.fallback = balancer.fallback
 
 -- Run-time changes, in every worker at once (not persisted: a reload applies nginx.conf again); see docs/lua-api.md.
 _M.control = control
+
+-- Scaling decisions (docs/scaling.md): autoscale.scaling.pending(name), .state(name), .decisions(name, n)
+_M.scaling = scaler
+
+-- autoscale.scaling_handler(), in content_by_lua*: desired instances per service as JSON (KEDA metrics-api)
+_M.scaling_handler = scaler.handler
 
 -- list = autoscale.events(max): the most recent events, oldest first
 -- Service discovery: the standby pool (activate/deactivate) and the state of the sources; see docs/discovery.md.

@@ -341,13 +341,14 @@ impl Scaler {
             self.history.pop_front();
         }
         if self.started.is_none() {
-            // The count in force when the scaler starts counts as a recommendation of the scale-down window, so that
-            // nothing is scaled down before a whole window has been seen.
+            // The count in force when the scaler starts counts as a recommendation of both windows, so that nothing
+            // is scaled (but in panic) before a whole window has been seen.
             self.started = Some((now_us, current.clamp(p.min_instances, p.max_instances)));
         }
         self.history.push_back((now_us, recommendation));
         let in_window = |w: u64| self.history.iter().filter(move |&&(t, _)| now_us.saturating_sub(t) <= w).map(|&(_, r)| r);
-        let up = if panic { recommendation } else { in_window(p.up_window_us).min().unwrap_or(recommendation) };
+        let seed_up = self.started.filter(|&(t, _)| now_us.saturating_sub(t) < p.up_window_us).map(|(_, r)| r);
+        let up = if panic { recommendation } else { in_window(p.up_window_us).chain(seed_up).min().unwrap_or(recommendation) };
         let seed = self.started.filter(|&(t, _)| now_us.saturating_sub(t) <= p.down_window_us).map(|(_, r)| r);
         let down = in_window(p.down_window_us).chain(seed).max().unwrap_or(recommendation);
 

@@ -139,9 +139,9 @@ function _M.validate(path, v)
         out.namespace = v.namespace or "default"
         out.kind = v.kind or "deployment"
         out.name = v.name
-        local dns = "^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"
         for _, k in ipairs { "namespace", "name" } do
-            if type(out[k]) ~= "string" or #out[k] > 253 or not out[k]:find(dns) then
+            local x = out[k]
+            if type(x) ~= "string" or #x > 253 or not x:find("^[a-z0-9][-a-z0-9.]*$") or not x:find("[a-z0-9]$") then
                 return fail(path .. "." .. k, "must be a Kubernetes object name (got %s)", show(out[k]))
             end
         end

@@ -64,7 +64,10 @@ function _M.validate(v)
             return nil, err
         end
     end
-    out.actuate_without_redis = v.actuate_without_redis == nil and d.actuate_without_redis or v.actuate_without_redis
+    out.actuate_without_redis = v.actuate_without_redis
+    if out.actuate_without_redis == nil then
+        out.actuate_without_redis = d.actuate_without_redis
+    end
     if type(out.actuate_without_redis) ~= "boolean" then
         return fail("cluster.actuate_without_redis", "must be true or false (got %s)", show(v.actuate_without_redis))
     end
@@ -127,7 +130,7 @@ local function connect(c)
     local redis = redis_client()
     local red = redis:new()
     local ms = floor(c.redis.timeout * 1000)
-    red:set_timeouts(ms, ms, ms)
+    red:set_timeout(ms) -- (resty.redis 0.27 has no set_timeouts: an unknown method would become a Redis command)
     local ok, err = red:connect(c.redis.host, c.redis.port)
     if not ok then
         return nil, "redis " .. c.redis.host .. ":" .. c.redis.port .. ": " .. tostring(err)

@@ -174,6 +174,7 @@ function _M.upstream(name)
         draining = upinfo.draining,
         panic = upinfo.panic == 1,
         config = u,
+        scaling = require("resty.autoscale.scaler").state(name),
     }
 end
 
