@@ -22,7 +22,8 @@ TESTS ?= t/
 DEB_PACKAGES := nginx-core libnginx-mod-http-lua lua-resty-core lua-resty-lrucache lua-cjson wrk curl python3 chromium prometheus \
 	libtest-base-perl libtext-diff-perl libtest-longstring-perl liblist-moreutils-perl \
 	libhttp-message-perl libipc-run-perl liburi-perl \
-	lua-nginx-dns dnsmasq-base etcd-server etcd-client
+	lua-nginx-dns dnsmasq-base etcd-server etcd-client \
+	redis-server lua-nginx-redis openssl
 
 SCENARIO ?= headline
 
