@@ -22,7 +22,7 @@ local fail, number, known, show = config.fail, config.number, config.known, conf
 local _M = {}
 
 _M.defaults = {
-    interval = 1,
+    interval = 0.5,
     timeout = 2,
 }
 
