@@ -355,6 +355,16 @@ before the reload p2 served: true; after: still in the upstream true, statistics
                 ngx.say("scale_to ", tostring(bad[1]), " ", tostring(bad[2]), ": ", select(2, d.scale_to(bad[1], bad[2])))
             end
             ngx.say("tune: ", select(2, autoscale.control.tune("api", { discovery = { standby = { "127.0.0.1:9" } } })))
+            d.scale_to("api", 2)
+            local text = require("resty.autoscale.prometheus").render()
+            for line in text:gmatch("[^\n]*standby_peers[^\n]*") do ngx.say(line) end
+            local f = io.open(ngx.config.prefix() .. "logs/scrape.prom", "w")
+            f:write(text)
+            f:close()
+            local have = os.execute("command -v promtool >/dev/null 2>&1") == 0 -- Debian package prometheus
+            local promtool = have and io.popen("promtool check metrics < " .. ngx.config.prefix()
+                                               .. "logs/scrape.prom 2>&1; echo rc=$?"):read("*a") or "rc=0 (skipped)"
+            ngx.say("promtool: ", promtool:match("rc=(%d+)"))
         }
     }
 --- request
@@ -370,5 +380,11 @@ scale_to api -1: count must be an integer between 0 and 65536 (got -1)
 scale_to api 1.5: count must be an integer between 0 and 65536 (got 1.5)
 scale_to nope 1: unknown upstream nope
 tune: discovery: cannot be changed at run time (change nginx.conf and reload)
+# HELP autoscale_discovery_standby_peers Peers of the standby pool by state (active: in rotation, draining: on the way out, standby: out of rotation).
+# TYPE autoscale_discovery_standby_peers gauge
+autoscale_discovery_standby_peers{upstream="api",state="active"} 1
+autoscale_discovery_standby_peers{upstream="api",state="draining"} 1
+autoscale_discovery_standby_peers{upstream="api",state="standby"} 0
+promtool: 0
 --- no_error_log
 [error]

@@ -36,6 +36,8 @@ local tostring = tostring
 local tonumber = tonumber
 local max = math.max
 local sort = table.sort
+local concat = table.concat
+local format = string.format
 local fail, number, known, show = config.fail, config.number, config.known, config.show
 
 local _M = {}
@@ -597,6 +599,33 @@ function _M.state(name)
         }
     end
     return out
+end
+
+-- text = discovery.prometheus(): the standby pools in Prometheus' text format (appended to the exporter's output);
+-- "" when no upstream has one. The same in every worker (read from the shared peer set).
+function _M.prometheus()
+    local names = {}
+    for name, u in pairs(ups) do
+        if u.c.standby then
+            names[#names + 1] = name
+        end
+    end
+    if #names == 0 then
+        return ""
+    end
+    sort(names)
+    local out = { "# HELP autoscale_discovery_standby_peers Peers of the standby pool by state (active: in rotation, "
+                  .. "draining: on the way out, standby: out of rotation).\n"
+                  .. "# TYPE autoscale_discovery_standby_peers gauge\n" }
+    for _, name in ipairs(names) do
+        local sb = _M.state(name).standby
+        local n = { active = sb.active, draining = sb.draining, standby = sb.size - sb.active - sb.draining }
+        for _, state in ipairs { "active", "draining", "standby" } do
+            out[#out + 1] = format("autoscale_discovery_standby_peers{upstream=\"%s\",state=\"%s\"} %d\n", name, state,
+                                   n[state])
+        end
+    end
+    return concat(out)
 end
 
 local function reply(status, body)

@@ -268,7 +268,7 @@ function _M.render(opts)
     end
     update_time()
     add("autoscale_exporter_render_seconds", "", now() - started)
-    return text() .. require("resty.autoscale.scaler").prometheus()
+    return text() .. require("resty.autoscale.scaler").prometheus() .. require("resty.autoscale.discovery").prometheus()
 end
 
 -- autoscale.prometheus_handler(), in content_by_lua*: answers the exposition (GET or HEAD).
