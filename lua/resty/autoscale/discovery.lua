@@ -224,6 +224,7 @@ local function reconcile(u)
     end
     local want, from_source = desired(u, cur)
     local t = now()
+    local serving = 0 -- wanted peers that take traffic after this loop
     for a, w in pairs(want) do
         local c = cur[a]
         local ok
@@ -231,18 +232,25 @@ local function reconcile(u)
             ok, err = control.add_peer(u.name, a, w)
             if ok then
                 u.logged["add " .. a] = nil
+                serving = serving + 1
             else
                 once(u, "add " .. a, ngx_ERR, "cannot add " .. a .. ": " .. tostring(err))
             end
         elseif c.draining and u.drained[a] then
-            control.enable(u.name, a)
+            if control.enable(u.name, a) ~= nil then
+                serving = serving + 1
+            end
             u.drained[a] = nil
-        elseif from_source[a] and c.weight ~= w then
-            control.set_weight(u.name, a, w)
+        else
+            serving = serving + (c.draining and 0 or 1)
+            if from_source[a] and c.weight ~= w then
+                control.set_weight(u.name, a, w)
+            end
         end
     end
-    if next(want) == nil then
-        return once(u, "empty", ngx_WARN, "no source names any peer: keeping the current ones")
+    if serving == 0 then -- never drain the peers that serve now for nothing
+        return once(u, "empty", ngx_WARN, next(want) == nil and "no source names any peer: keeping the current ones"
+                    or "none of the peers the sources name could be added: keeping the current ones")
     end
     u.logged.empty = nil
     local pending = false
