@@ -208,3 +208,66 @@ refused: still the seed true, error refused (rcode 5), failures >= 3 true, logge
 --- no_error_log eval
 # While dnsmasq restarts, a question can meet its closed port; nginx itself logs that ICMP error of a UDP socket.
 qr/\[error\](?!.*recv\(\) failed \(111: Connection refused\))/
+
+
+
+=== TEST 2: a hostile DNS server (mutated, cut, random replies) raises nothing and crashes no worker
+--- http_config
+    lua_socket_log_errors off;
+    server {
+        listen 127.0.0.1:$TEST_NGINX_RAND_PORT_1;
+        location / { return 200 "ok\n"; }
+    }
+    init_by_lua_block {
+        autoscale = require "resty.autoscale"
+        local function dns(name, more)
+            local d = { name = name, nameservers = { "127.0.0.1:26654" }, min_ttl = 0.05, max_ttl = 0.05, timeout = 0.2,
+                        retries = 1 }
+            for k, v in pairs(more) do d[k] = v end
+            return { dns = d }
+        end
+        autoscale.configure { upstreams = {
+            a = { peers = { "127.0.0.1:$TEST_NGINX_RAND_PORT_1" }, discovery = dns("a.test", { port = 80 }) },
+            s = { peers = { "127.0.0.1:$TEST_NGINX_RAND_PORT_1" }, discovery = dns("_x._tcp.s.test", { type = "SRV" }) },
+        } }
+    }
+    init_worker_by_lua_block { autoscale.init_worker() }
+--- config
+    location = /t {
+        content_by_lua_block {
+            local t = require "autoscale_test"
+            local process = require "autoscale_process"
+            local dir = ngx.config.prefix() .. "logs/"
+            local function workers()
+                local out = {}
+                for pid in io.popen("ps -o pid= --ppid " .. process.read(dir .. "nginx.pid"):match("%d+")):lines() do
+                    out[#out + 1] = pid:match("%d+")
+                end
+                table.sort(out)
+                return table.concat(out, ",")
+            end
+            local before = workers()
+            local fuzz = process.start("python3 $TEST_NGINX_REPO/t/lib/dns_fuzz.py --port 26654 --seconds 20",
+                                       dir .. "fuzz.log")
+            local answered = 0
+            local ok = t.poll(function()
+                answered = tonumber(process.read(dir .. "fuzz.log"):match(".*answered (%d+)")) or 0
+                return answered >= 150
+            end, 15)
+            fuzz:stop()
+            ngx.log(ngx.NOTICE, "hostile DNS replies: ", answered, ", failures counted as such: ",
+                    process.count(dir .. "error.log", "dns failed"))
+            ngx.say("150 hostile replies: ", ok, "; same workers: ", workers() == before,
+                    "; status readable: ", autoscale.status("a") ~= nil and autoscale.status("s") ~= nil)
+        }
+    }
+--- log_level: notice
+--- request
+GET /t
+--- timeout: 30
+--- response_body
+150 hostile replies: true; same workers: true; status readable: true
+--- no_error_log
+[error]
+[crit]
+[alert]

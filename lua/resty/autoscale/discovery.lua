@@ -303,7 +303,10 @@ end
 
 -- Asks one source; keeps its last good set when it fails.
 local function ask(u, s)
-    local peers, interval, bad, revision = MODULES[s.kind].fetch(s.conf, s.revision)
+    local done, peers, interval, bad, revision = pcall(MODULES[s.kind].fetch, s.conf, s.revision)
+    if not done then -- a reply no client should have choked on: a failure like any other
+        peers, interval = nil, "raised: " .. tostring(peers)
+    end
     update_time()
     local t = now()
     if peers == nil then -- logged once per failure, not per attempt
@@ -327,9 +330,14 @@ local function ask(u, s)
         return false
     end
     s.revision = revision
-    for i = 1, #peers do -- addresses in the library's form, so that they compare equal
-        peers[i].addr = addr.canonical(peers[i].addr) or peers[i].addr
+    local kept = {}
+    for _, p in ipairs(peers) do -- addresses in the library's form, so that they compare equal
+        local a = type(p) == "table" and addr.canonical(p.addr)
+        if a then
+            kept[#kept + 1] = { addr = a, weight = p.weight }
+        end
     end
+    peers = kept
     sort(peers, function(x, y) return x.addr < y.addr end)
     if same(s.peers, peers) then
         return false

@@ -210,7 +210,10 @@ function _M.fetch(c)
         local list
         list, ttl = addresses(answers, nil, c.qtype)
         for _, ip in ipairs(list) do
-            peers[#peers + 1] = { addr = addr.join(ip, c.port), weight = c.weight }
+            local a = addr.join(ip, c.port)
+            if a then
+                peers[#peers + 1] = { addr = a, weight = c.weight }
+            end
         end
     else
         -- RFC 2782: only the lowest priority is used; the others are for when it is gone.
@@ -229,7 +232,10 @@ function _M.fetch(c)
                 end
                 ttl = t and min(ttl, t) or ttl
                 for _, ip in ipairs(list) do
-                    peers[#peers + 1] = { addr = addr.join(ip, a.port), weight = max(1, min(10000, a.weight or 1)) }
+                    local text = addr.join(ip, a.port)
+                    if text then
+                        peers[#peers + 1] = { addr = text, weight = max(1, min(10000, a.weight or 1)) }
+                    end
                 end
             end
         end
