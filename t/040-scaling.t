@@ -7,12 +7,14 @@
 
 use lib 't';
 use Autoscale;
+require './t/lib/scaling_ports.pl';
+scaling_ports('HOOK');
 
 workers(1);
 worker_connections(1024);
 master_on();
 
-# Backends on ports 1-4 (50 ms each); the gateway on port 5; the receiver on 26401 (t/lib/scale_receiver.py).
+# Backends on ports 1-4 (50 ms each); the gateway on port 5; the receiver (t/lib/scale_receiver.py) on HOOK_PORT.
 our $HttpConfig = <<'_EOC_';
     lua_shared_dict autoscale_scaling 1m;
     server {
@@ -24,7 +26,7 @@ our $HttpConfig = <<'_EOC_';
     }
     init_by_lua_block {
         autoscale = require "resty.autoscale"
-        local hook = { type = "webhook", url = "http://127.0.0.1:26401/scale", secret = "0123456789abcdef-secret",
+        local hook = { type = "webhook", url = "http://127.0.0.1:$TEST_NGINX_HOOK_PORT/scale", secret = "0123456789abcdef-secret",
                        retries = 3, backoff = 0.2, jitter = 0.2 }
         local two = { "127.0.0.1:$TEST_NGINX_RAND_PORT_1", "127.0.0.1:$TEST_NGINX_RAND_PORT_2" }
         autoscale.configure { upstreams = {
@@ -70,12 +72,12 @@ our $Helpers = <<'_EOC_';
 
     local receiver
     local function start_receiver(extra)
-        receiver = process.start("python3 $TEST_NGINX_REPO/t/lib/scale_receiver.py --port 26401 "
+        receiver = process.start("python3 $TEST_NGINX_REPO/t/lib/scale_receiver.py --port $TEST_NGINX_HOOK_PORT "
                                  .. "--secret 0123456789abcdef-secret " .. (extra or ""), dir .. "receiver.log", 60)
-        assert(t.poll(function() return process.listening(26401) end, 5), "receiver did not start")
+        assert(t.poll(function() return process.listening($TEST_NGINX_HOOK_PORT) end, 5), "receiver did not start")
     end
     local function calls(service)
-        local status, body = t.get(26401, "/calls")
+        local status, body = t.get($TEST_NGINX_HOOK_PORT, "/calls")
         assert(status == 200, "receiver: " .. tostring(status))
         local out = {}
         for _, c in ipairs(cjson.decode(body)) do

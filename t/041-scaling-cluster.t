@@ -2,10 +2,12 @@
 # Several gateways coordinated through a real Redis (redis-server started and stopped here by PID): with 2 gateways
 # sharing it, exactly one actuator call is made per decision, by the leader, for the demand of both gateways; killing
 # Redis mid-test loses no client request and stops actuation until it returns.
-# Ports: Redis 26410, the receiver 26402, the second gateway 26420.
+# Ports (random free ones in 26400-26599): Redis REDIS_PORT, the receiver HOOK_PORT, the second gateway GWB_PORT.
 
 use lib 't';
 use Autoscale;
+require './t/lib/scaling_ports.pl';
+scaling_ports(qw(REDIS HOOK GWB));
 
 workers(1);
 worker_connections(1024);
@@ -17,11 +19,11 @@ diag("redis-server not found (Debian package redis-server): skipped") unless $Ha
 # The gateway's upstream, shared by both gateways (the second one is written from it by the test).
 our $Upstream = <<'_EOC_';
         autoscale.configure {
-            cluster = { gateway_id = "GATEWAY", redis = { port = 26410, timeout = 0.2 }, lease = 1.5, demand_ttl = 1.5 },
+            cluster = { gateway_id = "GATEWAY", redis = { port = $TEST_NGINX_REDIS_PORT, timeout = 0.2 }, lease = 1.5, demand_ttl = 1.5 },
             upstreams = { api = { peers = { "127.0.0.1:$TEST_NGINX_RAND_PORT_1", "127.0.0.1:$TEST_NGINX_RAND_PORT_2" },
                 scaling = { min = 2, max = 20, utilization = { capacity = 4, target = 0.75 }, cooldown = 1,
                             provision_timeout = PROVISION,
-                            actuator = { type = "webhook", url = "http://127.0.0.1:26402/scale",
+                            actuator = { type = "webhook", url = "http://127.0.0.1:$TEST_NGINX_HOOK_PORT/scale",
                                          secret = "0123456789abcdef-secret", retries = 1 } } } },
         }
 _EOC_
@@ -55,7 +57,7 @@ our $Helpers = <<'_EOC_';
     local t = require "autoscale_test"
     local process = require "autoscale_process"
     local cjson = require "cjson"
-    local gw_a, gw_b = $TEST_NGINX_RAND_PORT_5, 26420
+    local gw_a, gw_b = $TEST_NGINX_RAND_PORT_5, $TEST_NGINX_GWB_PORT
     local dir = ngx.config.prefix() .. "logs/"
     local function now() ngx.update_time() return ngx.now() end
     local procs = {}
@@ -67,10 +69,10 @@ our $Helpers = <<'_EOC_';
         return p
     end
     local function redis()
-        return start("redis", "redis-server --port 26410 --bind 127.0.0.1 --save '' --appendonly no --dir " .. dir, 26410)
+        return start("redis", "redis-server --port $TEST_NGINX_REDIS_PORT --bind 127.0.0.1 --save '' --appendonly no --dir " .. dir, $TEST_NGINX_REDIS_PORT)
     end
     local function receiver()
-        return start("receiver", "python3 $TEST_NGINX_REPO/t/lib/scale_receiver.py --port 26402 --secret 0123456789abcdef-secret", 26402)
+        return start("receiver", "python3 $TEST_NGINX_REPO/t/lib/scale_receiver.py --port $TEST_NGINX_HOOK_PORT --secret 0123456789abcdef-secret", $TEST_NGINX_HOOK_PORT)
     end
     -- the second gateway: another nginx with the same upstream and scaling, gateway_id gw-b
     local function gateway_b(upstream)
@@ -89,17 +91,17 @@ our $Helpers = <<'_EOC_';
             "init_by_lua_block { autoscale = require 'resty.autoscale'\n" .. upstream .. "\n}",
             "init_worker_by_lua_block { autoscale.init_worker() }",
             "upstream api { server 0.0.0.1; balancer_by_lua_block { autoscale.balance('api') } }",
-            "server { listen 127.0.0.1:26420;",
+            "server { listen 127.0.0.1:$TEST_NGINX_GWB_PORT;",
             "location = /scaling { content_by_lua_block { autoscale.scaling_handler() } }",
             "location / { proxy_pass http://api; log_by_lua_block { autoscale.log() } } }", "}",
         }, "\n"))
-        return start("gw-b", "/usr/sbin/nginx -p " .. root .. " -c conf/nginx.conf -g 'daemon off;'", 26420)
+        return start("gw-b", "/usr/sbin/nginx -p " .. root .. " -c conf/nginx.conf -g 'daemon off;'", $TEST_NGINX_GWB_PORT)
     end
     local function stop_all()
         for i = #procs, 1, -1 do procs[i]:stop() end
     end
     local function calls()
-        local status, body = t.get(26402, "/calls")
+        local status, body = t.get($TEST_NGINX_HOOK_PORT, "/calls")
         assert(status == 200, "receiver: " .. tostring(status))
         return cjson.decode(body)
     end

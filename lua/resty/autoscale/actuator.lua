@@ -78,7 +78,7 @@ function _M.validate(path, v)
             allowed[k] = true
         end
     elseif v.type == "kubernetes" then
-        for _, k in ipairs { "api", "namespace", "kind", "name", "token_file", "ca_file" } do
+        for _, k in ipairs { "api", "namespace", "kind", "name", "token_file", "ca_file", "server_name" } do
             allowed[k] = true
         end
     else
@@ -148,6 +148,10 @@ function _M.validate(path, v)
         if out.kind ~= "deployment" and out.kind ~= "statefulset" then
             return fail(path .. ".kind", "must be \"deployment\" or \"statefulset\" (got %s)", show(out.kind))
         end
+        out.server_name = v.server_name or "kubernetes.default.svc"
+        if type(out.server_name) ~= "string" or not out.server_name:find("^[%w%.%-]+$") then
+            return fail(path .. ".server_name", "must be a host name (got %s)", show(v.server_name))
+        end
         out.token_file = v.token_file or "/var/run/secrets/kubernetes.io/serviceaccount/token"
         out.ca_file = v.ca_file or "/var/run/secrets/kubernetes.io/serviceaccount/ca.crt"
         for _, k in ipairs { "token_file", "ca_file" } do
@@ -204,7 +208,7 @@ function kubernetes.once(a, d)
     end
     local url = format("%s/apis/apps/v1/namespaces/%s/%ss/%s/scale", a.api, a.namespace, a.kind, a.name)
     local auth = "Bearer " .. token:gsub("%s+$", "")
-    local status, body = http.request { url = url, method = "GET", timeout = a.timeout,
+    local status, body = http.request { url = url, method = "GET", timeout = a.timeout, server_name = a.server_name,
                                         headers = { Authorization = auth, Accept = "application/json" } }
     if status ~= 200 then
         return nil, status and ("GET scale answered " .. status .. ": " .. tostring(body):sub(1, 200)) or body,
@@ -216,7 +220,7 @@ function kubernetes.once(a, d)
         return true -- already there (an earlier attempt went through): nothing to do
     end
     status, body = http.request {
-        url = url, method = "PATCH", timeout = a.timeout,
+        url = url, method = "PATCH", timeout = a.timeout, server_name = a.server_name,
         body = format('{"spec":{"replicas":%d}}', d.desired),
         headers = { Authorization = auth, Accept = "application/json",
                     ["Content-Type"] = "application/merge-patch+json" },

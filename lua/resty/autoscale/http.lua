@@ -67,7 +67,8 @@ local function read_body(sock, headers)
     return sock:receive("*a")
 end
 
--- status, body, headers = http.request{ url =, method =, headers = {}, body =, timeout = seconds, verify = true }
+-- status, body, headers = http.request{ url =, method =, headers = {}, body =, timeout = seconds, verify = true,
+--                                      server_name = name the certificate must carry (default: the URL's host) }
 -- status is nil and body the error on a network failure; headers have lower-case names.
 function _M.request(opts)
     local u, err = _M.parse_url(opts.url)
@@ -82,7 +83,7 @@ function _M.request(opts)
         return nil, "connect to " .. u.host .. ":" .. u.port .. ": " .. err
     end
     if u.scheme == "https" then
-        ok, err = sock:sslhandshake(nil, u.host, opts.verify ~= false)
+        ok, err = sock:sslhandshake(nil, opts.server_name or u.host, opts.verify ~= false)
         if not ok then
             sock:close()
             return nil, "TLS handshake with " .. u.host .. ":" .. u.port .. ": " .. err

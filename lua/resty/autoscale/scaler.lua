@@ -372,7 +372,8 @@ local function actuate(premature, name, s, call)
                 desired = call.desired, decision_id = call.decision_id, attempts = attempts })
     else
         dict:incr("failures:" .. name, 1, 0)
-        dict:delete("pending:" .. name) -- nothing is coming: decide again from what serves
+        -- nothing is coming: decide again from what serves once the cooldown has passed (not at every tick)
+        dict:set("pending:" .. name, call.desired, math.max(s.cooldown, s.interval))
         ngx_log(ngx_ERR, "resty.autoscale scaling: ", cjson.encode { event = "actuator_failed", service = name,
                 desired = call.desired, decision_id = call.decision_id, attempts = attempts, error = err })
     end
