@@ -3,7 +3,8 @@
 # checks the signature with Python's hmac): a step from 1x to 4x load on a service held by 2 instances is acted on
 # within 2 s; no scale-down before the stabilization window ends; a load swinging around the target does not flap;
 # the forecast asks for capacity before a steady ramp crosses the target; failed calls are retried with exponential
-# backoff (timings asserted) under one idempotency key; bad options stop nginx with the field path.
+# backoff (timings asserted) under one idempotency key; publish-only mode answers KEDA's metrics-api and exposes
+# Prometheus gauges (checked by promtool); bad options stop nginx with the field path.
 
 use lib 't';
 use Autoscale;
@@ -43,6 +44,7 @@ our $HttpConfig = <<'_EOC_';
                      scale_up_window = 0.5, forecast = { lead_time = 3 }, actuator = hook } },
             plain = { peers = two, scaling = { min = 2, max = 20, rps = { target = 50 }, provision_timeout = 30,
                       scale_up_window = 0.5, actuator = hook } },
+            pub = { peers = two, scaling = { min = 2, max = 20, utilization = { capacity = 4, target = 0.75 } } },
         } }
     }
     init_worker_by_lua_block { autoscale.init_worker() }
@@ -51,6 +53,7 @@ our $HttpConfig = <<'_EOC_';
     upstream swing { server 0.0.0.1; balancer_by_lua_block { autoscale.balance("swing") } }
     upstream ramp { server 0.0.0.1; balancer_by_lua_block { autoscale.balance("ramp") } }
     upstream plain { server 0.0.0.1; balancer_by_lua_block { autoscale.balance("plain") } }
+    upstream pub { server 0.0.0.1; balancer_by_lua_block { autoscale.balance("pub") } }
     server {
         listen 127.0.0.1:$TEST_NGINX_RAND_PORT_5;
         location = /scaling { content_by_lua_block { autoscale.scaling_handler() } }
@@ -406,3 +409,46 @@ cluster: cluster.redis.port: must be between 1 and 65535 (got 0)
 cluster: cluster.gateway_id: must be 1-100 of letters, digits, '_', '.', '-', ':' (got "a b")
 cluster: cluster.actuate_without_redis: must be true or false (got "yes")
 cluster: cluster.redis: must be a table { host =, port =, password =, db =, timeout = } (got nil)
+
+
+
+=== TEST 7: publish-only: the desired count as JSON for KEDA's metrics-api and as Prometheus gauges, no call made
+--- http_config eval: $::HttpConfig
+--- config eval
+"location = /t { content_by_lua_block { $::Helpers " . <<'_EOC_';
+    start_receiver()
+    local ok, err = pcall(function()
+        local r = t.load { port = gw, path = "/pub", concurrency = 16, duration = 1.5 }
+        local one = state("pub")
+        local _, all = t.get(gw, "/scaling")
+        all = cjson.decode(all)
+        local status = t.get(gw, "/scaling?service=nope")
+        local _, metrics = t.get(gw, "/metrics")
+        local desired = tonumber(metrics:match('autoscale_scaling_desired_instances{upstream="pub"} (%d+)'))
+        local path = dir .. "scrape.prom"
+        process.write(path, metrics)
+        local promtool = io.popen("command -v promtool >/dev/null && promtool check metrics < " .. path .. " 2>&1; echo rc=$?")
+        local out = promtool:read("*a")
+        promtool:close()
+        ngx.say("client errors: ", r.errors, ", actuator: ", one.actuator, ", desired > 2: ", one.desired > 2,
+                ", pending: ", one.pending, ", calls: ", #calls("pub"))
+        ngx.say("KEDA valueLocation services.pub.desired: ", all.services.pub.desired == one.desired,
+                ", unknown service: ", status)
+        ngx.say("gauge = desired: ", desired == one.desired, ", promtool: ", out:match("rc=(%d+)"))
+        ngx.say("ready gauge: ", metrics:match('autoscale_scaling_ready_instances{upstream="pub"} (%d+)'),
+                ", leader: ", metrics:match('autoscale_scaling_leader{upstream="pub"} (%d+)'))
+    end)
+    receiver:stop()
+    assert(ok, err)
+} }
+_EOC_
+--- request
+GET /t
+--- timeout: 20
+--- response_body
+client errors: 0, actuator: publish, desired > 2: true, pending: true, calls: 0
+KEDA valueLocation services.pub.desired: true, unknown service: 404
+gauge = desired: true, promtool: 0
+ready gauge: 2, leader: 1
+--- no_error_log
+[error]
