@@ -79,6 +79,13 @@ our $Helpers = <<'_EOC_';
                                  .. "--secret 0123456789abcdef-secret " .. (extra or ""), dir .. "receiver.log", 60)
         assert(t.poll(function() return process.listening($TEST_NGINX_HOOK_PORT) end, 5), "receiver did not start")
     end
+    -- runs fn with the receiver up, and stops the receiver also when fn fails
+    local function with_receiver(extra, fn)
+        start_receiver(extra)
+        local ok, err = pcall(fn)
+        receiver:stop()
+        assert(ok, err)
+    end
     local function calls(service)
         local status, body = t.get($TEST_NGINX_HOOK_PORT, "/calls")
         assert(status == 200, "receiver: " .. tostring(status))
@@ -106,8 +113,7 @@ __DATA__
 --- http_config eval: $::HttpConfig
 --- config eval
 "location = /t { content_by_lua_block { $::Helpers " . <<'_EOC_';
-    start_receiver()
-    local ok, err = pcall(function()
+    with_receiver(nil, function()
         local calm = background("step", 4, 3) -- 1x: 4 clients, below the 6 that 2 instances carry
         local r1 = select(2, assert(ngx.thread.wait(calm)))
         local before = #calls("step")
@@ -138,8 +144,6 @@ __DATA__
         local _, metrics = t.get(gw, "/metrics")
         ngx.say("metric: ", metrics:match('autoscale_scaling_actions_total{upstream="step",direction="up"} %d+'))
     end)
-    receiver:stop()
-    assert(ok, err)
 } }
 _EOC_
 --- request
@@ -162,8 +166,7 @@ metric: autoscale_scaling_actions_total\{upstream="step",direction="up"\} [1-4]
 --- http_config eval: $::HttpConfig
 --- config eval
 "location = /t { content_by_lua_block { $::Helpers " . <<'_EOC_';
-    start_receiver()
-    local ok, err = pcall(function()
+    with_receiver(nil, function()
         local r = select(2, assert(ngx.thread.wait(background("calm", 12, 2)))) -- 12 in flight: 4 instances needed
         local stop = now()
         t.poll(function() return #calls("calm") > 0 end, 6)
@@ -187,8 +190,6 @@ metric: autoscale_scaling_actions_total\{upstream="step",direction="up"\} [1-4]
         ngx.say("actions before the window ended: ", early, ", stabilizing decisions recorded: ",
                 (function() for _, d in ipairs(st.decisions) do if d.reason == "stabilizing" then return true end end return false end)())
     end)
-    receiver:stop()
-    assert(ok, err)
 } }
 _EOC_
 --- request
@@ -207,8 +208,7 @@ actions before the window ended: 0, stabilizing decisions recorded: true
 --- http_config eval: $::HttpConfig
 --- config eval
 "location = /t { content_by_lua_block { $::Helpers " . <<'_EOC_';
-    start_receiver()
-    local ok, err = pcall(function()
+    with_receiver(nil, function()
         local errors = 0
         for i = 1, 8 do
             errors = errors + t.load { port = gw, path = "/swing", concurrency = i % 2 == 0 and 4 or 8, duration = 1 }.errors
@@ -227,8 +227,6 @@ actions before the window ended: 0, stabilizing decisions recorded: true
         ngx.say("client errors: ", errors, ", ticks above the band: ", above > 3)
         ngx.say("actions up <= 1: ", st.actions.up <= 1, ", down: ", st.actions.down, ", direction changes: ", flips)
     end)
-    receiver:stop()
-    assert(ok, err)
 } }
 _EOC_
 --- request
@@ -246,8 +244,7 @@ actions up <= 1: true, down: 0, direction changes: 0
 --- http_config eval: $::HttpConfig
 --- config eval
 "location = /t { content_by_lua_block { $::Helpers " . <<'_EOC_';
-    start_receiver()
-    local ok, err = pcall(function()
+    with_receiver(nil, function()
         -- open loop: 40 + 15 t requests/s to each of /ramp and /plain for 8 s; the target is 2 x 50 = 100 requests/s,
         -- crossed at t = 4 s
         local t0, credit, sent, outstanding, errors = now(), 0, 0, 0, 0
@@ -290,8 +287,6 @@ actions up <= 1: true, down: 0, direction changes: 0
         end
         ngx.say("decision records the forecast above the rate: ", fc.forecast_rps > fc.inputs.rps)
     end)
-    receiver:stop()
-    assert(ok, err)
 } }
 _EOC_
 --- request
@@ -311,8 +306,7 @@ decision records the forecast above the rate: true
 --- http_config eval: $::HttpConfig
 --- config eval
 "location = /t { content_by_lua_block { $::Helpers " . <<'_EOC_';
-    start_receiver("--fail 2")
-    local ok, err = pcall(function()
+    with_receiver("--fail 2", function()
         -- "calm" (4 idle instances, 3 s window) scales down 3 s after the start: its first call fails twice
         local c
         t.poll(function()
@@ -338,8 +332,6 @@ decision records the forecast above the rate: true
         ngx.say("gap 1 in [0.16, 0.35]: ", g1 >= 0.16 and g1 <= 0.35, ", gap 2 in [0.32, 0.55]: ", g2 >= 0.32 and g2 <= 0.55)
         ngx.say("calls with that key: ", #c, ", failures counted: ", state("calm").actuator_failures)
     end)
-    receiver:stop()
-    assert(ok, err)
 } }
 _EOC_
 --- request
@@ -416,8 +408,7 @@ cluster: cluster.redis: must be a table { host =, port =, password =, db =, time
 --- http_config eval: $::HttpConfig
 --- config eval
 "location = /t { content_by_lua_block { $::Helpers " . <<'_EOC_';
-    start_receiver()
-    local ok, err = pcall(function()
+    with_receiver(nil, function()
         local r = t.load { port = gw, path = "/pub", concurrency = 16, duration = 1.5 }
         local one = state("pub")
         local _, all = t.get(gw, "/scaling")
@@ -438,8 +429,6 @@ cluster: cluster.redis: must be a table { host =, port =, password =, db =, time
         ngx.say("ready gauge: ", metrics:match('autoscale_scaling_ready_instances{upstream="pub"} (%d+)'),
                 ", leader: ", metrics:match('autoscale_scaling_leader{upstream="pub"} (%d+)'))
     end)
-    receiver:stop()
-    assert(ok, err)
 } }
 _EOC_
 --- request
