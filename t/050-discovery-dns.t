@@ -8,6 +8,7 @@ use lib 't';
 use Autoscale;
 
 workers(2);
+worker_connections(1024); # the gateway, its backends and their keepalive connections share the workers
 master_on();
 
 our $Have_dnsmasq = grep { -x "$_/dnsmasq" } split /:/, "$ENV{PATH}:/usr/sbin:/sbin";
@@ -267,7 +268,6 @@ GET /t
 --- timeout: 30
 --- response_body
 150 hostile replies: true; same workers: true; status readable: true
---- no_error_log
-[error]
-[crit]
-[alert]
+--- no_error_log eval
+# Once the hostile server has stopped, a question can meet its closed port; nginx itself logs that ICMP error.
+[qr/\[error\](?!.*recv\(\) failed \(111: Connection refused\))/, qr/\[crit\]/, qr/\[alert\]/]

@@ -7,6 +7,7 @@ use lib 't';
 use Autoscale;
 
 workers(2);
+worker_connections(1024); # the gateway, its backends and their keepalive connections share the workers
 master_on();
 
 our $Have_etcd = grep { -x "$_/etcd" } split /:/, $ENV{PATH};
