@@ -11,7 +11,7 @@ use Autoscale;
 require './t/lib/scaling_ports.pl';
 scaling_ports('HOOK');
 
-workers(1);
+workers(2);
 worker_connections(1024);
 master_on();
 
@@ -245,8 +245,8 @@ actions up <= 1: true, down: 0, direction changes: 0
 --- config eval
 "location = /t { content_by_lua_block { $::Helpers " . <<'_EOC_';
     with_receiver(nil, function()
-        -- open loop: 40 + 15 t requests/s to each of /ramp and /plain for 8 s; the target is 2 x 50 = 100 requests/s,
-        -- crossed at t = 4 s
+        -- open loop: 20 + 10 t requests/s to each of /ramp and /plain for 12 s; the target is 2 x 50 = 100 requests/s,
+        -- crossed at t = 8 s
         local t0, credit, sent, outstanding, errors = now(), 0, 0, 0, 0
         local function one(path)
             local status = t.get(gw, path .. "?ms=5")
@@ -254,9 +254,9 @@ actions up <= 1: true, down: 0, direction changes: 0
             outstanding = outstanding - 1
         end
         local last = t0
-        while now() - t0 < 8 do
+        while now() - t0 < 12 do
             local tn = now()
-            credit = credit + (40 + 15 * (tn - t0)) * (tn - last)
+            credit = credit + (20 + 10 * (tn - t0)) * (tn - last)
             last = tn
             while credit >= 1 do
                 credit = credit - 1
@@ -274,12 +274,12 @@ actions up <= 1: true, down: 0, direction changes: 0
         end
         local t_ramp, d_ramp = first("ramp")
         local t_plain = first("plain")
-        ngx.log(ngx.WARN, "first scale-up: with forecast at ", t_ramp, " s (offered ", 40 + 15 * (t_ramp or 0),
-                " rps), without at ", t_plain, " s; the target is crossed at 4 s")
+        ngx.log(ngx.WARN, "first scale-up: with forecast at ", t_ramp, " s (offered ", 20 + 10 * (t_ramp or 0),
+                " rps), without at ", t_plain, " s; the target is crossed at 8 s")
         ngx.say("requests ", sent * 2, ", errors ", errors)
-        ngx.say("with forecast: before the ramp crosses the target: ", t_ramp ~= nil and t_ramp < 4, ", to ",
+        ngx.say("with forecast: before the ramp crosses the target: ", t_ramp ~= nil and t_ramp < 8, ", to ",
                 d_ramp and d_ramp.desired)
-        ngx.say("without: after it: ", t_plain ~= nil and t_plain > 4, ", later by over 1 s: ",
+        ngx.say("without: after it: ", t_plain ~= nil and t_plain > 8, ", later by over 1 s: ",
                 t_plain ~= nil and t_ramp ~= nil and t_plain - t_ramp > 1)
         local fc
         for _, d in ipairs(state("ramp").decisions) do

@@ -26,6 +26,7 @@ _M.defaults = { timeout = 2, retries = 3, backoff = 0.2, max_backoff = 5, jitter
 
 -- Secrets are kept out of the configuration tables (which the status shows), keyed by the actuator's table.
 local SECRETS = setmetatable({}, { __mode = "k" })
+local ENV_SECRETS = {}
 
 local lib
 local mac = ffi.new("uint8_t[32]")
@@ -112,7 +113,12 @@ function _M.validate(path, v)
                 return fail(path .. ".secret", "must be a string")
             end
         elseif v.secret_env ~= nil then
-            secret = type(v.secret_env) == "string" and os.getenv(v.secret_env)
+            -- read in init_by_lua (the master still has its environment) and kept for later validations in workers
+            -- (control.tune), whose environment nginx has cleared
+            secret = type(v.secret_env) == "string" and (ENV_SECRETS[v.secret_env] or os.getenv(v.secret_env))
+            if secret then
+                ENV_SECRETS[v.secret_env] = secret
+            end
             if not secret then
                 return fail(path .. ".secret_env", "environment variable %s is not set", show(v.secret_env))
             end
