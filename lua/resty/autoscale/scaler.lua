@@ -398,7 +398,21 @@ local function tick(name, s, svc)
     local c = conf.cluster
     local mode, view, demand, err = "local", nil, own, nil
     if c then
-        view, err = cluster.exchange(c, name, own)
+        -- while Redis fails, ask it again after 0.5, 1, 2, 2, ... s rather than every tick (each failure is a
+        -- line in the error log)
+        local ask = (svc.redis_retry or 0) <= ngx.now()
+        if ask then
+            view, err = cluster.exchange(c, name, own)
+        else
+            err = svc.redis_err
+        end
+        if view then
+            svc.redis_failures, svc.redis_retry = 0, nil
+        elseif ask then
+            svc.redis_failures = (svc.redis_failures or 0) + 1
+            svc.redis_err = err
+            svc.redis_retry = ngx.now() + math.min(2, 0.25 * 2 ^ svc.redis_failures)
+        end
         if view then
             mode = view.leader and "leader" or "follower"
             if view.leader then
