@@ -441,3 +441,32 @@ gauge = desired: true, promtool: 0
 ready gauge: 2, leader: 1
 --- no_error_log
 [error]
+
+
+
+=== TEST 8: a bad scaling option stops nginx at start, naming the field
+--- http_config
+    lua_shared_dict autoscale_scaling 1m;
+    init_by_lua_block {
+        require("resty.autoscale").configure { upstreams = { api = { peers = { "127.0.0.1:1" },
+            scaling = { utilization = { capacity = 4 }, scale_down_window = -1 } } } }
+    }
+--- config
+    location = /t { return 200; }
+--- must_die
+--- error_log
+resty.autoscale: upstreams.api.scaling.scale_down_window: must be between 0 and 3600 (got -1)
+
+
+
+=== TEST 9: scaling without its shared dict stops nginx at start and says what to add
+--- http_config
+    init_by_lua_block {
+        require("resty.autoscale").configure { upstreams = { api = { peers = { "127.0.0.1:1" },
+            scaling = { rps = { target = 100 } } } } }
+    }
+--- config
+    location = /t { return 200; }
+--- must_die
+--- error_log
+resty.autoscale: scaling needs `lua_shared_dict autoscale_scaling 1m;` in the http block
