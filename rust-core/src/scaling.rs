@@ -493,6 +493,25 @@ mod tests {
     }
 
     #[test]
+    fn error_rate_pushes_up_and_external_scales_both_ways() {
+        let mut p = Params { up_window_us: 0, down_window_us: 0, cooldown_us: 0, ..Params::default() };
+        p.targets = [Target::OFF; SIGNALS];
+        p.targets[Signal::ErrorRate as usize].target = 0.05;
+        p.targets[Signal::External as usize].target = 10.0;
+        let mut sc = Scaler::new(p);
+        let mut values = [f64::NAN; SIGNALS];
+        values[Signal::ErrorRate as usize] = 0.2; // 4x the target on 2 instances: 8 (panic; step limit +4)
+        values[Signal::External as usize] = 20.0; // 2 instances' worth: on target, recommends the current 2
+        let d = sc.decide(0, &Signals { current: 2, ready: 2, values });
+        assert_eq!((d.per_signal[3], d.per_signal[4], d.desired, d.signal), (8, 2, 6, Some(Signal::ErrorRate)));
+        values[Signal::ErrorRate as usize] = 0.0; // healthy: abstains; the external value alone decides
+        values[Signal::External as usize] = 25.0;
+        sc.panic_until = 0;
+        let d = sc.decide(S, &Signals { current: 6, ready: 6, values });
+        assert_eq!((d.per_signal[3], d.per_signal[4], d.desired), (0, 3, 3), "{d:?}");
+    }
+
+    #[test]
     fn a_signal_must_hold_for_its_hold_time() {
         let mut p = Params { up_window_us: 0, ..util(10.0) };
         p.targets[0].hold_us = 2 * S;
