@@ -10,6 +10,8 @@ workers(2);
 worker_connections(1024); # the gateway, its backends and their keepalive connections share the workers
 master_on();
 
+$ENV{AUTOSCALE_T_ADMIN_TOKEN} = 'discovery-test-token-0123456789';
+
 # Backends on ports 1-4 answer their port after the delay stored under "delay:<port>" and count their requests.
 our $HttpConfig = <<'_EOC_';
     lua_shared_dict ctl 1m;
@@ -389,3 +391,42 @@ autoscale_discovery_standby_peers{upstream="api",state="standby"} 0
 promtool: 0
 --- no_error_log
 [error]
+
+
+
+=== TEST 7: a POST to the discovery handler needs the admin token once the admin API is on (and its allow list)
+--- http_config eval
+my $c = $::HttpConfig;
+$c =~ s/(\n    \}\n    init_worker_by_lua_block)/\n        autoscale.admin { token_env = "AUTOSCALE_T_ADMIN_TOKEN", allow = { "127.0.0.1", "unix:" } }$1/
+    or die "no init_by_lua_block to extend";
+$c
+--- config
+    location = /t {
+        content_by_lua_block {
+            local t = require "autoscale_test"
+            local gw = $TEST_NGINX_RAND_PORT_5
+            local function post(q, token, bind)
+                local code, body = t.request { port = gw, method = "POST", path = "/discovery?" .. q, bind = bind,
+                                               headers = token and { Authorization = "Bearer " .. token } or nil }
+                return tostring(code) .. " " .. (body or ""):gsub("\n$", "")
+            end
+            local function active() return autoscale.discovery.state("api").standby.active end
+            ngx.say("no token: ", post("upstream=api&activate=1"), ", active ", active())
+            ngx.say("wrong token: ", post("upstream=api&activate=1", "not-the-token-0123456789"), ", active ", active())
+            ngx.say("from 127.0.0.2: ", post("upstream=api&activate=1", "discovery-test-token-0123456789", "127.0.0.2"),
+                    ", active ", active())
+            local r = post("upstream=api&activate=1", "discovery-test-token-0123456789")
+            ngx.say("token: ", r:match("^%d+"), ", active ", active())
+            ngx.say("GET needs none: ", (t.request { port = gw, path = "/discovery?upstream=api" }))
+        }
+    }
+--- request
+GET /t
+--- response_body
+no token: 401 {"error":"an Authorization: Bearer token is required"}, active 0
+wrong token: 401 {"error":"invalid token"}, active 0
+from 127.0.0.2: 403 {"error":"client address 127.0.0.2 is not in admin.allow"}, active 0
+token: 200, active 1
+GET needs none: 200
+--- error_log
+refused POST /discovery?upstream=api&activate=1 from 127.0.0.1: 401

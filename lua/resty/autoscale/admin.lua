@@ -287,13 +287,47 @@ local function refuse(code, reason, headers)
     return reply(code, { error = reason, status = code, request_id = ngx.var.request_id }, headers)
 end
 
-local function allowed(addr)
-    for _, net in ipairs(settings.allow) do
+-- The networks of the default allow list (loopback), for `authorize` while the admin API is off.
+local LOOPBACK = {}
+for i, text in ipairs(_M.defaults.allow) do
+    LOOPBACK[i] = assert(cidr(text))
+end
+LOOPBACK[#LOOPBACK + 1] = { unix = true }
+
+local function allowed(addr, nets)
+    for _, net in ipairs(nets or settings.allow) do
         if in_network(net, addr) then
             return true
         end
     end
     return false
+end
+
+-- ok, code, reason, headers = admin.authorize(): whether this request may change state through an endpoint other
+-- than the admin API (the discovery handler's POST). While the admin API is on: the same rules (its allow list and
+-- its bearer token). While it is off: loopback and unix-socket clients only.
+function _M.authorize()
+    local client = ngx.var.binary_remote_addr or ""
+    if not settings then
+        if allowed(client, LOOPBACK) then
+            return true
+        end
+        return false, 403, "client address " .. tostring(ngx.var.remote_addr)
+            .. " may not change state (loopback only while the admin API is off)"
+    end
+    if not allowed(client) then
+        return false, 403, "client address " .. tostring(ngx.var.remote_addr) .. " is not in admin.allow"
+    end
+    local auth = ngx.var.http_authorization
+    local given = auth and match(auth, "^[Bb]earer +([^%s]+) *$")
+    if not given then
+        return false, 401, "an Authorization: Bearer token is required",
+            { ["WWW-Authenticate"] = 'Bearer realm="autoscale"' }
+    end
+    if not constant_time_equal(sha1_bin(given), settings.digest) then
+        return false, 401, "invalid token", { ["WWW-Authenticate"] = 'Bearer realm="autoscale", error="invalid_token"' }
+    end
+    return true
 end
 
 -- body, code, reason = read_body(): the request body as a decoded JSON object ({} when there is none)
@@ -498,17 +532,9 @@ function _M.handler()
     if not settings then
         return refuse(403, "the admin API is off (enable it with autoscale.admin{...} in init_by_lua*)")
     end
-    local client = ngx.var.binary_remote_addr or ""
-    if not allowed(client) then
-        return refuse(403, "client address " .. tostring(ngx.var.remote_addr) .. " is not in admin.allow")
-    end
-    local auth = ngx.var.http_authorization
-    local given = auth and match(auth, "^[Bb]earer +([^%s]+) *$")
-    if not given then
-        return refuse(401, "an Authorization: Bearer token is required", { ["WWW-Authenticate"] = 'Bearer realm="autoscale"' })
-    end
-    if not constant_time_equal(sha1_bin(given), settings.digest) then
-        return refuse(401, "invalid token", { ["WWW-Authenticate"] = 'Bearer realm="autoscale", error="invalid_token"' })
+    local ok, code0, reason0, headers0 = _M.authorize()
+    if not ok then
+        return refuse(code0, reason0, headers0)
     end
     local uri = ngx.var.uri
     local prefix = settings.prefix

@@ -675,6 +675,16 @@ function _M.handler()
         ngx.header["Allow"] = "GET, POST"
         return reply(405, { error = "use GET (state) or POST (activate/deactivate)" })
     end
+    -- A change: loopback clients only while the admin API is off; its allow list and bearer token while it is on.
+    local ok, code, reason, headers = require("resty.autoscale.admin").authorize()
+    if not ok then
+        for k, v in pairs(headers or {}) do
+            ngx.header[k] = v
+        end
+        ngx.log(ngx.WARN, "resty.autoscale discovery: refused POST ", ngx.var.request_uri, " from ",
+                ngx.var.remote_addr, ": ", code, " ", reason)
+        return reply(code, { error = reason })
+    end
     if type(name) ~= "string" then
         return reply(400, { error = "upstream: required" })
     end
