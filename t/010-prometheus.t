@@ -115,60 +115,11 @@ our $Helpers = <<'_EOC_';
         return sh("promtool check metrics < " .. path)
     end
 
-    -- pid = spawn(cmd, log): cmd in the background in its own session (so that its children can be stopped with it)
-    local function spawn(cmd, log)
-        local pidfile = dir .. "spawn.pid"
-        os.remove(pidfile)
-        assert(os.execute("setsid " .. cmd .. " >" .. log .. " 2>&1 </dev/null & echo $! >" .. pidfile) == 0)
-        local f = assert(io.open(pidfile))
-        local pid = tonumber(f:read("*l"))
-        f:close()
-        return pid
-    end
-
-    local function alive(pid)
-        local f = io.open("/proc/" .. pid .. "/stat")
-        if not f then
-            return false
-        end
-        local st = f:read("*l") or ""
-        f:close()
-        return st:match("^%d+ %b() (%a)") ~= "Z"
-    end
-
-    -- stops the process group `pid` leads: SIGTERM, then SIGKILL after 5 s; true when it is gone
-    local function stop(pid)
-        os.execute("kill -TERM -" .. pid .. " 2>/dev/null")
-        if t.poll(function() return not alive(pid) end, 5) then
-            return true
-        end
-        os.execute("kill -KILL -" .. pid .. " 2>/dev/null")
-        return t.poll(function() return not alive(pid) end, 2)
-    end
-
-    -- whether something listens on TCP `port` (read from /proc, so that probing logs no connect error)
-    local function listening(port)
-        local hex = string.format(":%04X ", port)
-        for _, file in ipairs { "/proc/net/tcp", "/proc/net/tcp6" } do
-            local f = io.open(file)
-            if f then
-                for line in f:lines() do
-                    local localaddr, state = line:match("^%s*%d+: (%S+) %S+ (%x%x)")
-                    if localaddr and state == "0A" and (localaddr .. " "):find(hex, 1, true) then
-                        f:close()
-                        return true
-                    end
-                end
-                f:close()
-            end
-        end
-        return false
-    end
-
+    local process = require "autoscale_process" -- background processes, stopped by PID
     local function free_port() -- a port in 26000-26999 nothing listens on
         for _ = 1, 100 do
             local port = math.random(26000, 26999)
-            if not listening(port) then
+            if not process.listening(port) then
                 return port
             end
         end
@@ -318,22 +269,22 @@ peer 2: count = requests true, sum matches true, p99 >= p50 true
             "scrape_configs:\n  - job_name: autoscale\n    metrics_path: /metrics\n",
             "    static_configs:\n      - targets: ['127.0.0.1:", gw, "']\n")
     f:close()
-    local pid = spawn("timeout 120 prometheus --config.file=" .. conf .. " --storage.tsdb.path=" .. data
-                      .. " --web.listen-address=127.0.0.1:" .. port, dir .. "prometheus.log")
+    local prom = process.start("prometheus --config.file=" .. conf .. " --storage.tsdb.path=" .. data
+                               .. " --web.listen-address=127.0.0.1:" .. port, dir .. "prometheus.log", 120)
     local query = ngx.escape_uri('sum(autoscale_peer_requests_total{upstream="web"})')
     local value, up
     local ok, err = pcall(function()
-        assert(t.poll(function() return listening(port) or not alive(pid) end, 20), "prometheus did not listen")
+        assert(t.poll(function() return process.listening(port) or not prom:alive() end, 20), "prometheus did not listen")
         t.poll(function()
             local code, body = t.get(port, "/api/v1/query?query=" .. query, 1000)
             local r = code == 200 and cjson.decode(body)
             value = r and r.data.result[1] and r.data.result[1].value[2]
-            return value == "150" or not alive(pid)
+            return value == "150" or not prom:alive()
         end, 40)
         local code, body = t.get(port, "/api/v1/query?query=" .. ngx.escape_uri('up{job="autoscale"}'), 1000)
         up = code == 200 and cjson.decode(body).data.result[1].value[2]
     end)
-    local stopped = stop(pid)
+    local stopped = prom:stop()
     os.execute("rm -rf " .. data)
     if not ok or value ~= "150" then
         local log = io.open(dir .. "prometheus.log")

@@ -92,52 +92,15 @@ our $Helpers = <<'_EOC_';
     local gw = $TEST_NGINX_RAND_PORT_5
     local dir = ngx.config.prefix() .. "logs/"
 
-    -- pid = spawn(cmd, out, err): cmd in the background in its own session (its children are stopped with it)
-    local function spawn(cmd, out, err)
-        local pidfile = dir .. "spawn.pid"
-        os.remove(pidfile)
-        assert(os.execute("setsid " .. cmd .. " >" .. out .. " 2>" .. err .. " </dev/null & echo $! >" .. pidfile) == 0)
-        local f = assert(io.open(pidfile))
-        local pid = tonumber(f:read("*l"))
-        f:close()
-        return pid
-    end
-
-    local function alive(pid)
-        local f = io.open("/proc/" .. pid .. "/stat")
-        if not f then
-            return false
-        end
-        local st = f:read("*l") or ""
-        f:close()
-        return st:match("^%d+ %b() (%a)") ~= "Z"
-    end
-
-    local function stop(pid)
-        os.execute("kill -TERM -" .. pid .. " 2>/dev/null")
-        if t.poll(function() return not alive(pid) end, 5) then
-            return true
-        end
-        os.execute("kill -KILL -" .. pid .. " 2>/dev/null")
-        return t.poll(function() return not alive(pid) end, 2)
-    end
-
-    local function read(path)
-        local f = io.open(path)
-        if not f then
-            return ""
-        end
-        local s = f:read("*a")
-        f:close()
-        return s
-    end
+    local process = require "autoscale_process" -- background processes, stopped by PID
+    local read = process.read
 
     local CHROMIUM = "$TEST_NGINX_CHROMIUM"
     local function chromium(args, out, err)
         local profile = dir .. "chromium-profile-" .. ngx.now() .. "-" .. math.random(1e6)
-        return spawn("timeout 90 " .. CHROMIUM .. " --headless --no-sandbox --disable-gpu --no-first-run"
-                     .. " --disable-background-networking --disable-component-update --disable-sync"
-                     .. " --user-data-dir=" .. profile .. " " .. args, out, err), profile
+        return process.start(CHROMIUM .. " --headless --no-sandbox --disable-gpu --no-first-run"
+                             .. " --disable-background-networking --disable-component-update --disable-sync"
+                             .. " --user-data-dir=" .. profile .. " " .. args, out, 90, err), profile
     end
 
     -- attributes of every <tag ...> in `html` whose attributes contain all of `want` (name = value)
@@ -262,22 +225,22 @@ line 4: resty.autoscale.dashboard: options must be a table (got string)
         ngx.shared.ctl:delete("status:$TEST_NGINX_RAND_PORT_3")
     end)
     local url = "http://127.0.0.1:" .. gw .. "/paced"
-    local pids, profiles = {}, {}
-    pids[1], profiles[1] = chromium("--virtual-time-budget=60000 --dump-dom " .. url,
+    local procs, profiles = {}, {}
+    procs[1], profiles[1] = chromium("--virtual-time-budget=60000 --dump-dom " .. url,
                                     dir .. "dom.html", dir .. "chromium.log")
     local shot = "$TEST_NGINX_SCREENSHOT"
     if shot ~= "" then
-        pids[2], profiles[2] = chromium("--virtual-time-budget=60000 --hide-scrollbars --window-size=1280,1560"
+        procs[2], profiles[2] = chromium("--virtual-time-budget=60000 --hide-scrollbars --window-size=1280,1560"
                                         .. " --screenshot=" .. shot .. " " .. url, dir .. "shot.log", dir .. "shot.err")
     end
     local finished = t.poll(function()
-        for _, pid in ipairs(pids) do
-            if alive(pid) then return false end
+        for _, p in ipairs(procs) do
+            if p:alive() then return false end
         end
         return true
     end, 80)
     running = false
-    for _, pid in ipairs(pids) do stop(pid) end
+    for _, p in ipairs(procs) do p:stop() end
     for _, p in ipairs(profiles) do os.execute("rm -rf " .. p) end
     for _, th in ipairs(loads) do ngx.thread.wait(th) end
     ngx.thread.wait(episode)

@@ -23,12 +23,13 @@ local function state(pid)
     return line:match("^%d+ %b() (%a)")
 end
 
--- proc = process.start(cmd, log, max_seconds): runs `cmd` (a shell command) in the background, for at most
--- `max_seconds` (default 120), output appended to the file `log`.
-function _M.start(cmd, log, max_seconds)
+-- proc = process.start(cmd, log, max_seconds, err_log): runs `cmd` (a shell command) in the background, for at most
+-- `max_seconds` (default 120), its output appended to the file `log` (its standard error to `err_log` if given).
+function _M.start(cmd, log, max_seconds, err_log)
     local pidfile = os.tmpname()
-    local ok = os.execute(string.format("setsid timeout %d %s >>%s 2>&1 </dev/null & echo $! >%s",
-                                        max_seconds or 120, cmd, log, pidfile))
+    local ok = os.execute(string.format("setsid timeout %d %s >>%s %s </dev/null & echo $! >%s",
+                                        max_seconds or 120, cmd, log, err_log and "2>>" .. err_log or "2>&1",
+                                        pidfile))
     assert(ok == 0 or ok == true, "cannot start: " .. cmd)
     local f = assert(io.open(pidfile))
     local pid = tonumber(f:read("*l"))
