@@ -39,21 +39,7 @@ our $Gateway = <<'_EOC_';
     }
 _EOC_
 
-sub http_config {
-    my ($peers, $opts) = @_;
-    return $::Backends . <<"_EOC_";
-    init_by_lua_block {
-        autoscale = require "resty.autoscale"
-        autoscale.configure { upstreams = { backend = { peers = { $peers }, $opts } } }
-    }
-    init_worker_by_lua_block { autoscale.init_worker() }
-    upstream backend {
-        server 0.0.0.1;
-        balancer_by_lua_block { autoscale.balance("backend") }
-        keepalive 32;
-    }
-_EOC_
-}
+sub http_config { $::Backends . gateway_upstream(@_) }
 
 our $Three = '"127.0.0.1:$TEST_NGINX_RAND_PORT_1", "127.0.0.1:$TEST_NGINX_RAND_PORT_2", "127.0.0.1:$TEST_NGINX_RAND_PORT_3"';
 

@@ -43,21 +43,7 @@ our $Backends = <<'_EOC_';
     }
 _EOC_
 
-sub gateway {
-    my ($peers, $opts) = @_;
-    return $::Backends . <<"_EOC_";
-    init_by_lua_block {
-        autoscale = require "resty.autoscale"
-        autoscale.configure { upstreams = { backend = { peers = { $peers }, $opts } } }
-    }
-    init_worker_by_lua_block { autoscale.init_worker() }
-    upstream backend {
-        server 0.0.0.1;
-        balancer_by_lua_block { autoscale.balance("backend") }
-        keepalive 32;
-    }
-_EOC_
-}
+sub gateway { $::Backends . gateway_upstream(@_) }
 
 our $Location = <<'_EOC_';
     location /p {

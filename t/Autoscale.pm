@@ -74,11 +74,32 @@ _backend_fn('add_block_preprocessor')->(sub {
     $block->set_value(http_config => $pre . $http) if $pre ne '';
 });
 
+# gateway_upstream($peers, $opts): the http_config lines of a gateway whose
+# upstream "backend" is balanced by resty.autoscale: init_by_lua* configuring it
+# with the Lua peer list $peers and the Lua option text $opts, init_worker_by_lua*,
+# and the upstream block (keepalive 32). The suites add their backends and server.
+sub gateway_upstream {
+    my ($peers, $opts) = @_;
+    return <<"_EOC_";
+    init_by_lua_block {
+        autoscale = require "resty.autoscale"
+        autoscale.configure { upstreams = { backend = { peers = { $peers }, $opts } } }
+    }
+    init_worker_by_lua_block { autoscale.init_worker() }
+    upstream backend {
+        server 0.0.0.1;
+        balancer_by_lua_block { autoscale.balance("backend") }
+        keepalive 32;
+    }
+_EOC_
+}
+
 sub import {
     my ($class, @args) = @_;
     my $caller = caller;
     my $base = $Backend;
     no strict 'refs';
+    *{"${caller}::gateway_upstream"} = \&gateway_upstream;
     if ($Backend eq 'Autoscale::Runner') {
         *{"${caller}::$_"} = \&{"Autoscale::Runner::$_"}
             for grep { $_ ne 'run_tests' } @Autoscale::Runner::EXPORT;
