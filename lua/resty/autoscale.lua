@@ -123,8 +123,8 @@ function _M.configure(user_conf)
     if not sok then
         error("resty.autoscale: " .. serr, 2)
     end
-    return true
     discovery.init(lib, conf, index)
+    return true
 end
 
 -- autoscale.init_worker()
@@ -174,13 +174,13 @@ _M.scaling = scaler
 -- autoscale.scaling_handler(), in content_by_lua*: desired instances per service as JSON (KEDA metrics-api)
 _M.scaling_handler = scaler.handler
 
--- list = autoscale.events(max): the most recent events, oldest first
 -- Service discovery: the standby pool (activate/deactivate) and the state of the sources; see docs/discovery.md.
 _M.discovery = discovery
 
 -- autoscale.discovery_handler(), in content_by_lua*: GET the discovery state, POST ?upstream=&activate=n|deactivate=n
 _M.discovery_handler = discovery.handler
 
+-- list = autoscale.events(max): the most recent events, oldest first
 function _M.events(max)
     if not lib then
         return nil, "resty.autoscale is not configured"

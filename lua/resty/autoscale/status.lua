@@ -174,6 +174,7 @@ function _M.upstream(name)
         draining = upinfo.draining,
         panic = upinfo.panic == 1,
         config = u,
+        discovery = conf.upstreams[name].discovery and require("resty.autoscale.discovery").state(name) or nil,
         scaling = require("resty.autoscale.scaler").state(name),
     }
 end
@@ -211,7 +212,6 @@ function _M.library_cost()
     return { balancer = phase(cost.balancer_ns, cost.balancer_calls), log = phase(cost.log_ns, cost.log_calls) }
 end
 
-        discovery = conf.upstreams[name].discovery and require("resty.autoscale.discovery").state(name) or nil,
 -- st = status.all()
 function _M.all()
     local names = {}
