@@ -23,6 +23,7 @@ local trace = require "resty.autoscale.trace"
 local discovery = require "resty.autoscale.discovery"
 local scaler = require "resty.autoscale.scaler"
 local admin = require "resty.autoscale.admin"
+local admission = require "resty.autoscale.admission"
 local ffi = require "ffi"
 
 local ngx = ngx
@@ -54,7 +55,11 @@ local function start_timer()
         timer_started = false
         return nil, err
     end
-    local ok2, err2 = healthcheck.start(conf, index)
+    local ok2, err2 = admission.start()
+    if not ok2 then
+        return nil, err2
+    end
+    ok2, err2 = healthcheck.start(conf, index)
     if not ok2 then
         return nil, err2
     end
@@ -124,6 +129,7 @@ function _M.configure(user_conf)
         error("resty.autoscale: " .. serr, 2)
     end
     discovery.init(lib, conf, index)
+    admission.init(lib, conf, index)
     return true
 end
 
@@ -144,10 +150,17 @@ _M.balance = balancer.balance
 -- autoscale.log(), in log_by_lua*
 function _M.log()
     balancer.log()
+    admission.log()
     if not timer_started and lib then
         start_timer()
     end
 end
+
+-- ok = autoscale.admit(upstream_name, opts?), in access_by_lua*: admission (docs/admission.md)
+_M.admit = admission.admit
+
+-- st = autoscale.admission_status(upstream_name): limit, rates and counters per class, or nil without admission
+_M.admission_status = admission.status
 
 -- st, err = autoscale.status(upstream_name)
 _M.status = status.upstream

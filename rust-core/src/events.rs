@@ -26,6 +26,8 @@ pub mod kind {
     pub const TUNED: u32 = 12;
     pub const EJECTION_SKIPPED: u32 = 13;
     pub const FALLBACK: u32 = 14;
+    pub const RATE_TIGHTENED: u32 = 15;
+    pub const RATE_RELAXED: u32 = 16;
 
     /// Name used in JSON and logs.
     pub fn name(k: u32) -> &'static str {
@@ -44,6 +46,8 @@ pub mod kind {
             TUNED => "tuned",
             EJECTION_SKIPPED => "ejection_skipped",
             FALLBACK => "fallback",
+            RATE_TIGHTENED => "rate_tightened",
+            RATE_RELAXED => "rate_relaxed",
             _ => "unknown",
         }
     }
@@ -190,6 +194,7 @@ impl Region {
             kind::CONFIG => &[("epoch", v[0]), ("upstreams", v[1]), ("peers", v[2])],
             kind::EJECTION_SKIPPED => &[("ejected", v[0]), ("total", v[1]), ("max_ejection_percent", v[2])],
             kind::FALLBACK => &[("status", v[0]), ("healthy", v[1]), ("total", v[2])],
+            kind::RATE_TIGHTENED | kind::RATE_RELAXED => &[("rate_factor", v[0]), ("overloaded", v[1]), ("scale_up_pending", v[2]), ("limit", v[3])],
             _ => &[],
         };
         for (name, x) in fields {

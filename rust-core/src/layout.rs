@@ -7,6 +7,8 @@
 //! Header | worker pids [max_workers] | events [EVENT_RING] | upstream records [max_upstreams] | peer records [max_peers]
 //! upstream record = UpstreamHead + peer slot list [max_peers]
 //! peer record     = PeerHead + window buckets [window_buckets + 1] + in-flight per worker [max_workers]
+//! then: admission records [max_upstreams] | admission column owners [max_workers] | rate buckets [RATE_SLOTS]
+//! admission record = AdmissionHead + in-flight per (worker + 1 spare column) and class [(max_workers + 1) * CLASSES]
 //! ```
 //! The region is mapped `MAP_SHARED | MAP_ANONYMOUS` in the nginx master before it forks, so every worker sees the
 //! same memory; it is never unmapped, so a reload reuses it and a worker killed mid-request cannot take it away. The
@@ -21,7 +23,7 @@ use std::sync::atomic::{AtomicI32, AtomicU32, AtomicU64, Ordering::*};
 /// "ASCALE" and a format number.
 pub const MAGIC: u64 = u64::from_le_bytes(*b"ASCALE\x00\x01");
 /// Bumped whenever any record changes shape.
-pub const LAYOUT_VERSION: u32 = 3;
+pub const LAYOUT_VERSION: u32 = 4;
 /// Events kept in the ring (the most recent ones).
 pub const EVENT_RING: usize = 1024;
 /// Event kinds counted in [`Header::event_totals`] (kinds at or above it count in the last one).
@@ -289,6 +291,66 @@ pub struct PeerHead {
     pub ejections_total: AtomicU64,
 }
 
+/// Token buckets shared by the rate limits of all upstreams (a hash table; see `admission`).
+pub const RATE_SLOTS: usize = 4096;
+
+/// Admission state of an upstream (see `admission`); f64 values are stored as bits.
+#[repr(C)]
+pub struct AdmissionHead {
+    /// 0 off, 1 on.
+    pub enabled: AtomicU32,
+    /// 0 fixed limit, 1 gradient, 2 AIMD.
+    pub algorithm: AtomicU32,
+    /// 1 while the minimum RTT is being measured at `min_concurrency`.
+    pub measuring: AtomicU32,
+    /// Peers of the upstream when the limit was last updated.
+    pub npeers: AtomicU32,
+    /// min, max, initial, buffer, min_rtt_interval_us, min_rtt_requests, min_concurrency, backoff, tolerance,
+    /// tighten, relax_after_us, interval_us.
+    pub params: [AtomicU64; 12],
+    pub limit: AtomicU64,
+    /// The limit to return to after a min-RTT measurement.
+    pub saved_limit: AtomicU64,
+    pub min_rtt_us: AtomicU64,
+    pub sample_us: AtomicU64,
+    pub next_measure_us: AtomicU64,
+    pub measure_sum_us: AtomicU64,
+    pub measure_count: AtomicU64,
+    /// Latencies of the requests finished in the current interval.
+    pub lat_sum_us: AtomicU64,
+    pub lat_count: AtomicU64,
+    pub last_update_us: AtomicU64,
+    pub rate_factor: AtomicU64,
+    pub calm_since_us: AtomicU64,
+    /// Concurrency sheds counted at the last update.
+    pub shed_seen: AtomicU64,
+    pub inflight: AtomicI32,
+    pub waiting: AtomicI32,
+    pub class_inflight: [AtomicI32; crate::admission::CLASSES],
+    /// Guaranteed share of each class, as f64 bits.
+    pub class_share: [AtomicU64; crate::admission::CLASSES],
+    /// Rate of each rule in requests/s before the rate factor (0: rule inactive), and its burst; f64 bits.
+    pub rule_rate: [AtomicU64; crate::admission::RULES],
+    pub rule_burst: [AtomicU64; crate::admission::RULES],
+    pub admitted: [AtomicU64; crate::admission::CLASSES],
+    pub shed: [[AtomicU64; crate::admission::reason::N]; crate::admission::CLASSES],
+}
+
+/// One token bucket of the shared table.
+#[repr(C)]
+pub struct RateSlot {
+    pub key: AtomicU64,
+    pub state: AtomicU64,
+}
+
+/// An admission record and its in-flight columns (`(max_workers + 1) × CLASSES`, the last column for workers
+/// without one).
+#[derive(Clone, Copy)]
+pub struct Admission<'a> {
+    pub head: &'a AdmissionHead,
+    pub columns: &'a [AtomicI32],
+}
+
 /// An upstream record and its slot list.
 #[derive(Clone, Copy)]
 pub struct Upstream<'a> {
@@ -318,6 +380,10 @@ pub struct Layout {
     upstream_stride: usize,
     peers_off: usize,
     peer_stride: usize,
+    admission_off: usize,
+    admission_stride: usize,
+    owners_off: usize,
+    rate_off: usize,
     pub total: usize,
 }
 
@@ -336,8 +402,19 @@ impl Layout {
                 + (p.window_buckets as usize + 1) * std::mem::size_of::<WindowBucket>()
                 + p.max_workers as usize * 4,
         );
-        let total = peers_off + peer_stride * p.max_peers as usize;
+        let admission_off = peers_off + peer_stride * p.max_peers as usize;
+        let admission_stride = round64(
+            std::mem::size_of::<AdmissionHead>()
+                + (p.max_workers as usize + 1) * crate::admission::CLASSES * 4,
+        );
+        let owners_off = admission_off + admission_stride * p.max_upstreams as usize;
+        let rate_off = owners_off + round64(p.max_workers as usize * 4);
+        let total = rate_off + RATE_SLOTS * std::mem::size_of::<RateSlot>();
         Layout {
+            admission_off,
+            admission_stride,
+            owners_off,
+            rate_off,
             params,
             workers_off,
             events_off,
@@ -545,6 +622,35 @@ impl Region {
     }
 }
 
+impl Region {
+    /// Admission record of upstream `i`; `i` is clamped into range.
+    pub fn admission(&self, i: u32) -> Admission<'_> {
+        let i = (i as usize).min(self.layout.params.max_upstreams as usize - 1);
+        let off = self.layout.admission_off + i * self.layout.admission_stride;
+        let cols = (self.layout.params.max_workers as usize + 1) * crate::admission::CLASSES;
+        // SAFETY: record `i` lies within the admission table; the head (a multiple of 8 bytes) is followed by its
+        // columns within the stride.
+        unsafe {
+            Admission {
+                head: &self.slice_at::<AdmissionHead>(off, 1)[0],
+                columns: self.slice_at(off + std::mem::size_of::<AdmissionHead>(), cols),
+            }
+        }
+    }
+
+    /// Pid of the worker whose admission counts each column holds (see `admission`).
+    pub fn admission_owners(&self) -> &[AtomicU32] {
+        // SAFETY: `owners_off` is 64-aligned and the table of `max_workers` u32 fits before `rate_off`.
+        unsafe { self.slice_at(self.layout.owners_off, self.layout.params.max_workers as usize) }
+    }
+
+    /// The shared token buckets.
+    pub fn rate_slots(&self) -> &[RateSlot] {
+        // SAFETY: `rate_off` is 64-aligned and RATE_SLOTS slots end the region.
+        unsafe { self.slice_at(self.layout.rate_off, RATE_SLOTS) }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -556,6 +662,25 @@ mod tests {
         assert_eq!(std::mem::size_of::<PeerHead>() % 8, 0);
         assert_eq!(std::mem::size_of::<WindowBucket>() % 8, 0);
         assert_eq!(std::mem::size_of::<Event>() % 8, 0);
+        assert_eq!(std::mem::size_of::<AdmissionHead>() % 8, 0);
+    }
+
+    #[test]
+    fn admission_records_fit_in_the_region() {
+        let p = Params { max_upstreams: 3, max_peers: 2, max_workers: 3, window_buckets: 2, bucket_ms: 1000 };
+        let r = Region::new_heap(p, 0).unwrap();
+        let end = r.base.as_ptr() as usize + r.layout.total;
+        for i in 0..3 {
+            let a = r.admission(i);
+            assert_eq!(a.columns.len(), 4 * crate::admission::CLASSES);
+            a.columns.last().unwrap().store(i as i32 + 1, Relaxed);
+            assert!(a.columns.last().unwrap() as *const _ as usize + 4 <= r.admission(i + 1).head as *const _ as usize || i == 2);
+        }
+        assert_eq!(r.admission(1).columns.last().unwrap().load(Relaxed), 2);
+        assert_eq!(r.peer(1).inflight_by_worker[2].load(Relaxed), 0);
+        let last = r.rate_slots().last().unwrap() as *const _ as usize + 16;
+        assert_eq!(last, end);
+        assert_eq!(r.admission_owners().len(), 3);
     }
 
     #[test]

@@ -9,6 +9,7 @@
 //! - [`layout`]: the shared-memory region (the only `unsafe` of this crate);
 //! - [`engine`]: configuration, peer choice and accounting over a region;
 //! - [`reqtrack`]: per-worker tracking of requests between balancer and log phases;
+//! - [`admission`]: adaptive concurrency limits, token-bucket rate limits and priority classes;
 //! - [`addr`]: strict parsing of peer addresses;
 //! - [`admin`]: run-time changes (peers, weights, tunables) through the same path as a reload;
 //! - [`scaling`]: how many instances a service needs (HPA/Knative rules, Holt forecast);
@@ -16,6 +17,7 @@
 #![deny(unsafe_code)]
 
 pub mod addr;
+pub mod admission;
 pub mod admin;
 pub mod engine;
 pub mod events;

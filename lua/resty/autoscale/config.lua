@@ -134,6 +134,7 @@ local UPSTREAM_FIELDS = {
     slow_start_aggression = true, slow_start_min_weight = true, failure_penalty = true, outlier = true,
     slow_peer_factor = true, slow_peer_penalty = true,
     failure_statuses = true, healthcheck = true, fallback = true, discovery = true, scaling = true,
+    admission = true,
 }
 
 -- A list of HTTP statuses: numbers and "lo-hi" ranges, e.g. { 500, "502-504" } or "500-599".
@@ -383,6 +384,10 @@ local function upstream(path, u)
     end
     out.discovery, err = require("resty.autoscale.discovery").validate(path .. ".discovery", u.discovery, u.peers)
     if out.discovery == nil then
+        return nil, err
+    end
+    out.admission, err = require("resty.autoscale.admission").validate(path .. ".admission", u.admission)
+    if out.admission == nil then
         return nil, err
     end
     out.scaling, err = require("resty.autoscale.scaler").validate(path .. ".scaling", u.scaling)
