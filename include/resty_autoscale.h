@@ -275,12 +275,33 @@ typedef struct autoscale_upstream_config_t {
   double slow_start_aggression;
   double slow_start_min_weight;
   double failure_penalty;
+  /**
+   * 0 when the slow-peer rule is off.
+   */
+  double slow_peer_factor;
+  double slow_peer_penalty;
   struct autoscale_outlier_spec_t outlier;
   /**
    * HTTP statuses counted as failures, as a bitmap: bit `s % 64` of word `s / 64` for status `s`.
    */
   uint64_t failure_statuses[10];
 } autoscale_upstream_config_t;
+
+/**
+ * The library's own cost, summed over all workers since the region was created.
+ */
+typedef struct autoscale_cost_t {
+  /**
+   * Nanoseconds inside the balancer calls that were timed, and how many were.
+   */
+  uint64_t balancer_ns;
+  uint64_t balancer_calls;
+  /**
+   * The same for the log calls.
+   */
+  uint64_t log_ns;
+  uint64_t log_calls;
+} autoscale_cost_t;
 
 /**
  * Parameters of a scaler (see docs/scaling.md); times in milliseconds, a target of 0 switches its signal off.
@@ -639,6 +660,57 @@ int autoscale_admin_upstream_tune(uint32_t upstream,
  */
 int autoscale_upstream_config(uint32_t upstream,
                               struct autoscale_upstream_config_t *out);
+
+/**
+ * Writes the number of events written so far of each kind into `out[kind]` (at most `cap` kinds) and returns the
+ * number of kinds counted ([`EVENT_KINDS`]; the last one counts any kind at or above it).
+ *
+ * # Safety
+ * `out` must point to `cap` writable u64 (or be NULL with `cap` = 0).
+ *
+ * # Errors
+ * `AUTOSCALE_ERR_NO_REGION` before `autoscale_region_init`; `AUTOSCALE_ERR_ARG` for NULL with `cap` > 0.
+ */
+int autoscale_event_totals(uint64_t *out,
+                           size_t cap);
+
+/**
+ * Copies the name of event kind `kind` (`"ejected"`, ...; `"unknown"` for a number that is no kind) into `buf`,
+ * truncated to `len` bytes, not NUL-terminated, and returns its length.
+ *
+ * # Safety
+ * `buf` must point to `len` writable bytes.
+ *
+ * # Errors
+ * `AUTOSCALE_ERR_ARG` for a NULL `buf`.
+ */
+int autoscale_event_kind_name(uint32_t kind,
+                              uint8_t *buf,
+                              size_t len);
+
+/**
+ * Fills `out` with the library's own cost so far (see [`autoscale_cost_t`]).
+ *
+ * # Safety
+ * `out` must point to a writable struct (or be NULL, which is refused).
+ *
+ * # Errors
+ * `AUTOSCALE_ERR_NO_REGION` before `autoscale_region_init`; `AUTOSCALE_ERR_ARG` for NULL.
+ */
+int autoscale_cost_read(struct autoscale_cost_t *out);
+
+/**
+ * The index (≥ 0) of upstream `name` in the configuration in force.
+ *
+ * # Safety
+ * `name` must point to `name_len` readable bytes (or be NULL with `name_len` 0).
+ *
+ * # Errors
+ * `AUTOSCALE_ERR_NO_REGION` before `autoscale_region_init`; `AUTOSCALE_ERR_ARG` for a NULL or non-UTF-8 name;
+ * `AUTOSCALE_ERR_UPSTREAM` when no upstream has that name.
+ */
+int autoscale_upstream_find(const uint8_t *name,
+                            size_t name_len);
 
 /**
  * Creates a scaler; `*out` receives the handle, to be released with `autoscale_scaler_free`.

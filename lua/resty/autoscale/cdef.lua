@@ -150,9 +150,17 @@ typedef struct autoscale_upstream_config_t {
   double slow_start_aggression;
   double slow_start_min_weight;
   double failure_penalty;
+  double slow_peer_factor;
+  double slow_peer_penalty;
   struct autoscale_outlier_spec_t outlier;
   uint64_t failure_statuses[10];
 } autoscale_upstream_config_t;
+typedef struct autoscale_cost_t {
+  uint64_t balancer_ns;
+  uint64_t balancer_calls;
+  uint64_t log_ns;
+  uint64_t log_calls;
+} autoscale_cost_t;
 typedef struct autoscale_scaling_params_t {
   uint32_t min_instances;
   uint32_t max_instances;
@@ -270,6 +278,14 @@ int autoscale_admin_upstream_tune(uint32_t upstream,
                                   size_t err_len);
 int autoscale_upstream_config(uint32_t upstream,
                               struct autoscale_upstream_config_t *out);
+int autoscale_event_totals(uint64_t *out,
+                           size_t cap);
+int autoscale_event_kind_name(uint32_t kind,
+                              uint8_t *buf,
+                              size_t len);
+int autoscale_cost_read(struct autoscale_cost_t *out);
+int autoscale_upstream_find(const uint8_t *name,
+                            size_t name_len);
 int autoscale_scaler_new(const struct autoscale_scaling_params_t *params,
                          struct autoscale_scaler_t **out);
 void autoscale_scaler_free(struct autoscale_scaler_t *h);
