@@ -306,8 +306,23 @@ E5 resty.autoscale: upstreams.api.admission.oops: unknown option
             local s = autoscale.admission_status("api")
             ngx.say("rate shed: ", s.classes.rest.shed.rate, " vip admitted: ", s.classes.vip.admitted)
             ngx.say("unknown: ", tostring(autoscale.admit("nope")))
+            -- The counters in the status JSON and the Prometheus text (checked by promtool when it is installed).
+            local _, sbody = t.get(port, "/status")
+            local json = require("cjson").decode(sbody)
+            ngx.say("status: limit ", json.upstreams.api.admission.limit, " rate ", json.upstreams.api.admission.classes.rest.shed.rate)
+            local _, text = t.get(port, "/metrics")
+            ngx.say(text:match('autoscale_admission_shed_total{upstream="api",class="rest",reason="rate"} %d+'))
+            local f = io.open("/tmp/admission-030-metrics-" .. ngx.worker.pid(), "w")
+            f:write(text)
+            f:close()
+            local ok = os.execute("command -v promtool >/dev/null || exit 0; promtool check metrics < /tmp/admission-030-metrics-"
+                                  .. ngx.worker.pid() .. " >/dev/null 2>&1")
+            os.remove("/tmp/admission-030-metrics-" .. ngx.worker.pid())
+            ngx.say("promtool: ", (ok == 0 or ok == true) and "clean" or "complaints")
         }
     }
+    location = /status { content_by_lua_block { autoscale.status_handler() } }
+    location = /metrics { content_by_lua_block { autoscale.prometheus_handler() } }
     location ~ ^/[xk] {
         access_by_lua_block { autoscale.admit("api") }
         content_by_lua_block { ngx.say("ok") }
@@ -322,5 +337,8 @@ alice: 429 retry-after 1
 key k1: 200 200 200 429; key k2: 200
 rate shed: 2 vip admitted: 1
 unknown: true
+status: limit 20 rate 2
+autoscale_admission_shed_total\{upstream="api",class="rest",reason="rate"\} 2
+promtool: clean
 --- error_log
 resty.autoscale.admit: unknown upstream nope (admitted)

@@ -607,14 +607,67 @@ function _M.status(name)
     }
 end
 
--- The names of the upstreams with admission.
-function _M.upstreams()
-    local names = {}
+-- The names of the upstreams with admission, sorted.
+local function names()
+    local list = {}
     for name in pairs(ups) do
-        names[#names + 1] = name
+        list[#list + 1] = name
     end
-    table.sort(names)
-    return names
+    table.sort(list)
+    return list
+end
+
+local FAMILIES = {
+    { "autoscale_admission_limit", "gauge", "Concurrency limit of the upstream now." },
+    { "autoscale_admission_in_flight_requests", "gauge", "Admitted requests in flight, by class." },
+    { "autoscale_admission_waiting_requests", "gauge", "Requests waiting in the admission queue." },
+    { "autoscale_admission_min_rtt_seconds", "gauge", "Minimum round-trip time the limit is measured against." },
+    { "autoscale_admission_sample_rtt_seconds", "gauge", "Mean latency of the last interval's admitted requests." },
+    { "autoscale_admission_rate_factor", "gauge", "Multiplier on the rate limits (below 1 while tightened)." },
+    { "autoscale_admission_admitted_total", "counter", "Requests admitted, by class." },
+    { "autoscale_admission_shed_total", "counter", "Requests shed, by class and reason (concurrency, rate, queue_timeout)." },
+}
+
+-- text = admission.prometheus(): the admission families (empty without admission), for the exporter.
+function _M.prometheus()
+    local list = names()
+    if #list == 0 then
+        return ""
+    end
+    local samples = {}
+    for _, f in ipairs(FAMILIES) do
+        samples[f[1]] = {}
+    end
+    local function add(family, labels, v)
+        local t = samples[family]
+        t[#t + 1] = format("%s{%s} %.17g\n", family, labels, v)
+    end
+    for _, name in ipairs(list) do
+        local st = _M.status(name)
+        if st then
+            local l = 'upstream="' .. name .. '"'
+            add("autoscale_admission_limit", l, st.limit)
+            add("autoscale_admission_waiting_requests", l, st.waiting)
+            add("autoscale_admission_min_rtt_seconds", l, st.min_rtt)
+            add("autoscale_admission_sample_rtt_seconds", l, st.sample_rtt)
+            add("autoscale_admission_rate_factor", l, st.rate_factor)
+            for _, c in ipairs(ups[name].classes) do
+                local cl = l .. ',class="' .. c.name .. '"'
+                local cs = st.classes[c.name]
+                add("autoscale_admission_in_flight_requests", cl, cs.in_flight)
+                add("autoscale_admission_admitted_total", cl, cs.admitted)
+                for _, why in ipairs { "concurrency", "rate", "queue_timeout" } do
+                    add("autoscale_admission_shed_total", cl .. ',reason="' .. why .. '"', cs.shed[why])
+                end
+            end
+        end
+    end
+    local out = {}
+    for _, f in ipairs(FAMILIES) do
+        out[#out + 1] = "# HELP " .. f[1] .. " " .. f[3] .. "\n# TYPE " .. f[1] .. " " .. f[2] .. "\n"
+        out[#out + 1] = table.concat(samples[f[1]])
+    end
+    return table.concat(out)
 end
 
 return _M

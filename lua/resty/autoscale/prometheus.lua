@@ -269,6 +269,7 @@ function _M.render(opts)
     update_time()
     add("autoscale_exporter_render_seconds", "", now() - started)
     return text() .. require("resty.autoscale.scaler").prometheus() .. require("resty.autoscale.discovery").prometheus()
+        .. require("resty.autoscale.admission").prometheus()
 end
 
 -- autoscale.prometheus_handler(), in content_by_lua*: answers the exposition (GET or HEAD).

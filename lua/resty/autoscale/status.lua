@@ -176,6 +176,7 @@ function _M.upstream(name)
         config = u,
         discovery = conf.upstreams[name].discovery and require("resty.autoscale.discovery").state(name) or nil,
         scaling = require("resty.autoscale.scaler").state(name),
+        admission = require("resty.autoscale.admission").status(name),
     }
 end
 
