@@ -4,7 +4,9 @@
 -- cannot scale twice. Runs in background timers only (docs/scaling.md).
 --
 --   webhook:    POST of the decision as JSON, signed with HMAC-SHA256 (X-Autoscale-Signature), Idempotency-Key;
---   kubernetes: GET, then merge-PATCH of the `scale` subresource of a Deployment or StatefulSet (bearer token, CA).
+--   kubernetes: GET, then merge-PATCH of the `scale` subresource of a Deployment or StatefulSet (bearer token, CA);
+--   standby:    activates or deactivates peers of the upstream's own standby pool (discovery.scale_to): instances
+--               kept running out of rotation, nothing called over the network.
 
 local ffi = require "ffi"
 local cjson = require "cjson.safe"
@@ -82,8 +84,8 @@ function _M.validate(path, v)
         for _, k in ipairs { "api", "namespace", "kind", "name", "token_file", "ca_file", "server_name" } do
             allowed[k] = true
         end
-    else
-        return fail(path .. ".type", "must be \"webhook\" or \"kubernetes\" (got %s)", show(v.type))
+    elseif v.type ~= "standby" then
+        return fail(path .. ".type", "must be \"webhook\", \"kubernetes\" or \"standby\" (got %s)", show(v.type))
     end
     local ok, err = known(path, v, allowed)
     if not ok then
@@ -135,7 +137,7 @@ function _M.validate(path, v)
             return fail(path, "the secret must have at least 16 bytes (got %d)", #secret)
         end
         SECRETS[out] = secret
-    else
+    elseif v.type == "kubernetes" then
         local u
         u, err = http.parse_url(v.api)
         if not u or u.scheme ~= "https" then
@@ -238,7 +240,18 @@ function kubernetes.once(a, d)
            retryable(status) or status == 409
 end
 
-local KINDS = { webhook = webhook, kubernetes = kubernetes }
+local standby = {}
+
+-- The pool is in shared memory: the change reaches every worker at once; a pool too small is no retryable error.
+function standby.once(_, d)
+    local serving, err = require("resty.autoscale.discovery").scale_to(d.service, d.desired)
+    if not serving then
+        return nil, err, false
+    end
+    return true
+end
+
+local KINDS = { webhook = webhook, kubernetes = kubernetes, standby = standby }
 
 -- delay = actuator.backoff(a, attempt): the pause after failed attempt `attempt` (1-based): exponential, capped,
 -- minus up to `jitter` of it at random (so that retries of several gateways do not line up).
