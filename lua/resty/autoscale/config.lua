@@ -394,6 +394,10 @@ local function upstream(path, u)
     if out.scaling == nil then
         return nil, err
     end
+    if out.scaling and out.scaling.actuator and out.scaling.actuator.type == "standby"
+            and not (out.discovery and out.discovery.standby) then
+        return fail(path .. ".scaling.actuator.type", "\"standby\" needs discovery.standby (the pool it activates)")
+    end
     if type(u.peers) ~= "table" or #u.peers == 0 then
         return fail(path .. ".peers", "must be a non-empty list of peers")
     end
