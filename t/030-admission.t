@@ -342,3 +342,57 @@ autoscale_admission_shed_total\{upstream="api",class="rest",reason="rate"\} 2
 promtool: clean
 --- error_log
 resty.autoscale.admit: unknown upstream nope (admitted)
+
+=== TEST 6: no Lua allocation in admit() and log() when nothing is shed (one class, no rate rule)
+--- http_config
+    init_by_lua_block {
+        autoscale = require "resty.autoscale"
+        autoscale.configure { upstreams = { backend = { peers = { "127.0.0.1:$TEST_NGINX_RAND_PORT_1" },
+            admission = { concurrency = { algorithm = "gradient", min = 100, initial = 100, min_concurrency = 100 } } } } }
+        alloc = { on = false, bytes = 0, calls = 0 }
+        function measured(f, ...)
+            local a = alloc
+            if not a.on then return f(...) end
+            local before = collectgarbage("count")
+            f(...)
+            a.bytes = a.bytes + (collectgarbage("count") - before) * 1024
+            a.calls = a.calls + 1
+        end
+    }
+    init_worker_by_lua_block { autoscale.init_worker() }
+    upstream backend {
+        server 0.0.0.1;
+        balancer_by_lua_block { autoscale.balance("backend") }
+        keepalive 8;
+    }
+    server { listen 127.0.0.1:$TEST_NGINX_RAND_PORT_1; location / { return 200 "a"; } }
+--- config
+    location /p {
+        access_by_lua_block { measured(autoscale.admit, "backend") }
+        proxy_pass http://backend;
+        proxy_http_version 1.1;
+        proxy_set_header Connection "";
+        log_by_lua_block { measured(autoscale.log) }
+    }
+    location = /t {
+        content_by_lua_block {
+            local t = require "autoscale_test"
+            local port = ngx.var.server_port
+            t.load { port = port, path = "/p", concurrency = 4, requests = 1000 }   -- warm up, JIT
+            collectgarbage("stop")
+            alloc.on = true
+            local res = t.load { port = port, path = "/p", concurrency = 4, requests = 2000 }
+            alloc.on = false
+            collectgarbage("restart")
+            local st = autoscale.admission_status("backend")
+            ngx.say("errors ", res.errors, ", measured calls ", alloc.calls, ", bytes allocated ", alloc.bytes,
+                    ", admitted ", st.classes.default.admitted, ", in flight ", st.in_flight)
+        }
+    }
+--- request
+GET /t
+--- timeout: 20
+--- response_body
+errors 0, measured calls 4000, bytes allocated 0, admitted 3000, in flight 0
+--- no_error_log
+[error]
