@@ -17,6 +17,12 @@ our $MainConfig = "worker_rlimit_nofile 20000;";
 our $HttpConfig = <<'_EOC_';
     init_by_lua_block {
         autoscale = require "resty.autoscale"
+        -- A scale-up "in flight" for upstream rated while the test sets knobs.pending (the scaler's own answer else).
+        local scaler = require "resty.autoscale.scaler"
+        local pending = scaler.pending
+        scaler.pending = function(name)
+            return name == "rated" and ngx.shared.knobs:get("pending") or pending(name)
+        end
         local peers = { "127.0.0.1:$TEST_NGINX_RAND_PORT_1" }
         autoscale.configure { upstreams = {
             plain = { peers = peers, retries = 0 },
@@ -211,15 +217,30 @@ sheddable absorbs
     local relaxed = t.poll(function() return factor() == 1 end, 6)
     ngx.update_time()
     local took = ngx.now() - recovered
-    local kinds = {}
-    for _, e in ipairs(autoscale.events(100)) do kinds[#kinds + 1] = e.event end
+    -- A scale-up in flight tightens too, and its end relaxes after relax_after.
+    ngx.shared.knobs:set("pending", true)
+    local scale_tightened = t.poll(function() return factor() < 1 end, 3)
+    ngx.shared.knobs:delete("pending")
+    ngx.update_time()
+    local ended = ngx.now()
+    local scale_relaxed = t.poll(function() return factor() == 1 end, 6)
+    ngx.update_time()
+    local took2 = ngx.now() - ended
+    local kinds, pending_event = {}, false
+    for _, e in ipairs(autoscale.events(100)) do
+        kinds[#kinds + 1] = e.event
+        pending_event = pending_event or (e.event == "rate_tightened" and e.scale_up_pending == 1)
+    end
     kinds = table.concat(kinds, ",")
     figure(string.format("rate limit 100/s: tightened to %.0f/s after the backend slowed 4x (%d of 150 requests in 1 s "
-        .. "got 429); relaxed %.2f s after recovery (relax_after 2 s)", 100 * 0.5, r.statuses[429] or 0, took))
+        .. "got 429); relaxed %.2f s after recovery (relax_after 2 s); tightened while a scale-up was pending, relaxed "
+        .. "%.2f s after it ended", 100 * 0.5, r.statuses[429] or 0, took, took2))
     ngx.say(tightened and "tightened" or "not tightened")
     ngx.say((r.statuses[429] or 0) > 20 and "429s" or "no 429s")
     ngx.say(relaxed and took <= 2.5 and "relaxed in time" or "not relaxed in time")
     ngx.say(kinds:find("rate_tightened", 1, true) and kinds:find("rate_relaxed", 1, true) and "events" or kinds)
+    ngx.say(scale_tightened and pending_event and scale_relaxed and took2 <= 2.5 and "scale-up pending ok"
+            or "scale-up pending not handled")
 }}
 _EOC_
 --- request
@@ -230,6 +251,7 @@ tightened
 429s
 relaxed in time
 events
+scale-up pending ok
 --- no_error_log
 [error]
 
