@@ -108,13 +108,14 @@ def build(data):
             all_ = sum(tot.values())
             phase_share[p["name"]] = {n: (100.0 * tot[n] / all_ if all_ else None) for n in names}
         # instances: backends accepting connections; for resty.autoscale also the peers it keeps eligible
-        inst_t, inst_up, inst_elig = [], [], []
+        inst_t, inst_up, inst_elig, inst_desired = [], [], [], []
         ewma = {n: [] for n in names}
         for smp in run["timeline"]:
             if smp["t"] < 0 or smp["t"] > dur:
                 continue
             inst_t.append(smp["t"])
             inst_up.append(sum(1 for v in smp["backends"].values() if v))
+            inst_desired.append(smp.get("desired"))
             peers = smp.get("peers")
             if peers is not None:
                 inst_elig.append(sum(1 for v in peers.values() if v.get("state", "active") in ELIGIBLE))
@@ -132,7 +133,7 @@ def build(data):
         allst = stats([x for v in phase_lat.values() for x in v], sum(phase_err.values()))
         model["runs"].append({
             "variant": run["variant"], "label": run["label"], "series": series, "share": share,
-            "fail_share": fail_share, "inst": (inst_t, inst_up, inst_elig), "ewma": ewma, "phases": phases,
+            "fail_share": fail_share, "inst": (inst_t, inst_up, inst_elig), "desired": inst_desired, "ewma": ewma, "phases": phases,
             "all": allst, "statuses": statuses, "actions": run["actions"], "events": run.get("events", []),
             "events_supported": run.get("events_supported"), "served": run.get("served", {}),
             "error_log": run.get("error_log", {}), "client_meta": {k: c.get(k) for k in (
@@ -456,6 +457,10 @@ def charts(model):
         if r["variant"] == "autoscale" and any(v is not None for v in el):
             series.append({"name": "AS: peers in rotation", "color": "#2f9e44", "dash": "", "step": True,
                            "points": list(zip(t, el)), "width": 2.4})
+        desired = r.get("desired") or []
+        if r["variant"] == "autoscale" and any(v is not None for v in desired):
+            series.append({"name": "AS: desired (scaling decision)", "color": "#e8590c", "dash": "2,3", "step": True,
+                           "points": [(x, y) for x, y in zip(t, desired) if y is not None], "width": 1.8})
     nmax = len(model["backend_names"])
     out.append(chart("instances", "Instances over time", "instances", series, model, ymax=nmax + 1,
                      note="no scaling in this scenario" if not model["scenario"].get("requires") else None))
