@@ -418,3 +418,55 @@ GET /t
 errors 0, measured calls 4000, bytes allocated 0, admitted 3000, in flight 0
 --- no_error_log
 [error]
+
+=== TEST 7: admit() is JIT-compiled, with no trace aborts in admission.lua
+--- http_config
+    init_by_lua_block {
+        autoscale = require "resty.autoscale"
+        autoscale.configure { upstreams = { backend = { peers = { "127.0.0.1:$TEST_NGINX_RAND_PORT_1" },
+            admission = { concurrency = { algorithm = "gradient", min = 100, initial = 100, min_concurrency = 100 } } } } }
+    }
+    init_worker_by_lua_block {
+        autoscale.init_worker()
+        package.path = package.path .. ";/usr/share/luajit-2.1.0-beta3/?.lua"
+        require("jit.v").on(ngx.config.prefix() .. "logs/jit.log")
+    }
+    upstream backend {
+        server 0.0.0.1;
+        balancer_by_lua_block { autoscale.balance("backend") }
+        keepalive 8;
+    }
+    server { listen 127.0.0.1:$TEST_NGINX_RAND_PORT_1; location / { return 200 "a"; } }
+--- config
+    location /p {
+        access_by_lua_block { autoscale.admit("backend") }
+        proxy_pass http://backend;
+        proxy_http_version 1.1;
+        proxy_set_header Connection "";
+        log_by_lua_block { autoscale.log() }
+    }
+    location = /t {
+        content_by_lua_block {
+            local t = require "autoscale_test"
+            local res = t.load { port = ngx.var.server_port, path = "/p", concurrency = 4, requests = 3000 }
+            local f = assert(io.open(ngx.config.prefix() .. "logs/jit.log"))
+            local log = f:read("*a")
+            f:close()
+            local compiled, aborted = 0, {}
+            for line in log:gmatch("[^\n]+") do
+                if line:find("admission.lua", 1, true) then
+                    if line:find("^%[TRACE%s+%d+ .-admission%.lua") then compiled = compiled + 1 end
+                    if line:find("abort", 1, true) then aborted[#aborted + 1] = line end
+                end
+            end
+            ngx.say("errors ", res.errors, ", traces in admission.lua ", compiled > 0, ", aborts ", #aborted)
+            if #aborted > 0 then ngx.log(ngx.WARN, table.concat(aborted, "\n")) end
+        }
+    }
+--- request
+GET /t
+--- timeout: 20
+--- response_body
+errors 0, traces in admission.lua true, aborts 0
+--- no_error_log
+[error]
