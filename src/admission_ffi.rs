@@ -186,7 +186,7 @@ pub extern "C" fn autoscale_admission_rule(upstream: u32, rule: u32, rate: f64, 
             Ok(r) => r,
             Err(rc) => return rc,
         };
-        if rule as usize >= RULES || !(rate >= 0.0 && rate.is_finite()) || !(burst >= 1.0 && burst <= 1e6) {
+        if rule as usize >= RULES || !(rate >= 0.0 && rate.is_finite()) || !(1.0..=1e6).contains(&burst) {
             return AUTOSCALE_ERR_ARG;
         }
         region.admission_rule(upstream, rule as usize, rate, burst);

@@ -29,7 +29,7 @@ use std::sync::atomic::{AtomicI64, Ordering::*};
 use std::sync::OnceLock;
 
 pub mod admin_ffi;
-mod admission_ffi;
+pub mod admission_ffi;
 pub mod cost;
 pub mod discovery_ffi;
 mod scaling_ffi;

@@ -464,7 +464,7 @@ impl Region {
         let h = self.admission(up).head;
         let (Some(r), Some(b)) = (h.rule_rate.get(rule), h.rule_burst.get(rule)) else { return Ok(()) };
         let base = get(r);
-        if !(base > 0.0) {
+        if base.is_nan() || base <= 0.0 {
             return Ok(());
         }
         let factor = get(&h.rate_factor).clamp(0.0, 1.0);
