@@ -3,8 +3,33 @@
 
 use resty_autoscale::admission_ffi::*;
 use resty_autoscale::*;
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::cell::Cell;
 use std::ffi::c_void;
 use std::ptr::{null, null_mut};
+
+struct Counting;
+thread_local! {
+    /// Allocations made by this thread (a const thread-local: no lazy initialisation inside the allocator).
+    static ALLOCATIONS: Cell<usize> = const { Cell::new(0) };
+}
+
+// SAFETY: forwards to the system allocator; only counts.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        ALLOCATIONS.with(|a| a.set(a.get() + 1));
+        System.alloc(layout)
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        System.dealloc(ptr, layout)
+    }
+}
+
+#[global_allocator]
+static GLOBAL: Counting = Counting;
+
+/// The region is process-wide: tests take turns.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 fn init() {
     let p = autoscale_region_params_t { max_upstreams: 4, max_peers: 8, max_workers: 4, window_buckets: 10, bucket_ms: 1000 };
@@ -26,6 +51,7 @@ fn req(i: usize) -> *const c_void {
 
 #[test]
 fn hostile_calls_get_codes_and_counts_stay_exact() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     init();
     let mut err = [0 as std::ffi::c_char; 128];
     let mut retry = 0.0f64;
@@ -81,5 +107,27 @@ fn hostile_calls_get_codes_and_counts_stay_exact() {
         assert_eq!(autoscale_admission_update(1, 1), AUTOSCALE_OK);
         assert_eq!(autoscale_admission_configure(1, null(), null_mut(), 0), AUTOSCALE_OK, "NULL turns admission off");
         assert_eq!(autoscale_admission_admit(req(5), 1, 0, null_mut()), AUTOSCALE_ADMISSION_OFF);
+    }
+}
+
+#[test]
+fn admit_rate_and_done_allocate_nothing_once_warm() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    init();
+    let gradient = autoscale_admission_spec_t { algorithm: 1, initial_limit: 100.0, min_concurrency: 100.0, ..spec() };
+    let mut err = [0 as std::ffi::c_char; 128];
+    unsafe {
+        assert_eq!(autoscale_admission_configure(2, &gradient, err.as_mut_ptr(), err.len()), AUTOSCALE_OK);
+        assert_eq!(autoscale_admission_rule(2, 0, 1e6, 1e6), AUTOSCALE_OK);
+        autoscale_admission_admit(req(0), 2, 0, null_mut()); // the worker's table is made on first use
+        autoscale_admission_done(req(0), 200);
+        let before = ALLOCATIONS.with(|a| a.get());
+        for i in 0..1000 {
+            assert_eq!(autoscale_admission_rate(2, 0, b"1.2.3.4".as_ptr(), 7, null_mut()), AUTOSCALE_ADMIT);
+            assert_eq!(autoscale_admission_admit(req(i), 2, (i % 4) as u32, null_mut()), AUTOSCALE_ADMIT);
+            assert_eq!(autoscale_admission_done(req(i), 200), AUTOSCALE_OK);
+            autoscale_admission_update(2, 0);
+        }
+        assert_eq!(ALLOCATIONS.with(|a| a.get()) - before, 0);
     }
 }
