@@ -46,6 +46,7 @@ fn main() {
     println!("cargo:rerun-if-changed=src/admin_ffi.rs");
     println!("cargo:rerun-if-changed=src/cost.rs");
     println!("cargo:rerun-if-changed=src/discovery_ffi.rs");
+    println!("cargo:rerun-if-changed=src/metrics_ffi.rs");
     println!("cargo:rerun-if-changed=src/scaling_ffi.rs");
     println!("cargo:rerun-if-changed=build.rs");
     println!("cargo:rerun-if-env-changed=AUTOSCALE_REGEN");

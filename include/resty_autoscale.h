@@ -52,6 +52,21 @@
 #define AUTOSCALE_ABI_VERSION 1
 
 /**
+ * `autoscale_admission_admit`/`_rate`: the request may go on.
+ */
+#define AUTOSCALE_ADMIT 0
+
+/**
+ * `autoscale_admission_admit`/`_rate`: the request is over the limit.
+ */
+#define AUTOSCALE_SHED 1
+
+/**
+ * `autoscale_admission_admit`: admission is off for this upstream.
+ */
+#define AUTOSCALE_ADMISSION_OFF 2
+
+/**
  * A service's decision state (opaque).
  */
 typedef struct autoscale_scaler_t autoscale_scaler_t;
@@ -286,6 +301,53 @@ typedef struct autoscale_upstream_config_t {
    */
   uint64_t failure_statuses[10];
 } autoscale_upstream_config_t;
+
+/**
+ * Admission settings of an upstream (times in milliseconds).
+ */
+typedef struct autoscale_admission_spec_t {
+  /**
+   * 0 fixed limit (`initial`), 1 gradient, 2 AIMD.
+   */
+  uint32_t algorithm;
+  uint32_t min_rtt_requests;
+  uint32_t min_rtt_interval_ms;
+  uint32_t relax_after_ms;
+  uint32_t interval_ms;
+  uint32_t _pad;
+  double min_limit;
+  double max_limit;
+  double initial_limit;
+  double buffer;
+  double min_concurrency;
+  double backoff;
+  double tolerance;
+  double tighten;
+  /**
+   * Guaranteed share of the limit per class (class 0 the most important).
+   */
+  double shares[4];
+} autoscale_admission_spec_t;
+
+/**
+ * The admission state of an upstream.
+ */
+typedef struct autoscale_admission_stats_t {
+  double limit;
+  double min_rtt;
+  double sample_rtt;
+  double rate_factor;
+  int32_t inflight;
+  int32_t waiting;
+  uint32_t measuring;
+  uint32_t _pad;
+  int32_t class_inflight[4];
+  uint64_t admitted[4];
+  /**
+   * Per class: shed for concurrency, for rate, after waiting in the queue.
+   */
+  uint64_t shed[12];
+} autoscale_admission_stats_t;
 
 /**
  * The library's own cost, summed over all workers since the region was created.
@@ -689,6 +751,91 @@ int autoscale_event_kind_name(uint32_t kind,
                               size_t len);
 
 /**
+ * Applies the admission settings of upstream `upstream` (in `init_by_lua`, after `autoscale_config_apply`).
+ *
+ * # Safety
+ * `spec` must be NULL or point to a readable struct; `err` must be NULL or point to `err_len` writable bytes.
+ *
+ * # Errors
+ * `AUTOSCALE_ERR_NO_REGION`, `AUTOSCALE_ERR_UPSTREAM`, `AUTOSCALE_ERR_ARG` (with the reason in `err`).
+ */
+int autoscale_admission_configure(uint32_t upstream,
+                                  const struct autoscale_admission_spec_t *spec,
+                                  char *err,
+                                  size_t err_len);
+
+/**
+ * Sets rate rule `rule` (< 8) of `upstream` to `rate` requests/s (0: inactive) with bucket size `burst`.
+ *
+ * # Errors
+ * `AUTOSCALE_ERR_NO_REGION`, `AUTOSCALE_ERR_UPSTREAM`, `AUTOSCALE_ERR_ARG` for a rule number or values out of range.
+ */
+int autoscale_admission_rule(uint32_t upstream,
+                             uint32_t rule,
+                             double rate,
+                             double burst);
+
+/**
+ * Takes a token of rate rule `rule` of `upstream` for `key`: `AUTOSCALE_ADMIT`, or `AUTOSCALE_SHED` with the seconds
+ * until a token is there in `*retry_after`.
+ *
+ * # Safety
+ * `key` must point to `len` readable bytes (or be NULL with `len` 0); `retry_after` NULL or writable.
+ */
+int autoscale_admission_rate(uint32_t upstream,
+                             uint32_t rule,
+                             const uint8_t *key,
+                             size_t len,
+                             double *retry_after);
+
+/**
+ * Admits request `req` (nginx's request pointer, a key only) of priority `class` on `upstream` if its concurrency
+ * limit allows: `AUTOSCALE_ADMIT` (the request is counted until `autoscale_admission_done`), `AUTOSCALE_SHED` (not
+ * counted; `*retry_after` says how many seconds to wait) or `AUTOSCALE_ADMISSION_OFF`.
+ *
+ * # Safety
+ * `retry_after` must be NULL or writable. `req` is not dereferenced.
+ */
+int autoscale_admission_admit(const void *req,
+                              uint32_t upstream,
+                              uint32_t class_,
+                              double *retry_after);
+
+/**
+ * Counts a request of `class` on `upstream` as shed for `why` (0 concurrency, 1 rate, 2 queue timeout).
+ */
+int autoscale_admission_shed(uint32_t upstream,
+                             uint32_t class_,
+                             uint32_t why);
+
+/**
+ * Adds `delta` (+1 or -1) to the requests of `upstream` waiting in the admission queue.
+ */
+int autoscale_admission_wait(uint32_t upstream, int delta);
+
+/**
+ * Ends admitted request `req` in the log phase with response `status` (499: the client went away, its time is
+ * not a latency sample). A request that was not admitted is ignored.
+ */
+int autoscale_admission_done(const void *req,
+                             int status);
+
+/**
+ * Periodic update of `upstream`'s limit and rate factor (`pending` non-zero while a scale-up is awaited); call it
+ * from a timer in every worker, one call per interval does the work.
+ */
+int autoscale_admission_update(uint32_t upstream,
+                               int pending);
+
+/**
+ * Fills `out` with the admission state of `upstream` (times in seconds).
+ *
+ * # Safety
+ * `out` must be NULL (refused) or writable.
+ */
+int autoscale_admission_stats(uint32_t upstream, struct autoscale_admission_stats_t *out);
+
+/**
  * Fills `out` with the library's own cost so far (see [`autoscale_cost_t`]).
  *
  * # Safety
@@ -711,6 +858,31 @@ int autoscale_cost_read(struct autoscale_cost_t *out);
  */
 int autoscale_upstream_find(const uint8_t *name,
                             size_t name_len);
+
+/**
+ * Writes the upper bounds (seconds) of the latency buckets into `out` (at most `cap`) and returns how many there
+ * are (the `+Inf` bucket is not among them).
+ *
+ * # Safety
+ * `out` must point to `cap` writable doubles (or be NULL with `cap` = 0).
+ */
+int autoscale_latency_bounds(double *out,
+                             size_t cap);
+
+/**
+ * Writes into `out` (at most `cap`) the all-time number of attempts of peer record `slot` whose latency was at
+ * most each bound of [`autoscale_latency_bounds`] (cumulative, as Prometheus `le` buckets; within the sketch's
+ * 1.96 % resolution at each bound) and returns how many bounds there are.
+ *
+ * # Safety
+ * `out` must point to `cap` writable u64 (or be NULL with `cap` = 0).
+ *
+ * # Errors
+ * `AUTOSCALE_ERR_NO_REGION`, `AUTOSCALE_ERR_ARG` (slot out of range, NULL buffer).
+ */
+int autoscale_peer_latency_buckets(uint32_t slot,
+                                   uint64_t *out,
+                                   size_t cap);
 
 /**
  * Creates a scaler; `*out` receives the handle, to be released with `autoscale_scaler_free`.

@@ -32,6 +32,7 @@ pub mod admin_ffi;
 pub mod admission_ffi;
 pub mod cost;
 pub mod discovery_ffi;
+pub mod metrics_ffi;
 mod scaling_ffi;
 
 /// Success.

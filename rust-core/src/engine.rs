@@ -553,6 +553,7 @@ impl Region {
         for b in peer.window {
             b.forget();
         }
+        h.latency.reset();
         h.upstream.store(up, Relaxed);
         h.addr.store(text.as_bytes());
         h.host_len.store(host_len as u32, Relaxed);
@@ -791,7 +792,7 @@ impl Region {
         }
         let slice = self.slice(now_us);
         let bucket = &peer.window[(slice % peer.window.len() as u64) as usize];
-        if !bucket.record(slice, outcome, latency_us) {
+        if !bucket.record(slice, outcome, latency_us, &peer.head.latency) {
             self.header().dropped_samples.fetch_add(1, Relaxed);
         }
         let t = &peer.head.totals;
@@ -882,7 +883,7 @@ impl Region {
         for slot in 0..self.params().max_peers {
             let peer = self.peer(slot);
             if peer.head.state.load(Acquire) == state::ACTIVE {
-                peer.window[(next % peer.window.len() as u64) as usize].preclear(next);
+                peer.window[(next % peer.window.len() as u64) as usize].preclear(next, &peer.head.latency);
             }
         }
         for idx in 0..self.params().max_upstreams {
@@ -904,6 +905,34 @@ impl Region {
     }
 
     // ----- reading -----
+
+    /// All-time latency counts of peer record `slot` per range of [`crate::window::LE_BOUNDS_US`] (the last range:
+    /// above the last bound): those added from cleared window buckets plus those of the buckets still holding a
+    /// slice, read consistently (each sample once). `None` for a slot out of range.
+    pub fn latency_ranges(&self, slot: u32) -> Option<[u64; crate::window::LE_RANGES]> {
+        if slot >= self.params().max_peers {
+            return None;
+        }
+        let peer = self.peer(slot);
+        let totals = &peer.head.latency;
+        let mut out = [0u64; crate::window::LE_RANGES];
+        for _ in 0..100 {
+            let s1 = totals.seq.load(Acquire);
+            if s1 & 1 == 1 {
+                std::hint::spin_loop();
+                continue;
+            }
+            out = std::array::from_fn(|i| totals.counts[i].load(Relaxed));
+            for b in peer.window {
+                b.add_ranges(&mut out);
+            }
+            fence(Acquire);
+            if totals.seq.load(Relaxed) == s1 {
+                break;
+            }
+        }
+        Some(out)
+    }
 
     /// A snapshot of one peer record (any state), or `None` for an index out of range.
     pub fn snapshot(&self, slot: u32, now_us: u64) -> Option<PeerSnapshot> {

@@ -24,7 +24,7 @@ const INV_LOG2_GAMMA: f64 = 17.672_987_685_172_7; // 1 / log2(1.04)
 
 /// `γ^k` for every bucket: the upper bound of bucket `k` (the last bucket's is infinite, see [`bucket_upper`]).
 /// Computed by repeated multiplication at compile time; its rounding (below 10^-13 relative) is far inside the error.
-static BOUNDS: [f64; BUCKETS] = {
+const BOUNDS_TABLE: [f64; BUCKETS] = {
     let mut b = [0.0; BUCKETS];
     let mut v = 1.0;
     let mut k = 0;
@@ -35,6 +35,7 @@ static BOUNDS: [f64; BUCKETS] = {
     }
     b
 };
+static BOUNDS: [f64; BUCKETS] = BOUNDS_TABLE;
 
 /// Index of the bucket holding `us` microseconds. Total: NaN, negatives and 0 map to bucket 0, huge values to the last.
 ///
@@ -64,11 +65,12 @@ pub fn bucket_index(us: f64) -> usize {
 
 /// Value (µs) reported for bucket `k`: the point of `(γ^(k-1), γ^k]` with the smallest worst-case relative error.
 #[inline]
-pub fn bucket_value(k: usize) -> f64 {
+pub const fn bucket_value(k: usize) -> f64 {
     if k == 0 {
         return 1.0;
     }
-    2.0 * BOUNDS[k.min(BUCKETS - 1)] / (GAMMA + 1.0)
+    let k = if k < BUCKETS { k } else { BUCKETS - 1 };
+    2.0 * BOUNDS_TABLE[k] / (GAMMA + 1.0)
 }
 
 /// Upper bound (µs) of bucket `k`, used for cumulative ("le") histogram buckets.

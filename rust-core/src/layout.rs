@@ -23,7 +23,7 @@ use std::sync::atomic::{AtomicI32, AtomicU32, AtomicU64, Ordering::*};
 /// "ASCALE" and a format number.
 pub const MAGIC: u64 = u64::from_le_bytes(*b"ASCALE\x00\x01");
 /// Bumped whenever any record changes shape.
-pub const LAYOUT_VERSION: u32 = 4;
+pub const LAYOUT_VERSION: u32 = 5;
 /// Events kept in the ring (the most recent ones).
 pub const EVENT_RING: usize = 1024;
 /// Event kinds counted in [`Header::event_totals`] (kinds at or above it count in the last one).
@@ -289,6 +289,8 @@ pub struct PeerHead {
     pub ejected_until_us: AtomicU64,
     pub last_ejected_us: AtomicU64,
     pub ejections_total: AtomicU64,
+    /// All-time latency counts per range, added from the window buckets as they are cleared.
+    pub latency: crate::window::LatencyTotals,
 }
 
 /// Token buckets shared by the rate limits of all upstreams (a hash table; see `admission`).

@@ -7,7 +7,7 @@
 //! the bucket while it is being cleared drops its sample and counts the drop, rather than wait. Readers include a
 //! bucket only when its slice is inside the window, checked before and after reading.
 
-use crate::histogram::{bucket_index, BUCKETS};
+use crate::histogram::{bucket_index, bucket_value, BUCKETS};
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering::*};
 
 /// Marks a bucket being cleared.
@@ -64,6 +64,49 @@ pub mod counter {
     pub const ABORTED: usize = 5;
     /// Number of counters.
     pub const N: usize = 6;
+}
+
+/// Upper bounds (µs) of the all-time latency ranges of a peer: the `le` buckets of the Prometheus histogram.
+pub const LE_BOUNDS_US: [f64; 13] = [
+    1_000.0, 2_500.0, 5_000.0, 10_000.0, 25_000.0, 50_000.0, 100_000.0, 250_000.0, 500_000.0, 1_000_000.0,
+    2_500_000.0, 5_000_000.0, 10_000_000.0,
+];
+/// Ranges: one per bound, and one above the last.
+pub const LE_RANGES: usize = LE_BOUNDS_US.len() + 1;
+
+/// The range of each sketch bucket, by the value the sketch reports for it: a sample within 1.96 % of a bound may
+/// land on the other side of it (the sketch's resolution), the counts are exact otherwise.
+static RANGE_OF: [u8; BUCKETS] = {
+    let mut out = [0u8; BUCKETS];
+    let mut k = 0;
+    while k < BUCKETS {
+        let v = bucket_value(k);
+        let mut r = 0;
+        while r < LE_BOUNDS_US.len() && v > LE_BOUNDS_US[r] {
+            r += 1;
+        }
+        out[k] = r as u8;
+        k += 1;
+    }
+    out
+};
+
+/// All-time latency counts of a peer per range of [`LE_BOUNDS_US`], added from each window bucket as it is cleared
+/// (so that the request path pays nothing for them). `seq` is odd while a bucket is being added and cleared, so
+/// that a reader summing these counts and the buckets not yet added sees each sample exactly once (it retries).
+#[repr(C)]
+pub struct LatencyTotals {
+    pub seq: AtomicU64,
+    pub counts: [AtomicU64; LE_RANGES],
+}
+
+impl LatencyTotals {
+    /// Zero, for a peer record given to another peer.
+    pub fn reset(&self) {
+        for c in &self.counts {
+            c.store(0, Relaxed);
+        }
+    }
 }
 
 /// A time slice of one peer's statistics. Plain atomics, valid for any bit pattern, so it can live in shared memory.
@@ -123,8 +166,31 @@ impl WindowBucket {
         self.slice.store(0, Release);
     }
 
-    /// Clears the bucket for `slice` if it still holds an older slice. Returns whether it cleared.
-    pub fn preclear(&self, slice: u64) -> bool {
+    /// Clears the bucket, claimed (tag [`CLEARING`]) from tag `held`, for tag `want`; a slice it held (`held` > 0,
+    /// not forgotten) is first added to `totals`.
+    fn turn_over(&self, held: u64, want: u64, totals: &LatencyTotals) {
+        if held != 0 {
+            totals.seq.fetch_add(1, AcqRel); // odd: readers retry
+            let mut add = [0u64; LE_RANGES];
+            for (k, h) in self.hist.iter().enumerate() {
+                add[RANGE_OF[k] as usize] += h.load(Relaxed) as u64;
+            }
+            for (t, a) in totals.counts.iter().zip(add) {
+                if a != 0 {
+                    t.fetch_add(a, Relaxed);
+                }
+            }
+        }
+        self.clear_counters();
+        self.slice.store(want, Release);
+        if held != 0 {
+            totals.seq.fetch_add(1, AcqRel);
+        }
+    }
+
+    /// Clears the bucket for `slice` if it still holds an older slice (whose latencies go to `totals`). Returns
+    /// whether it cleared.
+    pub fn preclear(&self, slice: u64, totals: &LatencyTotals) -> bool {
         let want = slice + 1;
         let cur = self.slice.load(Acquire);
         if cur == CLEARING || cur >= want {
@@ -137,14 +203,26 @@ impl WindowBucket {
         {
             return false;
         }
-        self.clear_counters();
-        self.slice.store(want, Release);
+        self.turn_over(cur, want, totals);
+        true
+    }
+
+    /// Adds the latency ranges of the slice this bucket holds, if any, to `out`; false when it holds none (never
+    /// used, forgotten, or being cleared).
+    pub fn add_ranges(&self, out: &mut [u64; LE_RANGES]) -> bool {
+        let tag = self.slice.load(Acquire);
+        if tag == 0 || tag == CLEARING {
+            return false;
+        }
+        for (k, h) in self.hist.iter().enumerate() {
+            out[RANGE_OF[k] as usize] += h.load(Relaxed) as u64;
+        }
         true
     }
 
     /// Records one attempt in this bucket for `slice`. Returns `false` when the sample was dropped (the bucket is
     /// being cleared by another writer, or already holds a newer slice because this sample arrived late).
-    pub fn record(&self, slice: u64, outcome: Outcome, latency_us: u64) -> bool {
+    pub fn record(&self, slice: u64, outcome: Outcome, latency_us: u64, totals: &LatencyTotals) -> bool {
         let want = slice + 1;
         loop {
             let cur = self.slice.load(Acquire);
@@ -159,8 +237,7 @@ impl WindowBucket {
                 .compare_exchange(cur, CLEARING, AcqRel, Relaxed)
                 .is_ok()
             {
-                self.clear_counters();
-                self.slice.store(want, Release);
+                self.turn_over(cur, want, totals);
                 break;
             }
         }
@@ -221,12 +298,25 @@ mod tests {
         }
     }
 
+    fn totals() -> LatencyTotals {
+        LatencyTotals { seq: AtomicU64::new(0), counts: std::array::from_fn(|_| AtomicU64::new(0)) }
+    }
+
+    fn ranges(t: &LatencyTotals, buckets: &[&WindowBucket]) -> [u64; LE_RANGES] {
+        let mut out: [u64; LE_RANGES] = std::array::from_fn(|i| t.counts[i].load(Relaxed));
+        for b in buckets {
+            b.add_ranges(&mut out);
+        }
+        out
+    }
+
     #[test]
     fn records_clears_and_reads_by_slice() {
         let b = zeroed();
-        assert!(b.record(7, Outcome::Success, 1000));
-        assert!(b.record(7, Outcome::Gateway, 10));
-        assert!(b.record(7, Outcome::Aborted, 10));
+        let t = totals();
+        assert!(b.record(7, Outcome::Success, 1000, &t));
+        assert!(b.record(7, Outcome::Gateway, 10, &t));
+        assert!(b.record(7, Outcome::Aborted, 10, &t));
         let mut s = WindowSum::default();
         assert!(b.add_to(0, 7, &mut s));
         assert_eq!(s.counts[counter::REQUESTS], 2);
@@ -236,16 +326,16 @@ mod tests {
         // Out of the window: not added.
         assert!(!b.add_to(8, 20, &mut WindowSum::default()));
         // A late sample for an older slice is dropped, not mixed in.
-        assert!(!b.record(6, Outcome::Success, 1));
+        assert!(!b.record(6, Outcome::Success, 1, &t));
         // A newer slice clears the bucket.
-        assert!(b.record(17, Outcome::Success, 5));
+        assert!(b.record(17, Outcome::Success, 5, &t));
         let mut s = WindowSum::default();
         b.add_to(17, 17, &mut s);
         assert_eq!(s.counts[counter::REQUESTS], 1);
         // Preclear only moves forward.
-        assert!(b.preclear(18));
-        assert!(!b.preclear(18));
-        assert!(!b.preclear(3));
+        assert!(b.preclear(18, &t));
+        assert!(!b.preclear(18, &t));
+        assert!(!b.preclear(3, &t));
         let mut s = WindowSum::default();
         assert!(b.add_to(18, 18, &mut s));
         assert_eq!(s.counts[counter::REQUESTS], 0);
@@ -254,13 +344,14 @@ mod tests {
     #[test]
     fn concurrent_writers_lose_nothing_in_a_steady_slice() {
         let b = std::sync::Arc::new(zeroed());
-        b.preclear(1);
+        let t = std::sync::Arc::new(totals());
+        b.preclear(1, &t);
         let threads: Vec<_> = (0..4)
             .map(|_| {
-                let b = b.clone();
+                let (b, t) = (b.clone(), t.clone());
                 std::thread::spawn(move || {
                     for _ in 0..50_000 {
-                        assert!(b.record(1, Outcome::Success, 100));
+                        assert!(b.record(1, Outcome::Success, 100, &t));
                     }
                 })
             })
@@ -272,5 +363,42 @@ mod tests {
         b.add_to(1, 1, &mut s);
         assert_eq!(s.counts[counter::REQUESTS], 200_000);
         assert_eq!(s.hist.iter().sum::<u64>(), 200_000);
+    }
+
+    /// The all-time ranges count every latency sample once: while its bucket holds its slice, then after the bucket
+    /// was cleared (by the timer or by a writer of a newer slice); forgotten buckets add nothing.
+    #[test]
+    fn all_time_ranges_count_each_sample_once() {
+        let (a, b, t) = (zeroed(), zeroed(), totals());
+        // 1 ms, 3 ms, 40 ms, 20 s (above the last bound); the 1 ms sample may fall either side of 1 ms (resolution).
+        for (slice, us) in [(1u64, 900u64), (1, 3_000), (2, 40_000), (2, 20_000_000)] {
+            let bucket = if slice % 2 == 1 { &a } else { &b };
+            assert!(bucket.record(slice, Outcome::Success, us, &t));
+        }
+        let want = {
+            let mut w = [0u64; LE_RANGES];
+            w[0] = 1; // 900 µs <= 1 ms
+            w[2] = 1; // 3 ms <= 5 ms
+            w[5] = 1; // 40 ms <= 50 ms
+            w[LE_RANGES - 1] = 1;
+            w
+        };
+        assert_eq!(ranges(&t, &[&a, &b]), want);
+        assert!(a.preclear(3, &t)); // slice 1 leaves the window: added to the totals
+        assert_eq!(t.seq.load(Relaxed), 2);
+        assert_eq!(ranges(&t, &[&a, &b]), want);
+        assert!(b.record(4, Outcome::Success, 3_000, &t)); // a writer turns b over
+        let mut w2 = want;
+        w2[2] += 1;
+        assert_eq!(ranges(&t, &[&a, &b]), w2);
+        b.forget(); // a peer record given to another peer: its bucket's data is not added
+        assert!(b.preclear(5, &t));
+        w2[2] -= 1;
+        assert_eq!(ranges(&t, &[&a, &b]), w2);
+        // every bound maps samples at it to its own range, well inside it to the next
+        for (r, &bound) in LE_BOUNDS_US.iter().enumerate() {
+            assert_eq!(RANGE_OF[bucket_index(bound * 0.95)] as usize, r, "{bound}");
+            assert_eq!(RANGE_OF[bucket_index(bound * 1.05)] as usize, r + 1, "{bound}");
+        }
     }
 }

@@ -10,6 +10,9 @@ static const int AUTOSCALE_ERR_UPSTREAM = -5;
 static const int AUTOSCALE_ERR_PANIC = -6;
 static const int AUTOSCALE_NEED_DETAIL = 1;
 static const int AUTOSCALE_ABI_VERSION = 1;
+static const int AUTOSCALE_ADMIT = 0;
+static const int AUTOSCALE_SHED = 1;
+static const int AUTOSCALE_ADMISSION_OFF = 2;
 typedef struct autoscale_scaler_t autoscale_scaler_t;
 typedef struct autoscale_region_params_t {
   uint32_t max_upstreams;
@@ -155,6 +158,36 @@ typedef struct autoscale_upstream_config_t {
   struct autoscale_outlier_spec_t outlier;
   uint64_t failure_statuses[10];
 } autoscale_upstream_config_t;
+typedef struct autoscale_admission_spec_t {
+  uint32_t algorithm;
+  uint32_t min_rtt_requests;
+  uint32_t min_rtt_interval_ms;
+  uint32_t relax_after_ms;
+  uint32_t interval_ms;
+  uint32_t _pad;
+  double min_limit;
+  double max_limit;
+  double initial_limit;
+  double buffer;
+  double min_concurrency;
+  double backoff;
+  double tolerance;
+  double tighten;
+  double shares[4];
+} autoscale_admission_spec_t;
+typedef struct autoscale_admission_stats_t {
+  double limit;
+  double min_rtt;
+  double sample_rtt;
+  double rate_factor;
+  int32_t inflight;
+  int32_t waiting;
+  uint32_t measuring;
+  uint32_t _pad;
+  int32_t class_inflight[4];
+  uint64_t admitted[4];
+  uint64_t shed[12];
+} autoscale_admission_stats_t;
 typedef struct autoscale_cost_t {
   uint64_t balancer_ns;
   uint64_t balancer_calls;
@@ -283,9 +316,40 @@ int autoscale_event_totals(uint64_t *out,
 int autoscale_event_kind_name(uint32_t kind,
                               uint8_t *buf,
                               size_t len);
+int autoscale_admission_configure(uint32_t upstream,
+                                  const struct autoscale_admission_spec_t *spec,
+                                  char *err,
+                                  size_t err_len);
+int autoscale_admission_rule(uint32_t upstream,
+                             uint32_t rule,
+                             double rate,
+                             double burst);
+int autoscale_admission_rate(uint32_t upstream,
+                             uint32_t rule,
+                             const uint8_t *key,
+                             size_t len,
+                             double *retry_after);
+int autoscale_admission_admit(const void *req,
+                              uint32_t upstream,
+                              uint32_t class_,
+                              double *retry_after);
+int autoscale_admission_shed(uint32_t upstream,
+                             uint32_t class_,
+                             uint32_t why);
+int autoscale_admission_wait(uint32_t upstream, int delta);
+int autoscale_admission_done(const void *req,
+                             int status);
+int autoscale_admission_update(uint32_t upstream,
+                               int pending);
+int autoscale_admission_stats(uint32_t upstream, struct autoscale_admission_stats_t *out);
 int autoscale_cost_read(struct autoscale_cost_t *out);
 int autoscale_upstream_find(const uint8_t *name,
                             size_t name_len);
+int autoscale_latency_bounds(double *out,
+                             size_t cap);
+int autoscale_peer_latency_buckets(uint32_t slot,
+                                   uint64_t *out,
+                                   size_t cap);
 int autoscale_scaler_new(const struct autoscale_scaling_params_t *params,
                          struct autoscale_scaler_t **out);
 void autoscale_scaler_free(struct autoscale_scaler_t *h);

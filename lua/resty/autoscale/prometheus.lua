@@ -15,6 +15,7 @@ local type = type
 local pairs = pairs
 local ipairs = ipairs
 local tostring = tostring
+local tonumber = tonumber
 local concat = table.concat
 local sort = table.sort
 local find = string.find
@@ -84,6 +85,21 @@ for i, q in ipairs { { "0.5", "p50" }, { "0.9", "p90" }, { "0.99", "p99" }, { "0
     QUANTILES[i] = { q[2], ',quantile="' .. q[1] .. '"' }
 end
 local LE_INF = ',le="+Inf"'
+local LE -- { ',le="0.001"', ... }: the library's bounds, read once
+
+local function le_labels()
+    if not LE then
+        local bounds = status.latency_bounds()
+        if #bounds == 0 then
+            return {}
+        end
+        LE = {}
+        for i, b in ipairs(bounds) do
+            LE[i] = ',le="' .. string.format("%.6g", b) .. '"'
+        end
+    end
+    return LE
+end
 
 -- The numeric options of an upstream, as { name, label }; outlier options are named outlier.<name>.
 local OPTIONS, OUTLIER_OPTIONS = {}, {}
@@ -171,6 +187,14 @@ local function peer_samples(add, ul, p)
         add("autoscale_peer_failures_total", l, t[k[1]], k[2])
     end
     add("autoscale_peer_aborted_total", l, t.aborted)
+    local counts = p.slot and status.latency_buckets(p.slot)
+    if counts then
+        local requests = t.requests
+        for i, label in ipairs(le_labels()) do
+            local c = tonumber(counts[i - 1])
+            add("autoscale_peer_latency_seconds", l, c < requests and c or requests, label, "_bucket")
+        end
+    end
     add("autoscale_peer_latency_seconds", l, t.requests, LE_INF, "_bucket")
     add("autoscale_peer_latency_seconds", l, t.latency_sum, nil, "_sum")
     add("autoscale_peer_latency_seconds", l, t.requests, nil, "_count")

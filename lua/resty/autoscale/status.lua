@@ -200,6 +200,28 @@ function _M.region()
     }
 end
 
+local le_bounds = ffi.new("double[32]")
+local le_counts = ffi.new("uint64_t[32]")
+
+-- bounds = status.latency_bounds(): upper bounds (seconds) of the all-time latency buckets, smallest first
+function _M.latency_bounds()
+    local nb = lib and lib.autoscale_latency_bounds(le_bounds, 32) or 0
+    local out = {}
+    for i = 1, math.min(nb, 32) do
+        out[i] = le_bounds[i - 1]
+    end
+    return out
+end
+
+-- counts = status.latency_buckets(slot): a uint64_t[] of the peer record's all-time attempts at most each bound of
+-- status.latency_bounds() (cumulative; reused by the next call), or nil for a bad slot
+function _M.latency_buckets(slot)
+    if not lib or lib.autoscale_peer_latency_buckets(slot, le_counts, 32) < 0 then
+        return nil
+    end
+    return le_counts
+end
+
 -- cost = status.library_cost(): time inside the library's balancer and log calls, from the calls timed (one in 64
 -- per worker), all workers: { balancer = { calls =, seconds =, mean = }, log = { ... } }
 function _M.library_cost()
