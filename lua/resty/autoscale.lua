@@ -98,12 +98,12 @@ function _M.configure(user_conf)
         error("resty.autoscale: " .. ffi.string(errbuf), 2)
     end
 
+    discovery.carry_over(l, c)
     local names = {}
     for name in pairs(c.upstreams) do
         names[#names + 1] = name
     end
     sort(names)
-    discovery.carry_over(l, c)
     local keep = {} -- keeps the strings and arrays alive during the call
     local specs = ffi.new("autoscale_upstream_spec_t[?]", #names)
     for i, name in ipairs(names) do
@@ -124,11 +124,11 @@ function _M.configure(user_conf)
     events.init(lib, conf)
     healthcheck.init(lib)
     control.init(lib, conf, index)
+    discovery.init(lib, conf, index)
     local sok, serr = scaler.init(lib, conf, index)
     if not sok then
         error("resty.autoscale: " .. serr, 2)
     end
-    discovery.init(lib, conf, index)
     admission.init(lib, conf, index)
     return true
 end
@@ -181,17 +181,17 @@ _M.fallback = balancer.fallback
 -- Run-time changes, in every worker at once (not persisted: a reload applies nginx.conf again); see docs/lua-api.md.
 _M.control = control
 
--- Scaling decisions (docs/scaling.md): autoscale.scaling.pending(name), .state(name), .decisions(name, n)
-_M.scaling = scaler
-
--- autoscale.scaling_handler(), in content_by_lua*: desired instances per service as JSON (KEDA metrics-api)
-_M.scaling_handler = scaler.handler
-
 -- Service discovery: the standby pool (activate/deactivate) and the state of the sources; see docs/discovery.md.
 _M.discovery = discovery
 
 -- autoscale.discovery_handler(), in content_by_lua*: GET the discovery state, POST ?upstream=&activate=n|deactivate=n
 _M.discovery_handler = discovery.handler
+
+-- Scaling decisions (docs/scaling.md): autoscale.scaling.pending(name), .state(name), .decisions(name, n)
+_M.scaling = scaler
+
+-- autoscale.scaling_handler(), in content_by_lua*: desired instances per service as JSON (KEDA metrics-api)
+_M.scaling_handler = scaler.handler
 
 -- list = autoscale.events(max): the most recent events, oldest first
 function _M.events(max)
