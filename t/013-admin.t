@@ -164,7 +164,7 @@ __DATA__
                 { "PATCH", B, '{"retries":"2"}', json, 422, 'retries: must be a number (got string "2")' },
                 { "PATCH", B, '{"retries":null}', json, 422, 'retries: must not be null' },
                 { "PATCH", B, '{}', json, 422, "the body must name at least one option" },
-                { "PATCH", B, '{"colour":"red"}', json, 422, "colour: unknown option (valid: balancer," },
+                { "PATCH", B, '{"colour":"red"}', json, 422, "colour: unknown option (valid: admission, balancer," },
                 { "PATCH", B, '{"peers":[]}', json, 422, "peers: use add_peer/remove_peer" },
                 { "PATCH", B, '{"healthcheck":{"path":"/h"}}', json, 422, "healthcheck: cannot be changed at run time" },
                 { "PATCH", B, '{"outlier":{"consecutive_5xx":3,"nope":1}}', json, 422, "outlier.nope: unknown option" },
@@ -308,6 +308,8 @@ autoscale_events_total{kind="panic_off"} 0
 autoscale_events_total{kind="panic_on"} 0
 autoscale_events_total{kind="peer_added"} 1
 autoscale_events_total{kind="peer_removed"} 1
+autoscale_events_total{kind="rate_relaxed"} 0
+autoscale_events_total{kind="rate_tightened"} 0
 autoscale_events_total{kind="tuned"} 2
 autoscale_events_total{kind="weight"} 1
 balancer calls timed >= 8: true, mean between 0 and 1 ms: true

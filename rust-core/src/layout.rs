@@ -23,11 +23,11 @@ use std::sync::atomic::{AtomicI32, AtomicU32, AtomicU64, Ordering::*};
 /// "ASCALE" and a format number.
 pub const MAGIC: u64 = u64::from_le_bytes(*b"ASCALE\x00\x01");
 /// Bumped whenever any record changes shape.
-pub const LAYOUT_VERSION: u32 = 5;
+pub const LAYOUT_VERSION: u32 = 6;
 /// Events kept in the ring (the most recent ones).
 pub const EVENT_RING: usize = 1024;
 /// Event kinds counted in [`Header::event_totals`] (kinds at or above it count in the last one).
-pub const EVENT_KINDS: usize = 16;
+pub const EVENT_KINDS: usize = 32;
 
 /// Sizes of the region, fixed for its lifetime.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
