@@ -47,7 +47,8 @@ our $HttpConfig = <<'_EOC_';
         autoscale = require "resty.autoscale"
         autoscale.configure { upstreams = {
             api = { peers = { "127.0.0.1:$TEST_NGINX_RAND_PORT_1", "127.0.0.1:$TEST_NGINX_RAND_PORT_2" },
-                scaling = { min = 2, max = 20, utilization = { capacity = 4, target = 0.75 }, provision_timeout = 30,
+                scaling = { min = 2, max = 3, -- one step up: a load that keeps growing cannot add a second action
+                 utilization = { capacity = 4, target = 0.75 }, provision_timeout = 30,
                     actuator = { type = "kubernetes", api = "https://127.0.0.1:$TEST_NGINX_API_PORT", namespace = "shop", name = "api",
                                  token_file = "$TEST_NGINX_K8S_DIR/token", ca_file = "$TEST_NGINX_K8S_DIR/ca.crt",
                                  retries = 2, backoff = 0.1 } } },

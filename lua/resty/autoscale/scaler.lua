@@ -372,8 +372,11 @@ local function actuate(premature, name, s, call)
                 desired = call.desired, decision_id = call.decision_id, attempts = attempts })
     else
         dict:incr("failures:" .. name, 1, 0)
-        -- nothing is coming: decide again from what serves once the cooldown has passed (not at every tick)
-        dict:set("pending:" .. name, call.desired, math.max(s.cooldown, s.interval))
+        -- nothing is coming: decide again from what serves once the cooldown has passed (not at every tick), and
+        -- call the actuator again only then, even if the load grows meanwhile (a refused token stays refused)
+        local wait = math.max(s.cooldown, s.interval)
+        dict:set("pending:" .. name, call.desired, wait)
+        dict:set("failed:" .. name, true, wait)
         ngx_log(ngx_ERR, "resty.autoscale scaling: ", cjson.encode { event = "actuator_failed", service = name,
                 desired = call.desired, decision_id = call.decision_id, attempts = attempts, error = err })
     end
@@ -487,7 +490,10 @@ local function tick(name, s, svc)
         r.idempotency_key = format("%s-%d-%d-%d", name, r.fencing_token or 0, boot, seq)
         local may_act = mode == "local" or mode == "leader" or c.actuate_without_redis
         local up = r.desired > current
-        if may_act then
+        if may_act and dict:get("failed:" .. name) then
+            r.suppressed = "the actuator failed less than the cooldown ago"
+            dict:incr("suppressed:" .. name, 1, 0)
+        elseif may_act then
             dict:incr("actions:" .. name .. (up and ":up" or ":down"), 1, 0)
             dict:set("pending:" .. name, r.desired, s.provision_timeout)
             dict:set("pending_from:" .. name, own.ready, s.provision_timeout)
