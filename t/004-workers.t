@@ -48,16 +48,7 @@ our $Helpers = <<'_EOC_';
     local t = require "autoscale_test"
     local cjson = require "cjson"
     local gw = $TEST_NGINX_RAND_PORT_5
-    local function status()
-        for _ = 1, 20 do  -- a connection can land on a worker that is going away
-            local code, body = t.get(gw, "/status")
-            if code == 200 then
-                return cjson.decode(body)
-            end
-            ngx.sleep(0.01)
-        end
-        error("no status answer")
-    end
+    local function status() return t.status(gw) end
     local function totals(st)
         local requests, inflight = 0, 0
         for _, p in ipairs(st.upstreams.backend.peers) do

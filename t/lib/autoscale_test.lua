@@ -168,4 +168,18 @@ function _M.peer(st, addr)
     end
 end
 
+-- st = t.status(port): the gateway's status JSON (GET /status on `port`), decoded; retried a few times, since a
+-- connection can land on a worker that is going away (reload, kill)
+function _M.status(port)
+    local cjson = require "cjson"
+    for _ = 1, 20 do
+        local code, body = _M.get(port, "/status")
+        if code == 200 then
+            return cjson.decode(body)
+        end
+        ngx.sleep(0.01)
+    end
+    error("no status answer on port " .. tostring(port))
+end
+
 return _M
