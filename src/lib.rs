@@ -667,28 +667,26 @@ pub extern "C" fn autoscale_log_finish(req: *const c_void, status: c_int) -> c_i
         };
         let key = req as usize;
         with_worker(|w| {
-            let table = &mut w.requests;
-            let Some(entry) = table.find(key) else {
-                return AUTOSCALE_OK;
-            };
             let status = status.max(0) as u32;
-            if entry.count != 1 || region.fails_on(entry.upstream, status) {
-                if let Some(a) = entry.last_mut() {
-                    a.status = status;
-                }
-                return AUTOSCALE_NEED_DETAIL;
-            }
-            let now = now_us();
-            let up = entry.upstream;
             let rng = &mut w.rng;
-            table.remove_with(key, |e| {
-                let a = &e.attempts[0];
-                let outcome = response_outcome(region, up, status);
-                let latency = now.saturating_sub(a.start_us);
-                region.end_attempt(a.slot, a.gen, column(), outcome, latency, now);
-                region.record(a.slot, a.gen, outcome, latency, now, rng);
-            });
-            AUTOSCALE_OK
+            // one lookup: done here when the request had one attempt and its status tells the outcome
+            w.requests
+                .finish_with(key, |entry| {
+                    if entry.count != 1 || region.fails_on(entry.upstream, status) {
+                        if let Some(a) = entry.last_mut() {
+                            a.status = status;
+                        }
+                        return (false, AUTOSCALE_NEED_DETAIL);
+                    }
+                    let now = now_us();
+                    let a = &entry.attempts[0];
+                    let outcome = response_outcome(region, entry.upstream, status);
+                    let latency = now.saturating_sub(a.start_us);
+                    region.end_attempt(a.slot, a.gen, column(), outcome, latency, now);
+                    region.record(a.slot, a.gen, outcome, latency, now, rng);
+                    (true, AUTOSCALE_OK)
+                })
+                .unwrap_or(AUTOSCALE_OK)
         })
     })
 }

@@ -184,6 +184,22 @@ impl Table {
         }
     }
 
+    /// Looks `key` up once and lets `f` see its entry: `f` returns whether the entry is done (then it stops being
+    /// tracked, as with [`Table::remove_with`]) and a result. `None` when `key` is not tracked.
+    pub fn finish_with<T>(&mut self, key: usize, f: impl FnOnce(&mut Entry) -> (bool, T)) -> Option<T> {
+        if key == 0 {
+            return None;
+        }
+        let i = self.position(key)?;
+        let (done, out) = f(&mut self.entries[i]);
+        if done {
+            self.keys[i] = 0;
+            self.entries[i].key = 0;
+            self.mark_stale_after(i, key);
+        }
+        Some(out)
+    }
+
     /// Stops tracking `key` and returns a copy of its entry.
     pub fn remove(&mut self, key: usize) -> Option<Entry> {
         self.remove_with(key, |e| *e)
@@ -222,7 +238,11 @@ mod tests {
         // Reinserting the same key displaces the stale entry.
         t.insert(0x1000, 3, 2, |o| old = Some(*o));
         assert_eq!(old.unwrap().count, 1);
-        assert_eq!(t.remove(0x1000).unwrap().born_us, 2);
+        // finish_with: looked at and kept, then looked at and done
+        assert_eq!(t.finish_with(0x1000, |e| (false, e.born_us)), Some(2));
+        assert!(t.find(0x1000).is_some());
+        assert_eq!(t.finish_with(0x1000, |e| (true, e.upstream)), Some(3));
+        assert_eq!(t.finish_with(0x1000, |_| (true, 0)), None);
         assert!(t.find(0x1000).is_none());
         assert!(t.is_empty());
     }
