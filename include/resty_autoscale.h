@@ -632,6 +632,20 @@ int autoscale_upstream_fallback(uint32_t upstream,
                                 uint32_t status);
 
 /**
+ * Records a scaling action of `upstream` (from `current` to `desired` instances, `ready` serving now) as a
+ * `scale_up`/`scale_down` event, so that it reaches the event log, `autoscale.events()` and the dashboard once.
+ * Returns 1 when recorded, 0 when `current` = `desired`.
+ *
+ * # Errors
+ * `AUTOSCALE_ERR_NO_REGION`, `AUTOSCALE_ERR_UPSTREAM`.
+ */
+int autoscale_event_scale(uint32_t upstream,
+                          uint32_t current,
+                          uint32_t desired,
+                          uint32_t ready,
+                          int panic);
+
+/**
  * Adds peer `addr` (`host:port`) with `weight` to upstream `upstream`, in every worker at once (not persisted: a
  * reload applies nginx.conf again).
  *

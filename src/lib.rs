@@ -1069,6 +1069,23 @@ pub extern "C" fn autoscale_upstream_fallback(upstream: u32, status: u32) -> c_i
     })
 }
 
+/// Records a scaling action of `upstream` (from `current` to `desired` instances, `ready` serving now) as a
+/// `scale_up`/`scale_down` event, so that it reaches the event log, `autoscale.events()` and the dashboard once.
+/// Returns 1 when recorded, 0 when `current` = `desired`.
+///
+/// # Errors
+/// `AUTOSCALE_ERR_NO_REGION`, `AUTOSCALE_ERR_UPSTREAM`.
+#[no_mangle]
+pub extern "C" fn autoscale_event_scale(upstream: u32, current: u32, desired: u32, ready: u32, panic: c_int) -> c_int {
+    guard(|| {
+        let Some(region) = REGION.get() else { return AUTOSCALE_ERR_NO_REGION };
+        if upstream >= region.params().max_upstreams {
+            return AUTOSCALE_ERR_UPSTREAM;
+        }
+        region.note_scale(upstream, current, desired, ready, panic != 0, now_us()) as c_int
+    })
+}
+
 /// Runs a run-time change and reports its error text.
 ///
 /// # Safety

@@ -28,6 +28,9 @@ pub mod kind {
     pub const FALLBACK: u32 = 14;
     pub const RATE_TIGHTENED: u32 = 15;
     pub const RATE_RELAXED: u32 = 16;
+    /// A scaling action (rust-core `scaling`, decided by the Lua scaler), up or down.
+    pub const SCALE_UP: u32 = 17;
+    pub const SCALE_DOWN: u32 = 18;
 
     /// Name used in JSON and logs.
     pub fn name(k: u32) -> &'static str {
@@ -48,6 +51,8 @@ pub mod kind {
             FALLBACK => "fallback",
             RATE_TIGHTENED => "rate_tightened",
             RATE_RELAXED => "rate_relaxed",
+            SCALE_UP => "scale_up",
+            SCALE_DOWN => "scale_down",
             _ => "unknown",
         }
     }
@@ -144,6 +149,18 @@ impl Region {
 
     /// Notes that upstream `up` served a fallback response: emits a `fallback` event when none was served in the
     /// last `quiet_us` (one event per episode, whichever worker serves it). Returns whether it emitted.
+    /// Records a scaling action of upstream `up` from `current` to `desired` instances (`ready` serving now) as a
+    /// `scale_up` or `scale_down` event. Returns false for an unknown upstream or no change.
+    pub fn note_scale(&self, up: u32, current: u32, desired: u32, ready: u32, panic: bool, now_us: u64) -> bool {
+        if up >= self.params().max_upstreams || current == desired {
+            return false;
+        }
+        let k = if desired > current { kind::SCALE_UP } else { kind::SCALE_DOWN };
+        let v = [current as f64, desired as f64, ready as f64, if panic { 1.0 } else { 0.0 }];
+        self.emit(now_us, k, None, up, NO_PEER, v);
+        true
+    }
+
     pub fn note_fallback(&self, up: u32, status: u32, now_us: u64, quiet_us: u64) -> bool {
         if up >= self.params().max_upstreams {
             return false;
@@ -195,6 +212,7 @@ impl Region {
             kind::EJECTION_SKIPPED => &[("ejected", v[0]), ("total", v[1]), ("max_ejection_percent", v[2])],
             kind::FALLBACK => &[("status", v[0]), ("healthy", v[1]), ("total", v[2])],
             kind::RATE_TIGHTENED | kind::RATE_RELAXED => &[("rate_factor", v[0]), ("overloaded", v[1]), ("scale_up_pending", v[2]), ("limit", v[3])],
+            kind::SCALE_UP | kind::SCALE_DOWN => &[("current", v[0]), ("desired", v[1]), ("ready", v[2]), ("panic", v[3])],
             _ => &[],
         };
         for (name, x) in fields {

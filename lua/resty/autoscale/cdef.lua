@@ -282,6 +282,11 @@ int autoscale_check_result(uint32_t slot,
                            uint32_t fails);
 int autoscale_upstream_fallback(uint32_t upstream,
                                 uint32_t status);
+int autoscale_event_scale(uint32_t upstream,
+                          uint32_t current,
+                          uint32_t desired,
+                          uint32_t ready,
+                          int panic);
 int autoscale_admin_peer_add(uint32_t upstream,
                              const uint8_t *addr,
                              size_t addr_len,

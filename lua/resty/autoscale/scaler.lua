@@ -495,6 +495,8 @@ local function tick(name, s, svc)
             dict:incr("suppressed:" .. name, 1, 0)
         elseif may_act then
             dict:incr("actions:" .. name .. (up and ":up" or ":down"), 1, 0)
+            -- one scale_up/scale_down event: the event log, autoscale.events() and the dashboard's timeline
+            lib.autoscale_event_scale(index[name], current, r.desired, own.ready, r.panic and 1 or 0)
             dict:set("pending:" .. name, r.desired, s.provision_timeout)
             dict:set("pending_from:" .. name, own.ready, s.provision_timeout)
             if s.actuator then
