@@ -101,14 +101,21 @@ location = /t {
         ngx.say("serving under 4x = desired (3 for 8 in flight): ", n_busy == 3 and st.desired == 3)
         ngx.say("scaled down, not before the window: ", t_down ~= nil and t_down - stop >= 2)
         ngx.say("pool after: ", pool.active, " active")
-        -- each action is one event: scale_up from 1 to 3, later scale_down(s) back to 1
-        local ups, downs, first = 0, 0
+        -- each action is one event: scale_up(s) from 1 up to 3 (one or two steps as the load ramps), then
+        -- scale_down(s) back to 1
+        local ups, downs, first, top, bottom = 0, 0, nil, 0, math.huge
         for _, e in ipairs(autoscale.events(1000)) do
-            if e.event == "scale_up" then ups = ups + 1 first = first or e end
-            if e.event == "scale_down" then downs = downs + 1 end
+            if e.event == "scale_up" then
+                ups = ups + 1
+                first = first or e
+                top = math.max(top, e.desired)
+            elseif e.event == "scale_down" then
+                downs = downs + 1
+                bottom = math.min(bottom, e.desired)
+            end
         end
-        ngx.say("events: scale_up ", ups >= 1, ", first 1 -> ", first and first.desired, ", scale_down ", downs >= 1,
-                ", upstream ", first and first.upstream)
+        ngx.say("events: scale_up ", ups >= 1, " from ", first and first.current, " up to ", top,
+                ", scale_down ", downs >= 1, " down to ", bottom, ", upstream ", first and first.upstream)
     }
 }
 --- request
@@ -121,7 +128,7 @@ a new peer served within 1 s: true
 serving under 4x = desired (3 for 8 in flight): true
 scaled down, not before the window: true
 pool after: 0 active
-events: scale_up true, first 1 -> 3, scale_down true, upstream pool
+events: scale_up true from 1 up to 3, scale_down true down to 1, upstream pool
 --- no_error_log
 [error]
 
