@@ -99,7 +99,18 @@ location = /t {
         ngx.say("activated within 2 s of the step: ", t_seen ~= nil and t_seen - step <= 2)
         ngx.say("a new peer served within 1 s: ", t_used ~= nil and t_used - t_seen <= 1)
         ngx.say("serving under 4x = desired (3 for 8 in flight): ", n_busy == 3 and st.desired == 3)
-        ngx.say("scaled down, not before the window: ", t_down ~= nil and t_down - stop >= 2)
+        -- the window counts from the last recommendation of 3 or more (the load may fade before the client stops)
+        local t_high, t_first_down
+        for _, d in ipairs(autoscale.scaling.decisions("pool", 1000)) do
+            if (d.recommendation or 0) >= 3 then t_high = d.time end
+        end
+        for _, e in ipairs(autoscale.events(1000)) do
+            if e.event == "scale_down" and not t_first_down then t_first_down = e.time end
+        end
+        ngx.log(ngx.WARN, string.format("first scale_down %.2f s after the last recommendation of 3+",
+                (t_first_down or 0) - (t_high or 0)))
+        ngx.say("scaled down, not before the window: ", t_down ~= nil and t_high ~= nil and t_first_down ~= nil
+                and t_first_down - t_high >= 1.95)
         ngx.say("pool after: ", pool.active, " active")
         -- each action is one event: scale_up(s) from 1 up to 3 (one or two steps as the load ramps), then
         -- scale_down(s) back to 1
