@@ -818,21 +818,27 @@ impl Region {
     /// ejected ones carry inflated estimates and would inflate a mean, and several failing peers would inflate
     /// each other's penalties without bound.
     pub(crate) fn best_estimate(&self, idx: u32, except: u32, decay_us: f64, now_us: u64) -> Option<f64> {
+        self.measured_estimates(idx, except, decay_us, now_us)
+            .filter(|&e| e > 0.0)
+            .min_by(|a, b| a.total_cmp(b))
+    }
+
+    /// The decayed estimates of upstream `idx`'s healthy peers that have been measured (an estimate that is still the
+    /// seed, default_rtt, is no baseline), `except` left out: what the failure penalty and the slow-peer baseline
+    /// compare with.
+    fn measured_estimates(&self, idx: u32, except: u32, decay_us: f64, now_us: u64) -> impl Iterator<Item = f64> + '_ {
         let up = self.upstream(idx);
         let n = up.head.npeers.load(Relaxed).min(self.params().max_peers) as usize;
         up.slots[..n]
             .iter()
             .map(|s| s.load(Relaxed))
-            .filter(|&slot| {
+            .filter(move |&slot| {
                 let h = self.peer_head(slot);
-                // measured peers only: an estimate that is still the seed (default_rtt) is no baseline
                 slot != except
                     && h.health.load(Relaxed) == health::state::HEALTHY
                     && h.totals[counter::REQUESTS].load(Relaxed) > 0
             })
-            .map(|slot| self.decayed_estimate(&self.peer(slot), decay_us, now_us))
-            .filter(|&e| e > 0.0)
-            .min_by(|a, b| a.total_cmp(b))
+            .map(move |slot| self.decayed_estimate(&self.peer(slot), decay_us, now_us))
     }
 
     /// Refreshes the latency baseline of upstream `idx` for the slow-peer rule: the lower median of the decayed
@@ -844,22 +850,11 @@ impl Region {
             return;
         }
         let decay_us = up.head.decay_ms.load(Relaxed) as f64 * 1000.0;
-        let n = up.head.npeers.load(Relaxed).min(self.params().max_peers) as usize;
         // A buffer kept per thread, so that the upkeep allocates nothing once it has seen the largest upstream.
         thread_local!(static ESTIMATES: std::cell::RefCell<Vec<f64>> = const { std::cell::RefCell::new(Vec::new()) });
         let baseline = ESTIMATES.with_borrow_mut(|estimates| {
             estimates.clear();
-            estimates.extend(
-                up.slots[..n]
-                    .iter()
-                    .map(|s| s.load(Relaxed))
-                    .filter(|&slot| {
-                        let h = self.peer_head(slot);
-                        h.health.load(Relaxed) == health::state::HEALTHY
-                            && h.totals[counter::REQUESTS].load(Relaxed) > 0
-                    })
-                    .map(|slot| self.decayed_estimate(&self.peer(slot), decay_us, now_us)),
-            );
+            estimates.extend(self.measured_estimates(idx, u32::MAX, decay_us, now_us));
             estimates.sort_unstable_by(|a, b| a.total_cmp(b));
             estimates.get(estimates.len().saturating_sub(1) / 2).copied().unwrap_or(0.0)
         });

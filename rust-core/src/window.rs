@@ -172,9 +172,7 @@ impl WindowBucket {
         if held != 0 {
             totals.seq.fetch_add(1, AcqRel); // odd: readers retry
             let mut add = [0u64; LE_RANGES];
-            for (k, h) in self.hist.iter().enumerate() {
-                add[RANGE_OF[k] as usize] += h.load(Relaxed) as u64;
-            }
+            self.sum_ranges(&mut add);
             for (t, a) in totals.counts.iter().zip(add) {
                 if a != 0 {
                     t.fetch_add(a, Relaxed);
@@ -214,10 +212,15 @@ impl WindowBucket {
         if tag == 0 || tag == CLEARING {
             return false;
         }
+        self.sum_ranges(out);
+        true
+    }
+
+    /// Adds this bucket's latency sketch to `out`, by range of [`LE_BOUNDS_US`].
+    fn sum_ranges(&self, out: &mut [u64; LE_RANGES]) {
         for (k, h) in self.hist.iter().enumerate() {
             out[RANGE_OF[k] as usize] += h.load(Relaxed) as u64;
         }
-        true
     }
 
     /// Records one attempt in this bucket for `slice`. Returns `false` when the sample was dropped (the bucket is
