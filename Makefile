@@ -41,7 +41,7 @@ deps:
 		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends $$missing; \
 		rc=$$?; $$SUDO rm -f /usr/sbin/policy-rc.d; exit $$rc; \
 	fi
-	@command -v $(CARGO) >/dev/null || { echo "cargo (Rust >= 1.75) is required: https://rustup.rs"; exit 1; }
+	@command -v $(CARGO) >/dev/null || { echo "cargo (Rust >= 1.82) is required: https://rustup.rs"; exit 1; }
 
 build: deps
 	$(CARGO) build --release

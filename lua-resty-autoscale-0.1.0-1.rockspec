@@ -8,7 +8,7 @@ description = {
    summary = "Latency- and failure-aware load balancing for nginx/OpenResty with statistics shared by all workers",
    detailed = [[
       A Rust library (shared-memory rolling windows, latency sketches, peak-EWMA, power-of-two-choices) called through
-      LuaJIT FFI from balancer_by_lua* and log_by_lua*. Building needs cargo (Rust >= 1.75).
+      LuaJIT FFI from balancer_by_lua* and log_by_lua*. Building needs cargo (Rust >= 1.82).
    ]],
    license = "Apache-2.0",
 }
