@@ -5,6 +5,7 @@ use lib 't';
 use Autoscale;
 
 workers(2);
+worker_connections(1024); # 20 held requests: client, gateway and backend sides of each share the two workers
 master_on();
 
 our $HttpConfig = <<'_EOC_';
@@ -100,7 +101,9 @@ errors 0, workers that see 400: 2
 --- config eval
 "location = /t { content_by_lua_block { $::Helpers " . <<'_EOC_';
             local res = t.load { port = gw, path = "/", concurrency = 4, requests = 200 }
-            local before = status()
+            -- The last log phases may still be running when the client has its responses: wait for all 200.
+            local before
+            t.poll(function() before = status() return totals(before) == 200 end, 5)
             local epoch = before.region.config_epoch
             local old, n = {}, 0
             t.poll(function()
