@@ -437,12 +437,18 @@ impl Region {
         });
         let up = self.upstream(idx);
 
-        // Seed for new peers: the mean estimate of the peers kept.
+        // Seed for new peers: the mean estimate of the healthy peers kept, decayed to now (a peak the stored word
+        // still holds from long ago would make the newcomer look slow, and the slow-peer rule would keep it idle).
+        let decay_us = u.params.decay_us as f64;
         let kept: Vec<f64> = self
             .upstream_slots(idx)
             .into_iter()
-            .filter(|&s| self.peer(s).head.state.load(Acquire) == state::ACTIVE)
-            .map(|s| ewma::unpack(self.peer(s).head.ewma.load(Relaxed), now_us).0)
+            .map(|s| self.peer(s))
+            .filter(|peer| {
+                peer.head.state.load(Acquire) == state::ACTIVE
+                    && peer.head.health.load(Relaxed) == health::state::HEALTHY
+            })
+            .map(|peer| self.decayed_estimate(&peer, decay_us, now_us))
             .filter(|&e| e > 0.0)
             .collect();
         let seed = if kept.is_empty() {
@@ -970,16 +976,8 @@ impl Region {
             totals,
             total_latency_us: h.total_latency_us.load(Relaxed),
             ewma_us: self.decayed_estimate(&peer, params.decay_us as f64, now_us),
-            cost: load_cost(
-                h,
-                params.decay_us as f64,
-                &params.slow_start,
-                self.slow_threshold(up_idx),
-                now_us,
-            ),
-            slow_start: params
-                .slow_start
-                .factor(now_us.saturating_sub(h.added_us.load(Relaxed))),
+            cost: load_cost(h, params.decay_us as f64, self.slow_threshold(up_idx), now_us),
+            slow_start: ramp(h, &params.slow_start, now_us),
             added_us: h.added_us.load(Relaxed),
             health: h.health.load(Acquire),
             times_ejected: h.times_ejected.load(Relaxed),
@@ -1078,7 +1076,17 @@ impl PeerView for ShmView<'_> {
                 _ => {}
             }
         }
-        load_cost(h, self.params.decay_us as f64, &self.params.slow_start, self.slow, self.now_us)
+        load_cost(h, self.params.decay_us as f64, self.slow, self.now_us)
+    }
+
+    #[inline]
+    fn ramp(&self, i: u32) -> f64 {
+        let h = self.head(i);
+        // A peer to probe is not ramped (see cost); it restarts its slow start when it is healthy again.
+        if !self.panic && matches!(h.health.load(Relaxed), health::state::HALF_OPEN | health::state::EJECTED) {
+            return 1.0;
+        }
+        ramp(h, &self.params.slow_start, self.now_us)
     }
 
     #[inline]
@@ -1125,25 +1133,32 @@ fn slow_threshold(h: &UpstreamHead, params: &SelectParams) -> (f64, f64) {
     }
 }
 
+/// Slow-start factor of a peer now.
+#[inline]
+fn ramp(h: &PeerHead, slow_start: &SlowStart, now_us: u64) -> f64 {
+    slow_start.factor(now_us.saturating_sub(h.added_us.load(Relaxed)))
+}
+
 /// Static weight × slow-start factor of a peer now.
 #[inline]
 fn effective_weight(h: &PeerHead, slow_start: &SlowStart, now_us: u64) -> f64 {
-    let age = now_us.saturating_sub(h.added_us.load(Relaxed));
-    h.weight.load(Relaxed).max(1) as f64 * slow_start.factor(age)
+    h.weight.load(Relaxed).max(1) as f64 * ramp(h, slow_start, now_us)
 }
 
-/// The load cost of a peer: decayed peak-EWMA estimate × (in flight + 1) ÷ effective weight.
+/// The load cost of a peer: decayed peak-EWMA estimate × (in flight + 1) ÷ static weight. Slow start is not part of
+/// it: P2C takes a ramping peer with a probability (see [`crate::select::P2c`]).
 #[inline]
 ///
 /// A slow peer (estimate above `slow.0`, see [`Region::slow_threshold`]) costs `slow.1` times more: under the plain
 /// formula a peer 6× slower than its peers wins as soon as they have 5 requests in flight, which at a few hundred
 /// requests per second happens often enough to put it into the client p99; with the penalty it takes 10× that.
-fn load_cost(h: &PeerHead, decay_us: f64, slow_start: &SlowStart, slow: (f64, f64), now_us: u64) -> f64 {
+fn load_cost(h: &PeerHead, decay_us: f64, slow: (f64, f64), now_us: u64) -> f64 {
     let (est, elapsed) = ewma::unpack(h.ewma.load(Relaxed), now_us);
     let est = ewma::decayed(est, elapsed, decay_us).max(1.0);
     let inflight = h.inflight.load(Relaxed).max(0) as f64;
-    let cost = est * (inflight + 1.0) / effective_weight(h, slow_start, now_us);
-    if est > slow.0 {
+    let cost = est * (inflight + 1.0) / h.weight.load(Relaxed).max(1) as f64;
+    // Only a measured estimate can be judged slow: a newcomer's is a seed.
+    if est > slow.0 && h.totals[counter::REQUESTS].load(Relaxed) > 0 {
         cost * slow.1
     } else {
         cost

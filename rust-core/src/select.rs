@@ -16,8 +16,10 @@ pub trait PeerView {
     fn eligible(&self, i: u32) -> bool;
     /// Whether this request already tried the peer.
     fn tried(&self, i: u32) -> bool;
-    /// Load cost, already divided by the effective weight; lower is better.
+    /// Load cost, already divided by the static weight; lower is better.
     fn cost(&self, i: u32) -> f64;
+    /// Slow-start factor in `(0, 1]`: 1 once the peer has ramped in (and for a peer that must be probed).
+    fn ramp(&self, i: u32) -> f64;
     /// Effective weight (static weight × slow-start factor), > 0.
     fn weight(&self, i: u32) -> f64;
     /// An upper bound of [`PeerView::weight`] over all peers.
@@ -66,6 +68,12 @@ fn fallback<V: PeerView>(v: &V) -> Option<u32> {
 /// Power of two choices over the load cost (Mitzenmacher 2001; as in Finagle, tower, Linkerd): draw two distinct
 /// fresh peers uniformly and keep the cheaper. Avoids the herding of "always the minimum" when many workers read the
 /// same numbers.
+///
+/// Slow start enters as a probability, not as a cost: the cheaper peer is taken with probability
+/// `ramp(winner) / max(ramp(a), ramp(b))`, else the other one. A peer at 10 % of its ramp so gets about 10 % of the
+/// share it would otherwise win, at any load. (Dividing its cost by 0.1 instead starves it while the load is light:
+/// it would win only against a peer with 10 requests in flight.) Two peers at the same point of their ramp compare
+/// by cost alone.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct P2c;
 
@@ -81,7 +89,12 @@ impl Selector for P2c {
             return Some(a);
         };
         // Ties go to the first draw, which is uniform, so equal peers share equally.
-        Some(if v.cost(b) < v.cost(a) { b } else { a })
+        let (win, other) = if v.cost(b) < v.cost(a) { (b, a) } else { (a, b) };
+        let (rw, ro) = (v.ramp(win), v.ramp(other));
+        if rw < ro && rng.next_f64() * ro >= rw {
+            return Some(other);
+        }
+        Some(win)
     }
 }
 
@@ -201,6 +214,7 @@ pub(crate) mod tests {
         pub weight: Vec<u32>,
         pub eligible: Vec<bool>,
         pub tried: Vec<bool>,
+        pub ramp: Vec<f64>,
     }
 
     impl VecView {
@@ -210,6 +224,7 @@ pub(crate) mod tests {
                 weight: vec![1; n],
                 eligible: vec![true; n],
                 tried: vec![false; n],
+                ramp: vec![1.0; n],
             }
         }
     }
@@ -227,8 +242,11 @@ pub(crate) mod tests {
         fn cost(&self, i: u32) -> f64 {
             self.cost[i as usize] / self.weight[i as usize] as f64
         }
+        fn ramp(&self, i: u32) -> f64 {
+            self.ramp[i as usize]
+        }
         fn weight(&self, i: u32) -> f64 {
-            self.weight[i as usize] as f64
+            self.weight[i as usize] as f64 * self.ramp[i as usize]
         }
         fn max_weight(&self) -> f64 {
             *self.weight.iter().max().unwrap_or(&1) as f64
@@ -266,6 +284,31 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn p2c_ramps_a_new_peer_in_by_share_at_any_load() {
+        // Two equal peers, the second at 10 % of its ramp: it gets about a tenth of its half, whether or not the
+        // first has requests in flight (cost 1 = idle, 4 = three in flight), and nothing is taken from an idle
+        // peer's ramp when both ramp alike.
+        for old_cost in [1.0, 4.0] {
+            let mut v = VecView::equal(2);
+            v.cost[0] = old_cost;
+            v.ramp[1] = 0.1;
+            let s = shares(Algorithm::PeakEwma, &v, 40_000);
+            let natural = if old_cost > 1.0 { 1.0 } else { 0.5 };
+            assert!((s[1] - 0.1 * natural).abs() < 0.01, "{old_cost}: {s:?}");
+        }
+        let mut v = VecView::equal(3);
+        v.ramp = vec![0.1; 3];
+        v.cost[2] = 20.0;
+        let s = shares(Algorithm::PeakEwma, &v, 30_000);
+        assert_eq!(s[2], 0.0, "equal ramps compare by cost alone: {s:?}");
+        // Halfway through the ramp: half the share.
+        let mut v = VecView::equal(2);
+        v.ramp[1] = 0.5;
+        let s = shares(Algorithm::PeakEwma, &v, 40_000);
+        assert!((s[1] - 0.25).abs() < 0.01, "{s:?}");
+    }
+
+    #[test]
     fn weighted_random_keeps_proportions_when_every_weight_is_far_below_the_bound() {
         // Effective weights of 0.1 and 0.3 (slow start) against a bound of 3: rejection mostly fails.
         struct Scaled(VecView);
@@ -281,6 +324,9 @@ pub(crate) mod tests {
             }
             fn cost(&self, i: u32) -> f64 {
                 self.0.cost(i)
+            }
+            fn ramp(&self, _: u32) -> f64 {
+                0.1
             }
             fn weight(&self, i: u32) -> f64 {
                 self.0.weight(i) * 0.1

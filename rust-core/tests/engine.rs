@@ -278,6 +278,36 @@ fn new_peers_are_seeded_with_the_mean_and_ramped_in() {
     assert!((r.snapshot(new, 1 + 5 * SEC).unwrap().slow_start - 0.5).abs() < 1e-6);
 }
 
+/// Discovery adds a peer while the load is light (2 clients, ~1 in flight per peer) and one kept peer's stored
+/// estimate still holds a peak from long ago: the newcomer is seeded with the decayed estimates, is not judged slow
+/// on its seed, and takes traffic in its first second at about its slow-start share (10-20 % of a third).
+#[test]
+fn a_new_peer_takes_traffic_within_a_second_under_light_load() {
+    let r = region();
+    let up = r.configure(&[conf("api", &[1, 2])], 1, &yes, 0).unwrap()[0];
+    let slot2 = r
+        .upstream_slots(up)
+        .into_iter()
+        .find(|&s| r.snapshot(s, 0).unwrap().port == 2)
+        .unwrap();
+    let gen = r.snapshot(slot2, 0).unwrap().gen;
+    r.end_attempt(slot2, gen, None, Outcome::Success, 80_000, 1); // an 80 ms peak, 40 s before the change
+    let behaviour = |_: u16, _: u64| (1_000, Outcome::Success);
+    simulate(&r, up, 2, 40 * SEC, SEC, 0, &behaviour);
+    let at = 40 * SEC;
+    r.configure(&[conf("api", &[1, 2, 3])], 1, &yes, at).unwrap();
+    let new = r
+        .upstream_slots(up)
+        .into_iter()
+        .find(|&s| r.snapshot(s, at).unwrap().port == 3)
+        .unwrap();
+    let seed = r.snapshot(new, at).unwrap().ewma_us;
+    assert!(seed < 5_000.0, "seeded with the stale peak: {seed} µs");
+    let first = simulate(&r, up, 2, at + SEC, at, at, &behaviour);
+    let s = share(&first, 3);
+    assert!(s > 0.02 && s < 0.15, "newcomer's share in its first second: {s} ({first:?})");
+}
+
 #[test]
 fn bad_configurations_change_nothing() {
     let r = region();
