@@ -118,3 +118,27 @@ tuned: true
 config config peer_added config weight draining enabled config peer_removed config tuned
 --- no_error_log
 [error]
+
+
+
+=== TEST 2: with every peer drained, the request gets nginx's 502 (no live upstreams), so that error_page 502 can serve a fallback
+--- http_config eval: $::HttpConfig
+--- config
+    location = /t {
+        content_by_lua_block {
+            local t = require "autoscale_test"
+            local gw = $TEST_NGINX_RAND_PORT_5
+            local c = autoscale.control
+            assert(c.drain("backend", "127.0.0.1:$TEST_NGINX_RAND_PORT_1"))
+            assert(c.drain("backend", "127.0.0.1:$TEST_NGINX_RAND_PORT_2"))
+            local codes = {}
+            for i = 1, 4 do codes[i] = (t.get(gw, "/", 2000)) end
+            ngx.say(table.concat(codes, " "))
+        }
+    }
+--- request
+GET /t
+--- response_body
+502 502 502 502
+--- error_log
+no peer available

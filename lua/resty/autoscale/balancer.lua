@@ -40,6 +40,9 @@ local pick = ffi.new("autoscale_pick_t")
 local status_out = ffi.new("int[1]")
 local errmsg = ffi.new("char *[1]")
 local FAILED = 4 -- NGX_PEER_FAILED, as get_last_failure reports it
+-- NGX_BUSY: nginx then answers 502 ("no live upstreams"), which `error_page 502` can turn into a fallback. (An HTTP
+-- status given to ngx.exit in balancer_by_lua* becomes a 500 on this lua-nginx-module.)
+local NGX_BUSY = -3
 local kinds = ffi.new("uint32_t[32]")
 local codes = ffi.new("uint32_t[32]")
 local addr_buf = ffi.new("uint8_t[64]")
@@ -112,7 +115,7 @@ function _M.balance(name)
                 no_peer_logged_at = now
                 ngx_log(ngx_ERR, "resty.autoscale: upstream ", name, ": no peer available (code ", rc, ")")
             end
-            return ngx_exit(502)
+            return ngx_exit(NGX_BUSY)
         end
     end
     local slot = pick.slot
@@ -123,7 +126,7 @@ function _M.balance(name)
     local host = hosts[i]
     if C.ngx_http_lua_ffi_balancer_set_current_peer(r, host, #host, ports[i], errmsg) ~= 0 then
         ngx_log(ngx_ERR, "resty.autoscale: set_current_peer(", host, ":", ports[i], "): ", ffi_string(errmsg[0]))
-        return ngx_exit(502)
+        return ngx_exit(ngx.ERROR) -- 500: not the peer's fault
     end
     if pick.attempt == 1 and pick.more_tries > 0 then
         C.ngx_http_lua_ffi_balancer_set_more_tries(r, pick.more_tries, errmsg)
