@@ -3,30 +3,12 @@
 
 use resty_autoscale::admission_ffi::*;
 use resty_autoscale::*;
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::cell::Cell;
 use std::ffi::c_void;
 use std::ptr::{null, null_mut};
 
-struct Counting;
-thread_local! {
-    /// Allocations made by this thread (a const thread-local: no lazy initialisation inside the allocator).
-    static ALLOCATIONS: Cell<usize> = const { Cell::new(0) };
-}
-
-// SAFETY: forwards to the system allocator; only counts.
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        ALLOCATIONS.with(|a| a.set(a.get() + 1));
-        System.alloc(layout)
-    }
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        System.dealloc(ptr, layout)
-    }
-}
-
-#[global_allocator]
-static GLOBAL: Counting = Counting;
+#[path = "common/counting.rs"]
+mod counting;
+use counting::allocations;
 
 /// The region is process-wide: tests take turns.
 static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
@@ -121,13 +103,13 @@ fn admit_rate_and_done_allocate_nothing_once_warm() {
         assert_eq!(autoscale_admission_rule(2, 0, 1e6, 1e6), AUTOSCALE_OK);
         autoscale_admission_admit(req(0), 2, 0, null_mut()); // the worker's table is made on first use
         autoscale_admission_done(req(0), 200);
-        let before = ALLOCATIONS.with(|a| a.get());
+        let before = allocations();
         for i in 0..1000 {
             assert_eq!(autoscale_admission_rate(2, 0, b"1.2.3.4".as_ptr(), 7, null_mut()), AUTOSCALE_ADMIT);
             assert_eq!(autoscale_admission_admit(req(i), 2, (i % 4) as u32, null_mut()), AUTOSCALE_ADMIT);
             assert_eq!(autoscale_admission_done(req(i), 200), AUTOSCALE_OK);
             autoscale_admission_update(2, 0);
         }
-        assert_eq!(ALLOCATIONS.with(|a| a.get()) - before, 0);
+        assert_eq!(allocations() - before, 0);
     }
 }

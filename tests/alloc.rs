@@ -4,25 +4,10 @@ use resty_autoscale::*;
 
 mod common;
 use common::outlier_defaults;
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 
-struct Counting;
-static ALLOCATIONS: AtomicUsize = AtomicUsize::new(0);
-
-// SAFETY: forwards to the system allocator; only counts.
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        ALLOCATIONS.fetch_add(1, Relaxed);
-        System.alloc(layout)
-    }
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        System.dealloc(ptr, layout)
-    }
-}
-
-#[global_allocator]
-static GLOBAL: Counting = Counting;
+#[path = "common/counting.rs"]
+mod counting;
+use counting::allocations;
 
 #[test]
 fn the_request_path_allocates_nothing() {
@@ -77,8 +62,8 @@ fn the_request_path_allocates_nothing() {
         autoscale_region_tick();
     };
     run(100); // creates the worker's request table and random generator once
-    let before = ALLOCATIONS.load(Relaxed);
+    let before = allocations();
     run(50_000);
-    assert_eq!(ALLOCATIONS.load(Relaxed) - before, 0, "allocations on the request path");
+    assert_eq!(allocations() - before, 0, "allocations on the request path");
 }
 
