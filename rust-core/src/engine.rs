@@ -635,10 +635,10 @@ impl Region {
     ///
     /// # Errors
     /// [`PickError`] when the upstream is unknown or has no eligible peer.
-    pub fn pick<R: Rng>(
+    pub fn pick<R: Rng, T: Fn(u32) -> bool + ?Sized>(
         &self,
         idx: u32,
-        tried: &dyn Fn(u32) -> bool,
+        tried: &T,
         now_us: u64,
         rng: &mut R,
         col: Option<u32>,
@@ -658,12 +658,14 @@ impl Region {
                 return Err(PickError::UnknownUpstream);
             }
             let params = self.select_params(&up);
-            let excluded = |slot: u32| tried(slot) || skip.contains(&slot);
+            // `skip` fills from the front, so an unused first place means it is empty (the common case).
+            let excluded = |slot: u32| tried(slot) || (skip[0] != u32::MAX && skip.contains(&slot));
             let view = ShmView {
                 region: self,
                 up,
                 n: up.head.npeers.load(Relaxed).min(self.params().max_peers),
                 params,
+                decay_us: params.decay_us as f64,
                 max_weight: up.head.max_weight.load(Relaxed).max(1) as f64,
                 now_us,
                 tried: &excluded,
@@ -1005,21 +1007,23 @@ struct SelectParams {
 }
 
 /// An upstream's peers in shared memory, as the selection algorithms see them.
-struct ShmView<'a> {
+struct ShmView<'a, T: Fn(u32) -> bool> {
     region: &'a Region,
     up: Upstream<'a>,
     n: u32,
     params: SelectParams,
+    /// `params.decay_us` as a float, converted once per pick rather than per cost.
+    decay_us: f64,
     max_weight: f64,
     now_us: u64,
-    tried: &'a dyn Fn(u32) -> bool,
+    tried: &'a T,
     /// The upstream is in panic: health is ignored.
     panic: bool,
     /// Slow-peer threshold (µs) and cost multiplier.
     slow: (f64, f64),
 }
 
-impl ShmView<'_> {
+impl<T: Fn(u32) -> bool> ShmView<'_, T> {
     #[inline]
     fn slot(&self, i: u32) -> u32 {
         self.up.slots[i as usize].load(Relaxed)
@@ -1036,7 +1040,7 @@ impl ShmView<'_> {
     }
 }
 
-impl PeerView for ShmView<'_> {
+impl<T: Fn(u32) -> bool> PeerView for ShmView<'_, T> {
     #[inline]
     fn len(&self) -> u32 {
         self.n
@@ -1076,7 +1080,7 @@ impl PeerView for ShmView<'_> {
                 _ => {}
             }
         }
-        load_cost(h, self.params.decay_us as f64, self.slow, self.now_us)
+        load_cost(h, self.decay_us, self.slow, self.now_us)
     }
 
     #[inline]

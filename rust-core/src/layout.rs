@@ -544,6 +544,7 @@ impl Region {
     }
 
     /// The parameters in force.
+    #[inline]
     pub fn params(&self) -> &Params {
         &self.layout.params
     }
@@ -558,6 +559,7 @@ impl Region {
     }
 
     /// The header.
+    #[inline]
     pub fn header(&self) -> &Header {
         // SAFETY: offset 0, within the region by construction; Header is all atomics.
         unsafe { &self.slice_at::<Header>(0, 1)[0] }
@@ -581,6 +583,7 @@ impl Region {
     }
 
     /// Upstream record `i`; `i` is clamped into range (callers validate indices from outside first).
+    #[inline]
     pub fn upstream(&self, i: u32) -> Upstream<'_> {
         let i = (i as usize).min(self.layout.params.max_upstreams as usize - 1);
         let off = self.layout.upstreams_off + i * self.layout.upstream_stride;
@@ -605,6 +608,7 @@ impl Region {
     }
 
     /// Peer record `i`; `i` is clamped into range (callers validate indices from outside first).
+    #[inline]
     pub fn peer(&self, i: u32) -> Peer<'_> {
         let p = &self.layout.params;
         let i = (i as usize).min(p.max_peers as usize - 1);

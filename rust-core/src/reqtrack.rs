@@ -41,11 +41,13 @@ pub struct Entry {
 
 impl Entry {
     /// The attempts remembered, oldest first.
+    #[inline]
     pub fn attempts(&self) -> &[Attempt] {
         &self.attempts[..(self.count as usize).min(MAX_ATTEMPTS)]
     }
 
     /// The most recent attempt, if any.
+    #[inline]
     pub fn last_mut(&mut self) -> Option<&mut Attempt> {
         let n = (self.count as usize).min(MAX_ATTEMPTS);
         if n == 0 {
@@ -56,6 +58,7 @@ impl Entry {
     }
 
     /// Appends an attempt (reusing the last place past [`MAX_ATTEMPTS`]).
+    #[inline]
     pub fn push(&mut self, a: Attempt) {
         let i = (self.count as usize).min(MAX_ATTEMPTS - 1);
         self.attempts[i] = a;
@@ -63,6 +66,7 @@ impl Entry {
     }
 
     /// Whether the peer record `slot` was already tried.
+    #[inline]
     pub fn tried(&self, slot: u32) -> bool {
         self.attempts().iter().any(|a| a.slot == slot)
     }
