@@ -680,10 +680,13 @@ pub extern "C" fn autoscale_log_finish(req: *const c_void, status: c_int) -> c_i
                     }
                     let now = now_us();
                     let a = &entry.attempts[0];
-                    let outcome = response_outcome(region, entry.upstream, status);
+                    // response_outcome, knowing that the upstream does not count the status as a failure
+                    let outcome = match status {
+                        0 | 499 => Outcome::Aborted,
+                        _ => Outcome::Success,
+                    };
                     let latency = now.saturating_sub(a.start_us);
-                    region.end_attempt(a.slot, a.gen, column(), outcome, latency, now);
-                    region.record(a.slot, a.gen, outcome, latency, now, rng);
+                    region.finish_attempt(a.slot, a.gen, column(), outcome, latency, now, rng);
                     (true, AUTOSCALE_OK)
                 })
                 .unwrap_or(AUTOSCALE_OK)

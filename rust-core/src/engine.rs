@@ -751,6 +751,33 @@ impl Region {
         if peer.head.gen.load(Acquire) != gen {
             return;
         }
+        self.end_attempt_of(&peer, slot, col, outcome, latency_us, now_us);
+    }
+
+    /// [`Region::end_attempt`] and then [`Region::record`] of the same attempt, with one lookup of its peer record and
+    /// one check of its generation (the log phase of a request with one attempt).
+    #[allow(clippy::too_many_arguments)]
+    pub fn finish_attempt<R: Rng>(
+        &self,
+        slot: u32,
+        gen: u32,
+        col: Option<u32>,
+        outcome: Outcome,
+        latency_us: u64,
+        now_us: u64,
+        rng: &mut R,
+    ) {
+        let peer = self.peer(slot);
+        if peer.head.gen.load(Acquire) != gen {
+            return;
+        }
+        self.end_attempt_of(&peer, slot, col, outcome, latency_us, now_us);
+        self.record_of(&peer, slot, outcome, latency_us, now_us, rng);
+    }
+
+    /// [`Region::end_attempt`] on a peer record whose generation was checked.
+    #[inline]
+    fn end_attempt_of(&self, peer: &Peer<'_>, slot: u32, col: Option<u32>, outcome: Outcome, latency_us: u64, now_us: u64) {
         peer.head.inflight.fetch_sub(1, AcqRel);
         if let Some(c) = col.and_then(|c| peer.inflight_by_worker.get(c as usize)) {
             c.store(c.load(Relaxed) - 1, Release); // written by its worker only, as in `pick`
@@ -798,6 +825,12 @@ impl Region {
         if peer.head.gen.load(Acquire) != gen {
             return;
         }
+        self.record_of(&peer, slot, outcome, latency_us, now_us, rng);
+    }
+
+    /// [`Region::record`] on a peer record whose generation was checked.
+    #[inline]
+    fn record_of<R: Rng>(&self, peer: &Peer<'_>, slot: u32, outcome: Outcome, latency_us: u64, now_us: u64, rng: &mut R) {
         let slice = self.slice(now_us);
         let bucket = &peer.window[(slice % peer.window.len() as u64) as usize];
         if !bucket.record(slice, outcome, latency_us, &peer.head.latency) {
