@@ -39,22 +39,29 @@ fn now_ns() -> u64 {
 }
 
 /// Runs `f` inside [`guard`]; one call in [`SAMPLE_EVERY`] is timed and counted for `phase`.
-#[inline]
+#[inline(always)]
 pub(crate) fn timed<F: FnOnce() -> c_int>(phase: usize, f: F) -> c_int {
     let n = CALLS[phase].load(Relaxed).wrapping_add(1);
     CALLS[phase].store(n, Relaxed);
-    if n % SAMPLE_EVERY != 0 {
-        return guard(f);
-    }
-    let start = now_ns();
+    // One call of `guard` (so that it is inlined into the export), with the timing around it on sampled calls only.
+    let sampled = n % SAMPLE_EVERY == 0;
+    let start = if sampled { now_ns() } else { 0 };
     let rc = guard(f);
-    let spent = now_ns().saturating_sub(start);
-    if let Some(region) = REGION.get() {
-        let h = region.header();
-        h.cost_ns[phase].fetch_add(spent, Relaxed);
-        h.cost_calls[phase].fetch_add(1, Relaxed);
+    if sampled {
+        account(phase, now_ns().saturating_sub(start));
     }
     rc
+}
+
+/// Adds one timed call of `spent_ns` to the counters of `phase`.
+#[cold]
+#[inline(never)]
+fn account(phase: usize, spent_ns: u64) {
+    if let Some(region) = REGION.get() {
+        let h = region.header();
+        h.cost_ns[phase].fetch_add(spent_ns, Relaxed);
+        h.cost_calls[phase].fetch_add(1, Relaxed);
+    }
 }
 
 /// Fills `out` with the library's own cost so far (see [`autoscale_cost_t`]).

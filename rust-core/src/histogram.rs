@@ -53,7 +53,8 @@ pub fn bucket_index(us: f64) -> usize {
     let exponent = ((bits >> 52) & 0x7ff) as i64 - 1023; // us > 1: a normal number with exponent >= 0
     let m = f64::from_bits((bits & ((1 << 52) - 1)) | 0x3ff0_0000_0000_0000) - 1.0;
     let log2 = exponent as f64 + m + 0.346_607 * m * (1.0 - m);
-    let mut k = ((log2 * INV_LOG2_GAMMA) as usize + 1).clamp(1, BUCKETS - 2);
+    // log2 >= 0 here (us > 1) and far below i64::MAX: a signed conversion is exact and cheaper than an unsigned one.
+    let mut k = (((log2 * INV_LOG2_GAMMA) as i64 + 1) as usize).clamp(1, BUCKETS - 2);
     while k > 1 && us <= BOUNDS[k - 1] {
         k -= 1;
     }

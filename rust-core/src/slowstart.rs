@@ -29,7 +29,9 @@ impl SlowStart {
         if self.window_us == 0 || age_us >= self.window_us {
             return 1.0;
         }
-        let t = age_us as f64 / self.window_us as f64;
+        // Both are below the window here, which comes from a u32 of milliseconds: the signed conversions (cheaper
+        // than unsigned ones) are exact.
+        let t = age_us as i64 as f64 / self.window_us as i64 as f64;
         let f = if self.aggression == 1.0 {
             t
         } else {
