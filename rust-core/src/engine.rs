@@ -1100,7 +1100,7 @@ impl<T: Fn(u32) -> bool> PeerView for ShmView<'_, T> {
         (self.tried)(self.slot(i))
     }
 
-    #[inline]
+    #[inline(always)]
     fn cost(&self, i: u32) -> f64 {
         let h = self.head(i);
         // A half-open peer (or an ejected one whose time is up) must be probed, or it would never come back: its

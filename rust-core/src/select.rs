@@ -46,6 +46,7 @@ fn scan<F: Fn(u32) -> bool>(n: u32, start: u32, ok: F) -> Option<u32> {
 }
 
 /// A uniformly drawn fresh peer other than `other`: a few random draws, then a scan from a random start.
+#[inline(always)]
 fn draw<V: PeerView, R: Rng>(v: &V, rng: &mut R, other: Option<u32>) -> Option<u32> {
     let n = v.len();
     for _ in 0..4 {
