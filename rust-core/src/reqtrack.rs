@@ -102,7 +102,8 @@ impl Table {
     #[inline]
     fn position(&self, key: usize) -> Option<usize> {
         let h = self.home(key);
-        (h..h + PROBE).find(|&i| self.keys[i] == key)
+        // One bounds check for the window rather than one per place.
+        self.keys[h..h + PROBE].iter().position(|&k| k == key).map(|j| h + j)
     }
 
     /// The entry of `key`.
@@ -124,11 +125,10 @@ impl Table {
     pub fn insert(&mut self, key: usize, upstream: u32, now_us: u64, evicted: impl FnOnce(&Entry)) -> &mut Entry {
         debug_assert!(key != 0 && key & 1 == 0, "keys are addresses of (aligned) request objects");
         let h = self.home(key);
-        let i = (h..h + PROBE)
-            .find(|&i| {
-                let at = self.keys[i];
-                at == key || at == 0
-            })
+        let i = self.keys[h..h + PROBE]
+            .iter()
+            .position(|&at| at == key || at == 0)
+            .map(|j| h + j)
             .unwrap_or_else(|| (h..h + PROBE).min_by_key(|&i| self.entries[i].born_us).unwrap_or(h));
         let old = self.keys[i];
         if old != 0 {
