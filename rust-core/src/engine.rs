@@ -707,6 +707,7 @@ impl Region {
 
     /// Counts an attempt as in flight on `slot`; for a half-open peer only while a probe slot is free. An ejected
     /// peer whose time is up becomes half-open here.
+    #[inline(always)]
     fn claim(&self, slot: u32, params: &SelectParams, panic: bool, now_us: u64) -> bool {
         let h = self.peer_head(slot);
         if !panic {
@@ -829,7 +830,7 @@ impl Region {
     }
 
     /// [`Region::record`] on a peer record whose generation was checked.
-    #[inline]
+    #[inline(always)]
     fn record_of<R: Rng>(&self, peer: &Peer<'_>, slot: u32, outcome: Outcome, latency_us: u64, now_us: u64, rng: &mut R) {
         let slice = self.slice(now_us);
         let bucket = &peer.window[(slice % peer.window.len() as u64) as usize];

@@ -225,6 +225,7 @@ impl WindowBucket {
 
     /// Records one attempt in this bucket for `slice`. Returns `false` when the sample was dropped (the bucket is
     /// being cleared by another writer, or already holds a newer slice because this sample arrived late).
+    #[inline(always)]
     pub fn record(&self, slice: u64, outcome: Outcome, latency_us: u64, totals: &LatencyTotals) -> bool {
         let want = slice + 1;
         loop {
