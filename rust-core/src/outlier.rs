@@ -19,6 +19,8 @@ impl Region {
 
     /// Feeds one attempt's outcome to outlier detection. The common case — a success on a healthy peer with no
     /// failure streak — reads four words and writes nothing.
+    /// Inlined into the log path for its common case; the rest is [`Region::observe_health_slow`].
+    #[inline(always)]
     pub(crate) fn observe_health<R: Rng>(&self, slot: u32, outcome: Outcome, now_us: u64, rng: &mut R) {
         if outcome == Outcome::Aborted {
             return;
@@ -32,14 +34,28 @@ impl Region {
                 }
             }
             if health == HALF_OPEN {
-                let up = h.upstream.load(Relaxed);
-                let ok = h.half_open_ok.fetch_add(1, AcqRel) + 1;
-                if ok >= self.outlier(up).half_open_successes.max(1) {
-                    self.restore(slot, &[HALF_OPEN], Reason::HalfOpenSuccesses, ok, now_us);
-                }
+                self.half_open_success(slot, now_us);
             }
             return;
         }
+        self.observe_health_slow(slot, health, outcome, now_us, rng);
+    }
+
+    /// A success of a half-open peer: restores it after `half_open_successes` of them.
+    #[inline(never)]
+    fn half_open_success(&self, slot: u32, now_us: u64) {
+        let h = self.peer_head(slot);
+        let up = h.upstream.load(Relaxed);
+        let ok = h.half_open_ok.fetch_add(1, AcqRel) + 1;
+        if ok >= self.outlier(up).half_open_successes.max(1) {
+            self.restore(slot, &[HALF_OPEN], Reason::HalfOpenSuccesses, ok, now_us);
+        }
+    }
+
+    /// A failure (`outcome`) of a peer whose health was `health`: failure streaks, ejection.
+    #[inline(never)]
+    fn observe_health_slow<R: Rng>(&self, slot: u32, health: u32, outcome: Outcome, now_us: u64, rng: &mut R) {
+        let h = self.peer_head(slot);
         let up = h.upstream.load(Relaxed);
         let p = self.outlier(up);
         if health == HALF_OPEN {
