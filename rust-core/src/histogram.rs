@@ -64,6 +64,59 @@ pub fn bucket_index(us: f64) -> usize {
     k
 }
 
+/// Sub-ranges per power of two in [`GUESS`].
+const GUESS_BITS: u32 = 4;
+
+/// For an integer with its highest set bit at `e` and the next [`GUESS_BITS`] bits `m`, at row `e << GUESS_BITS | m`:
+/// the bucket of the smallest such integer, `2^e · (1 + m / 16)` (clamped to `1..=BUCKETS - 2`). The integers of one
+/// row span a ratio of at most 17/16 < γ², so a row's guess is at most two buckets below the right one.
+static GUESS: [u16; 64 << GUESS_BITS] = {
+    let mut g = [0u16; 64 << GUESS_BITS];
+    let mut k = 1; // rows are in increasing order of their lower end, so the bucket only moves up
+    let mut row = 0;
+    while row < g.len() {
+        let e = (row >> GUESS_BITS) as i32;
+        let m = (row & ((1 << GUESS_BITS) - 1)) as f64;
+        let mut low = 1.0;
+        let mut i = 0;
+        while i < e {
+            low *= 2.0;
+            i += 1;
+        }
+        low *= 1.0 + m / (1 << GUESS_BITS) as f64;
+        while k < BUCKETS - 2 && low > BOUNDS_TABLE[k] {
+            k += 1;
+        }
+        g[row] = k as u16;
+        row += 1;
+    }
+    g
+};
+
+/// [`bucket_index`] of a whole number of microseconds (`bucket_index(us as f64)`, the same result), the first guess
+/// taken from [`GUESS`] by the highest bits instead of a logarithm.
+#[inline]
+pub fn bucket_index_us(us: u64) -> usize {
+    if us <= 1 {
+        return 0;
+    }
+    if us as f64 > BOUNDS[BUCKETS - 2] {
+        return BUCKETS - 1;
+    }
+    let x = us as i64 as f64; // below MAX_US here: exact, and cheaper than the unsigned conversion
+    let e = 63 - us.leading_zeros(); // >= 1, and < 27 below MAX_US
+    let m = if e >= GUESS_BITS { (us >> (e - GUESS_BITS)) as usize } else { (us << (GUESS_BITS - e)) as usize };
+    let mut k = GUESS[((e as usize) << GUESS_BITS) | (m & ((1 << GUESS_BITS) - 1))] as usize;
+    // As in bucket_index: exact for the table whatever the guess.
+    while k > 1 && x <= BOUNDS[k - 1] {
+        k -= 1;
+    }
+    while x > BOUNDS[k] {
+        k += 1;
+    }
+    k
+}
+
 /// Value (µs) reported for bucket `k`: the point of `(γ^(k-1), γ^k]` with the smallest worst-case relative error.
 #[inline]
 pub const fn bucket_value(k: usize) -> f64 {
@@ -118,6 +171,31 @@ mod tests {
             "MAX_US should be {max}"
         );
         assert!(RELATIVE_ERROR < 0.02);
+    }
+
+    #[test]
+    fn integer_index_matches_the_float_index() {
+        let check = |us: u64| assert_eq!(bucket_index_us(us), bucket_index(us as f64), "us={us}");
+        for us in 0..200_000 {
+            check(us);
+        }
+        for k in 0..BUCKETS {
+            let b = bucket_upper(k);
+            if b.is_finite() {
+                let b = b as u64;
+                for us in b.saturating_sub(2)..=b + 2 {
+                    check(us);
+                }
+            }
+        }
+        let mut rng = XorShift64::new(17);
+        for _ in 0..200_000 {
+            let bits = rng.below(64);
+            check(rng.next_u64() >> bits);
+        }
+        for us in [u64::MAX, u64::MAX / 2, 1 << 53, (1 << 53) + 1, MAX_US as u64, MAX_US as u64 + 1] {
+            check(us);
+        }
     }
 
     #[test]

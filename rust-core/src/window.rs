@@ -7,7 +7,7 @@
 //! the bucket while it is being cleared drops its sample and counts the drop, rather than wait. Readers include a
 //! bucket only when its slice is inside the window, checked before and after reading.
 
-use crate::histogram::{bucket_index, bucket_value, BUCKETS};
+use crate::histogram::{bucket_index_us, bucket_value, BUCKETS};
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering::*};
 
 /// Marks a bucket being cleared.
@@ -254,7 +254,7 @@ impl WindowBucket {
             self.counts[counter::FAIL_BASE + outcome as usize - 1].fetch_add(1, Relaxed);
         }
         self.latency_sum_us.fetch_add(latency_us, Relaxed);
-        self.hist[bucket_index(latency_us as f64)].fetch_add(1, Relaxed);
+        self.hist[bucket_index_us(latency_us)].fetch_add(1, Relaxed);
         true
     }
 
@@ -291,6 +291,7 @@ impl WindowBucket {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::histogram::bucket_index;
 
     fn zeroed() -> WindowBucket {
         WindowBucket {
