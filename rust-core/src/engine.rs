@@ -1120,11 +1120,12 @@ impl<T: Fn(u32) -> bool> PeerView for ShmView<'_, T> {
     #[inline]
     fn ramp(&self, i: u32) -> f64 {
         let h = self.head(i);
+        let f = ramp(h, &self.params.slow_start, self.now_us);
         // A peer to probe is not ramped (see cost); it restarts its slow start when it is healthy again.
-        if !self.panic && matches!(h.health.load(Relaxed), health::state::HALF_OPEN | health::state::EJECTED) {
+        if f < 1.0 && !self.panic && matches!(h.health.load(Relaxed), health::state::HALF_OPEN | health::state::EJECTED) {
             return 1.0;
         }
-        ramp(h, &self.params.slow_start, self.now_us)
+        f
     }
 
     #[inline]

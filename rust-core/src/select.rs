@@ -91,9 +91,12 @@ impl Selector for P2c {
         };
         // Ties go to the first draw, which is uniform, so equal peers share equally.
         let (win, other) = if v.cost(b) < v.cost(a) { (b, a) } else { (a, b) };
-        let (rw, ro) = (v.ramp(win), v.ramp(other));
-        if rw < ro && rng.next_f64() * ro >= rw {
-            return Some(other);
+        let rw = v.ramp(win);
+        if rw < 1.0 {
+            let ro = v.ramp(other);
+            if rw < ro && rng.next_f64() * ro >= rw {
+                return Some(other);
+            }
         }
         Some(win)
     }
