@@ -134,15 +134,25 @@ pub fn next_limit(code: u32, p: &LimitParams, limit: f64, min_rtt_us: f64, s: &S
     }
 }
 
-/// Whether a request of `class` may start: its class is under its guaranteed share, or the total in flight plus the
-/// unused shares of the more important classes stays under the limit.
-pub fn admits(class: usize, limit: f64, total: i32, inflight: &[i32; CLASSES], shares: &[f64; CLASSES]) -> bool {
+/// Whether a request of `class` (0 the most important) may start under `limit`:
+/// - while its class is under its guaranteed share of `share_limit` (the adaptive limit; the same as `limit` except
+///   while the minimum RTT is measured at a low concurrency, when the classes keep their shares of the adaptive
+///   limit, so that critical traffic is not shed for the measurement);
+/// - or while its own class and the more important ones have in flight, plus the unused shares of the more important
+///   classes, less than `limit`.
+///
+/// Less important classes never block a more important one: their requests are already in flight and cannot be
+/// taken back, but every new one of theirs is refused while the total is over the limit, so the total comes back under
+/// it within about one round trip. A critical request is so shed only when nothing less important is left to shed
+/// (Netflix's partitioned limiter instead refuses it once the others have taken the limit).
+pub fn admits(class: usize, limit: f64, share_limit: f64, inflight: &[i32; CLASSES], shares: &[f64; CLASSES]) -> bool {
     let class = class.min(CLASSES - 1);
-    if (inflight[class] as f64) < (shares[class] * limit).floor() {
+    if (inflight[class] as f64) < (shares[class] * share_limit).floor() {
         return true;
     }
+    let used: i32 = inflight[..=class].iter().sum();
     let reserved: f64 = (0..class).map(|h| (shares[h] * limit - inflight[h] as f64).max(0.0)).sum();
-    (total as f64) + reserved < limit
+    (used as f64) + reserved < limit
 }
 
 /// Whether the upstream counts as overloaded after an interval.
@@ -409,10 +419,11 @@ impl Region {
             return None;
         }
         let class = (class as usize).min(CLASSES - 1);
-        let limit = if h.measuring.load(Relaxed) == 1 { get(&h.params[6]) } else { get(&h.limit) };
+        let adaptive = get(&h.limit);
+        let limit = if h.measuring.load(Relaxed) == 1 { get(&h.params[6]) } else { adaptive };
         let inflight: [i32; CLASSES] = std::array::from_fn(|i| h.class_inflight[i].load(Relaxed));
         let shares: [f64; CLASSES] = std::array::from_fn(|i| get(&h.class_share[i]));
-        if !admits(class, limit, h.inflight.load(Relaxed), &inflight, &shares) {
+        if !admits(class, limit, adaptive, &inflight, &shares) {
             return Some(false);
         }
         let col = (col as usize).min(a.columns.len() / CLASSES - 1);
@@ -621,17 +632,30 @@ mod tests {
     fn critical_keeps_its_share_and_the_least_important_goes_first() {
         let shares = [0.5, 0.0, 0.0, 0.0];
         // Limit 10, nothing critical in flight: normal (1) may use only the half not reserved for critical.
-        assert!(admits(1, 10.0, 4, &[0, 4, 0, 0], &shares));
-        assert!(!admits(1, 10.0, 5, &[0, 5, 0, 0], &shares));
+        assert!(admits(1, 10.0, 10.0, &[0, 4, 0, 0], &shares));
+        assert!(!admits(1, 10.0, 10.0, &[0, 5, 0, 0], &shares));
         // Critical is admitted while under its share, even with the limit used up.
-        assert!(admits(0, 10.0, 10, &[4, 6, 0, 0], &shares));
-        assert!(!admits(0, 10.0, 10, &[5, 5, 0, 0], &shares));
-        // ...and borrows beyond its share while the total allows.
-        assert!(admits(0, 10.0, 8, &[6, 2, 0, 0], &shares));
+        assert!(admits(0, 10.0, 10.0, &[4, 6, 0, 0], &shares));
+        // ...and beyond it while what it has in flight is under the limit: the less important requests in flight
+        // do not block it (no new one of theirs is admitted until the total is back under the limit).
+        assert!(admits(0, 10.0, 10.0, &[5, 5, 0, 0], &shares));
+        assert!(!admits(1, 10.0, 10.0, &[6, 4, 0, 0], &shares));
+        assert!(!admits(3, 10.0, 10.0, &[6, 0, 0, 4], &shares));
+        assert!(!admits(0, 10.0, 10.0, &[10, 2, 0, 0], &shares), "critical alone at the limit");
+        // A middle class counts itself and the more important ones, plus their unused shares.
+        let three = [0.3, 0.3, 0.0, 0.0];
+        assert!(admits(1, 10.0, 10.0, &[2, 6, 0, 1], &three), "2 + 6 + 1 reserved for critical; sheddable does not count");
+        assert!(!admits(1, 10.0, 10.0, &[2, 7, 0, 0], &three), "2 + 7 + 1 reserved for critical");
+        assert!(admits(2, 10.0, 10.0, &[3, 3, 3, 0], &three));
+        assert!(!admits(2, 10.0, 10.0, &[3, 3, 4, 0], &three));
+        // While the minimum RTT is measured (limit 3), the shares are of the adaptive limit (40): critical keeps 20.
+        assert!(admits(0, 3.0, 40.0, &[12, 0, 0, 3], &shares));
+        assert!(!admits(0, 3.0, 40.0, &[20, 0, 0, 0], &shares));
+        assert!(!admits(3, 3.0, 40.0, &[0, 0, 0, 3], &shares));
         // Without shares it is a plain limit.
-        assert!(admits(0, 10.0, 9, &[9, 0, 0, 0], &[0.0; 4]));
-        assert!(!admits(0, 10.0, 10, &[10, 0, 0, 0], &[0.0; 4]));
-        assert!(!admits(9, 10.0, 10, &[0, 0, 0, 10], &[0.0; 4]), "out-of-range class is the last");
+        assert!(admits(0, 10.0, 10.0, &[9, 0, 0, 0], &[0.0; 4]));
+        assert!(!admits(0, 10.0, 10.0, &[10, 0, 0, 0], &[0.0; 4]));
+        assert!(!admits(9, 10.0, 10.0, &[0, 0, 0, 10], &[0.0; 4]), "out-of-range class is the last");
     }
 
     #[test]
