@@ -48,11 +48,12 @@ fn hostile_calls_get_codes_and_counts_stay_exact() {
         assert_eq!(autoscale_admission_configure(1, &spec(), err.as_mut_ptr(), err.len()), AUTOSCALE_OK);
         assert_eq!(autoscale_admission_admit(null(), 1, 0, &mut retry), AUTOSCALE_ERR_ARG);
         assert_eq!(autoscale_admission_admit(req(0), u32::MAX, 0, &mut retry), AUTOSCALE_ERR_UPSTREAM);
-        // Fixed limit 3: three in, the fourth shed with a Retry-After, any class number.
+        // Fixed limit 3: three in (any class number; out of range is the least important), the fourth of the least
+        // important class shed with a Retry-After.
         for i in 0..3 {
             assert_eq!(autoscale_admission_admit(req(i), 1, [0, 7, u32::MAX][i], null_mut()), AUTOSCALE_ADMIT);
         }
-        assert_eq!(autoscale_admission_admit(req(3), 1, 0, &mut retry), AUTOSCALE_SHED);
+        assert_eq!(autoscale_admission_admit(req(3), 1, 3, &mut retry), AUTOSCALE_SHED);
         assert!(retry >= 1.0);
         assert_eq!(autoscale_admission_shed(1, 0, 0), AUTOSCALE_OK);
         assert_eq!(autoscale_admission_shed(1, 0, 99), AUTOSCALE_ERR_ARG);
