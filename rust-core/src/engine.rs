@@ -748,11 +748,16 @@ impl Region {
         latency_us: u64,
         now_us: u64,
     ) {
-        let peer = self.peer(slot);
-        if peer.head.gen.load(Acquire) != gen {
-            return;
+        if let Some(peer) = self.peer_of(slot, gen) {
+            self.end_attempt_of(&peer, slot, col, outcome, latency_us, now_us);
         }
-        self.end_attempt_of(&peer, slot, col, outcome, latency_us, now_us);
+    }
+
+    /// The peer record of `slot` while it still has generation `gen` (an attempt on a record reused since is dropped).
+    #[inline(always)]
+    fn peer_of(&self, slot: u32, gen: u32) -> Option<Peer<'_>> {
+        let peer = self.peer(slot);
+        (peer.head.gen.load(Acquire) == gen).then_some(peer)
     }
 
     /// [`Region::end_attempt`] and then [`Region::record`] of the same attempt, with one lookup of its peer record and
@@ -768,12 +773,10 @@ impl Region {
         now_us: u64,
         rng: &mut R,
     ) {
-        let peer = self.peer(slot);
-        if peer.head.gen.load(Acquire) != gen {
-            return;
+        if let Some(peer) = self.peer_of(slot, gen) {
+            self.end_attempt_of(&peer, slot, col, outcome, latency_us, now_us);
+            self.record_of(&peer, slot, outcome, latency_us, now_us, rng);
         }
-        self.end_attempt_of(&peer, slot, col, outcome, latency_us, now_us);
-        self.record_of(&peer, slot, outcome, latency_us, now_us, rng);
     }
 
     /// [`Region::end_attempt`] on a peer record whose generation was checked.
@@ -822,11 +825,9 @@ impl Region {
     /// Records a finished attempt in the window and the all-time counters, and feeds its outcome to outlier
     /// detection (consecutive failures, half-open probes).
     pub fn record<R: Rng>(&self, slot: u32, gen: u32, outcome: Outcome, latency_us: u64, now_us: u64, rng: &mut R) {
-        let peer = self.peer(slot);
-        if peer.head.gen.load(Acquire) != gen {
-            return;
+        if let Some(peer) = self.peer_of(slot, gen) {
+            self.record_of(&peer, slot, outcome, latency_us, now_us, rng);
         }
-        self.record_of(&peer, slot, outcome, latency_us, now_us, rng);
     }
 
     /// [`Region::record`] on a peer record whose generation was checked.
