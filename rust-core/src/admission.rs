@@ -144,15 +144,23 @@ pub fn next_limit(code: u32, p: &LimitParams, limit: f64, min_rtt_us: f64, s: &S
 /// Less important classes never block a more important one: their requests are already in flight and cannot be
 /// taken back, but every new one of theirs is refused while the total is over the limit, so the total comes back under
 /// it within about one round trip. A critical request is so shed only when nothing less important is left to shed
-/// (Netflix's partitioned limiter instead refuses it once the others have taken the limit).
-pub fn admits(class: usize, limit: f64, share_limit: f64, inflight: &[i32; CLASSES], shares: &[f64; CLASSES]) -> bool {
+/// (Netflix's partitioned limiter instead refuses it once the others have taken the limit). The total in flight
+/// (`total`) stays under twice the limit even so, however many classes take turns.
+pub fn admits(
+    class: usize,
+    limit: f64,
+    share_limit: f64,
+    total: i32,
+    inflight: &[i32; CLASSES],
+    shares: &[f64; CLASSES],
+) -> bool {
     let class = class.min(CLASSES - 1);
     if (inflight[class] as f64) < (shares[class] * share_limit).floor() {
         return true;
     }
     let used: i32 = inflight[..=class].iter().sum();
     let reserved: f64 = (0..class).map(|h| (shares[h] * limit - inflight[h] as f64).max(0.0)).sum();
-    (used as f64) + reserved < limit
+    (used as f64) + reserved < limit && (total as f64) < 2.0 * limit
 }
 
 /// Whether the upstream counts as overloaded after an interval.
@@ -423,7 +431,7 @@ impl Region {
         let limit = if h.measuring.load(Relaxed) == 1 { get(&h.params[6]) } else { adaptive };
         let inflight: [i32; CLASSES] = std::array::from_fn(|i| h.class_inflight[i].load(Relaxed));
         let shares: [f64; CLASSES] = std::array::from_fn(|i| get(&h.class_share[i]));
-        if !admits(class, limit, adaptive, &inflight, &shares) {
+        if !admits(class, limit, adaptive, h.inflight.load(Relaxed), &inflight, &shares) {
             return Some(false);
         }
         let col = (col as usize).min(a.columns.len() / CLASSES - 1);
@@ -632,30 +640,33 @@ mod tests {
     fn critical_keeps_its_share_and_the_least_important_goes_first() {
         let shares = [0.5, 0.0, 0.0, 0.0];
         // Limit 10, nothing critical in flight: normal (1) may use only the half not reserved for critical.
-        assert!(admits(1, 10.0, 10.0, &[0, 4, 0, 0], &shares));
-        assert!(!admits(1, 10.0, 10.0, &[0, 5, 0, 0], &shares));
+        assert!(admits(1, 10.0, 10.0, 4, &[0, 4, 0, 0], &shares));
+        assert!(!admits(1, 10.0, 10.0, 5, &[0, 5, 0, 0], &shares));
         // Critical is admitted while under its share, even with the limit used up.
-        assert!(admits(0, 10.0, 10.0, &[4, 6, 0, 0], &shares));
+        assert!(admits(0, 10.0, 10.0, 10, &[4, 6, 0, 0], &shares));
         // ...and beyond it while what it has in flight is under the limit: the less important requests in flight
         // do not block it (no new one of theirs is admitted until the total is back under the limit).
-        assert!(admits(0, 10.0, 10.0, &[5, 5, 0, 0], &shares));
-        assert!(!admits(1, 10.0, 10.0, &[6, 4, 0, 0], &shares));
-        assert!(!admits(3, 10.0, 10.0, &[6, 0, 0, 4], &shares));
-        assert!(!admits(0, 10.0, 10.0, &[10, 2, 0, 0], &shares), "critical alone at the limit");
+        assert!(admits(0, 10.0, 10.0, 10, &[5, 5, 0, 0], &shares));
+        assert!(!admits(1, 10.0, 10.0, 10, &[6, 4, 0, 0], &shares));
+        assert!(!admits(3, 10.0, 10.0, 10, &[6, 0, 0, 4], &shares));
+        assert!(!admits(0, 10.0, 10.0, 12, &[10, 2, 0, 0], &shares), "critical alone at the limit");
+        // Classes taking turns cannot push the total to twice the limit: here 10 sheddable, then 9 normal in flight.
+        assert!(admits(0, 10.0, 10.0, 19, &[0, 9, 0, 10], &[0.0; 4]));
+        assert!(!admits(0, 10.0, 10.0, 20, &[0, 10, 0, 10], &[0.0; 4]));
         // A middle class counts itself and the more important ones, plus their unused shares.
         let three = [0.3, 0.3, 0.0, 0.0];
-        assert!(admits(1, 10.0, 10.0, &[2, 6, 0, 1], &three), "2 + 6 + 1 reserved for critical; sheddable does not count");
-        assert!(!admits(1, 10.0, 10.0, &[2, 7, 0, 0], &three), "2 + 7 + 1 reserved for critical");
-        assert!(admits(2, 10.0, 10.0, &[3, 3, 3, 0], &three));
-        assert!(!admits(2, 10.0, 10.0, &[3, 3, 4, 0], &three));
+        assert!(admits(1, 10.0, 10.0, 9, &[2, 6, 0, 1], &three), "2 + 6 + 1 reserved for critical; sheddable does not count");
+        assert!(!admits(1, 10.0, 10.0, 9, &[2, 7, 0, 0], &three), "2 + 7 + 1 reserved for critical");
+        assert!(admits(2, 10.0, 10.0, 9, &[3, 3, 3, 0], &three));
+        assert!(!admits(2, 10.0, 10.0, 10, &[3, 3, 4, 0], &three));
         // While the minimum RTT is measured (limit 3), the shares are of the adaptive limit (40): critical keeps 20.
-        assert!(admits(0, 3.0, 40.0, &[12, 0, 0, 3], &shares));
-        assert!(!admits(0, 3.0, 40.0, &[20, 0, 0, 0], &shares));
-        assert!(!admits(3, 3.0, 40.0, &[0, 0, 0, 3], &shares));
+        assert!(admits(0, 3.0, 40.0, 15, &[12, 0, 0, 3], &shares));
+        assert!(!admits(0, 3.0, 40.0, 20, &[20, 0, 0, 0], &shares));
+        assert!(!admits(3, 3.0, 40.0, 3, &[0, 0, 0, 3], &shares));
         // Without shares it is a plain limit.
-        assert!(admits(0, 10.0, 10.0, &[9, 0, 0, 0], &[0.0; 4]));
-        assert!(!admits(0, 10.0, 10.0, &[10, 0, 0, 0], &[0.0; 4]));
-        assert!(!admits(9, 10.0, 10.0, &[0, 0, 0, 10], &[0.0; 4]), "out-of-range class is the last");
+        assert!(admits(0, 10.0, 10.0, 9, &[9, 0, 0, 0], &[0.0; 4]));
+        assert!(!admits(0, 10.0, 10.0, 10, &[10, 0, 0, 0], &[0.0; 4]));
+        assert!(!admits(9, 10.0, 10.0, 10, &[0, 0, 0, 10], &[0.0; 4]), "out-of-range class is the last");
     }
 
     #[test]
