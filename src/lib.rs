@@ -560,11 +560,21 @@ fn retry_outcome(status: c_int) -> Outcome {
 
 /// How an attempt that got an HTTP response ended: a failure when its upstream counts the status as one.
 fn response_outcome(region: &Region, upstream: u32, status: u32) -> Outcome {
+    match kept_outcome(status) {
+        Outcome::Success if region.fails_on(upstream, status) => match status {
+            502..=504 => Outcome::Gateway,
+            _ => Outcome::Http5xx,
+        },
+        outcome => outcome,
+    }
+}
+
+/// [`response_outcome`] of a status its upstream does not count as a failure: a success, unless the client went away.
+#[inline]
+fn kept_outcome(status: u32) -> Outcome {
     match status {
         0 | 499 => Outcome::Aborted,
-        _ if !region.fails_on(upstream, status) => Outcome::Success,
-        502..=504 => Outcome::Gateway,
-        _ => Outcome::Http5xx,
+        _ => Outcome::Success,
     }
 }
 
@@ -680,11 +690,7 @@ pub extern "C" fn autoscale_log_finish(req: *const c_void, status: c_int) -> c_i
                     }
                     let now = now_us();
                     let a = &entry.attempts[0];
-                    // response_outcome, knowing that the upstream does not count the status as a failure
-                    let outcome = match status {
-                        0 | 499 => Outcome::Aborted,
-                        _ => Outcome::Success,
-                    };
+                    let outcome = kept_outcome(status); // fails_on was checked above
                     let latency = now.saturating_sub(a.start_us);
                     region.finish_attempt(a.slot, a.gen, column(), outcome, latency, now, rng);
                     (true, AUTOSCALE_OK)

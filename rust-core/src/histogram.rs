@@ -54,7 +54,14 @@ pub fn bucket_index(us: f64) -> usize {
     let m = f64::from_bits((bits & ((1 << 52) - 1)) | 0x3ff0_0000_0000_0000) - 1.0;
     let log2 = exponent as f64 + m + 0.346_607 * m * (1.0 - m);
     // log2 >= 0 here (us > 1) and far below i64::MAX: a signed conversion is exact and cheaper than an unsigned one.
-    let mut k = (((log2 * INV_LOG2_GAMMA) as i64 + 1) as usize).clamp(1, BUCKETS - 2);
+    settle(((log2 * INV_LOG2_GAMMA) as i64 + 1) as usize, us)
+}
+
+/// The bucket of `us` (in `(1, BOUNDS[BUCKETS - 2]]`) from a guess near it, by comparison with [`BOUNDS`]: exact for
+/// the table whatever the guess.
+#[inline(always)]
+fn settle(guess: usize, us: f64) -> usize {
+    let mut k = guess.clamp(1, BUCKETS - 2);
     while k > 1 && us <= BOUNDS[k - 1] {
         k -= 1;
     }
@@ -106,15 +113,7 @@ pub fn bucket_index_us(us: u64) -> usize {
     let x = us as i64 as f64; // below MAX_US here: exact, and cheaper than the unsigned conversion
     let e = 63 - us.leading_zeros(); // >= 1, and < 27 below MAX_US
     let m = if e >= GUESS_BITS { (us >> (e - GUESS_BITS)) as usize } else { (us << (GUESS_BITS - e)) as usize };
-    let mut k = GUESS[((e as usize) << GUESS_BITS) | (m & ((1 << GUESS_BITS) - 1))] as usize;
-    // As in bucket_index: exact for the table whatever the guess.
-    while k > 1 && x <= BOUNDS[k - 1] {
-        k -= 1;
-    }
-    while x > BOUNDS[k] {
-        k += 1;
-    }
-    k
+    settle(GUESS[((e as usize) << GUESS_BITS) | (m & ((1 << GUESS_BITS) - 1))] as usize, x)
 }
 
 /// Value (µs) reported for bucket `k`: the point of `(γ^(k-1), γ^k]` with the smallest worst-case relative error.
