@@ -1073,6 +1073,13 @@ impl<T: Fn(u32) -> bool> ShmView<'_, T> {
     fn weight_of(&self, h: &PeerHead) -> f64 {
         effective_weight(h, &self.params.slow_start, self.now_us)
     }
+
+    /// Whether an eligible peer is to be probed: half-open, or ejected with its time up (outside panic mode, where
+    /// health is ignored).
+    #[inline]
+    fn must_probe(&self, h: &PeerHead) -> bool {
+        !self.panic && matches!(h.health.load(Relaxed), health::state::HALF_OPEN | health::state::EJECTED)
+    }
 }
 
 impl<T: Fn(u32) -> bool> PeerView for ShmView<'_, T> {
@@ -1105,15 +1112,10 @@ impl<T: Fn(u32) -> bool> PeerView for ShmView<'_, T> {
     #[inline(always)]
     fn cost(&self, i: u32) -> f64 {
         let h = self.head(i);
-        // A half-open peer (or an ejected one whose time is up) must be probed, or it would never come back: its
-        // estimate, inflated by the failures that ejected it, would lose every comparison. While it is eligible
-        // it costs nothing; claim() keeps the probes to `half_open_probes` at once.
-        if !self.panic {
-            match h.health.load(Relaxed) {
-                health::state::HALF_OPEN => return 0.0,
-                health::state::EJECTED => return 0.0, // eligible only when its time is up: probe it now
-                _ => {}
-            }
+        // A probe costs nothing: its estimate, inflated by the failures that ejected it, would lose every comparison
+        // and it would never come back. claim() keeps the probes to `half_open_probes` at once.
+        if self.must_probe(h) {
+            return 0.0;
         }
         load_cost(h, self.decay_us, self.slow, self.now_us)
     }
@@ -1122,8 +1124,8 @@ impl<T: Fn(u32) -> bool> PeerView for ShmView<'_, T> {
     fn ramp(&self, i: u32) -> f64 {
         let h = self.head(i);
         let f = ramp(h, &self.params.slow_start, self.now_us);
-        // A peer to probe is not ramped (see cost); it restarts its slow start when it is healthy again.
-        if f < 1.0 && !self.panic && matches!(h.health.load(Relaxed), health::state::HALF_OPEN | health::state::EJECTED) {
+        // A probe is not ramped either; the peer restarts its slow start when it is healthy again.
+        if f < 1.0 && self.must_probe(h) {
             return 1.0;
         }
         f
