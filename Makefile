@@ -2,7 +2,7 @@
 #
 #   make run      gateway + three demo backends on loopback, prints the URLs (Ctrl-C stops everything)
 #   make test     Rust tests + Test::Nginx suites in t/
-#   make bench    overhead against plain nginx, interleaved, front worker pinned
+#   make bench    overhead against plain nginx, interleaved, front worker pinned (first: make bench-reconfigure)
 #   make demo     the lab's headline scenario: round robin vs resty.autoscale, side by side, with an HTML report
 #   make lab      SCENARIO=name (lab/lab --list)
 #   make install  PREFIX=/usr/local (LUA_LIB_DIR, LUA_CLIB_DIR)
@@ -27,7 +27,7 @@ DEB_PACKAGES := nginx-core libnginx-mod-http-lua lua-resty-core lua-resty-lrucac
 
 SCENARIO ?= headline
 
-.PHONY: all deps build test test-rust test-nginx run bench demo lab install uninstall cdef clean
+.PHONY: all deps build test test-rust test-nginx run bench bench-reconfigure demo lab install uninstall cdef clean
 
 all: build
 
@@ -59,8 +59,12 @@ test-nginx:
 run: build
 	scripts/demo
 
-bench: build
+bench: build bench-reconfigure
 	bench/run
+
+# Cost of a run-time peer change (add_peer, a 100-peer discovery change) at 100, 1,000 and 10,000 peers.
+bench-reconfigure:
+	$(CARGO) run --release -p autoscale-core --example reconfigure
 
 demo: build
 	lab/lab headline
