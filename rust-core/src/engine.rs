@@ -17,6 +17,7 @@ use crate::rng::Rng;
 use crate::select::{Algorithm, PeerView};
 use crate::slowstart::SlowStart;
 use crate::window::{counter, Outcome, WindowSum};
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::atomic::{fence, Ordering::*};
 
@@ -111,6 +112,51 @@ pub enum ConfigError {
     Busy(u32),
     #[error(transparent)]
     Layout(#[from] LayoutError),
+}
+
+/// Spins of [`Region::lock_writer`] before it reports the lock busy (a few microseconds).
+const WRITER_SPINS: u32 = 4096;
+
+/// The peer records of one `configure`, indexed in one pass: non-free records by (upstream, canonical address), the
+/// first in record order for each; and the records to reuse for new peers, free ones first, then retired ones, the
+/// longest retired first, leaving out those the new configuration keeps or brings back.
+#[derive(Default)]
+struct Records {
+    by_addr: HashMap<(u32, String), u32>,
+    free: Vec<u32>,
+    retired: Vec<(u64, u32)>,
+    next: usize,
+}
+
+impl Records {
+    fn collect_retired(&mut self, ups: &[UpstreamConf], names: &[Option<String>]) {
+        let mut reserved = HashSet::new();
+        for u in ups {
+            let Some(idx) = names.iter().position(|n| n.as_deref() == Some(u.name.as_str())) else { continue };
+            for c in &u.peers {
+                if let Some(&s) = self.by_addr.get(&(idx as u32, addr::canonical(&c.addr).0)) {
+                    reserved.insert(s);
+                }
+            }
+        }
+        self.retired.retain(|(_, s)| !reserved.contains(s));
+        self.retired.sort_unstable();
+        self.free.reverse(); // popped from the end: lowest record first
+    }
+
+    /// The next record to reuse that is still free or retired (one may have been brought back since).
+    fn take(&mut self, r: &Region) -> Option<u32> {
+        if let Some(s) = self.free.pop() {
+            return Some(s);
+        }
+        while let Some(&(_, s)) = self.retired.get(self.next) {
+            self.next += 1;
+            if r.peer(s).head.state.load(Acquire) == state::RETIRED {
+                return Some(s);
+            }
+        }
+        None
+    }
 }
 
 /// Why no peer could be chosen.
@@ -255,9 +301,11 @@ impl Region {
 
     // ----- configuration -----
 
+    /// Takes the writer lock, waiting at most a bounded spin of a few microseconds: a worker's event loop must never
+    /// block, so a lock held by a live writer is reported as [`ConfigError::Busy`] and the caller retries later.
     fn lock_writer(&self, pid: u32, alive: &dyn Fn(u32) -> bool) -> Result<(), ConfigError> {
         let w = &self.header().writer;
-        for _ in 0..1000 {
+        for _ in 0..WRITER_SPINS {
             match w.compare_exchange(0, pid, AcqRel, Acquire) {
                 Ok(_) => return Ok(()),
                 Err(owner) if owner == pid => return Ok(()),
@@ -266,7 +314,7 @@ impl Region {
                         return Ok(());
                     }
                 }
-                Err(_) => std::thread::sleep(std::time::Duration::from_millis(1)),
+                Err(_) => std::hint::spin_loop(),
             }
         }
         Err(ConfigError::Busy(w.load(Relaxed)))
@@ -294,18 +342,20 @@ impl Region {
                 max: p.max_peers,
             });
         }
-        for (i, u) in ups.iter().enumerate() {
+        let mut names = HashSet::with_capacity(ups.len());
+        for u in ups {
             if u.name.is_empty() || u.name.len() > 63 {
                 return Err(ConfigError::BadName(u.name.clone()));
             }
-            if ups[..i].iter().any(|o| o.name == u.name) {
+            if !names.insert(u.name.as_str()) {
                 return Err(ConfigError::DuplicateUpstream(u.name.clone()));
             }
-            for (j, peer) in u.peers.iter().enumerate() {
+            let mut seen = HashSet::with_capacity(u.peers.len());
+            for peer in &u.peers {
                 if peer.weight == 0 || peer.weight > 10_000 {
                     return Err(ConfigError::BadWeight(u.name.clone()));
                 }
-                if u.peers[..j].iter().any(|o| o.addr == peer.addr) {
+                if !seen.insert(peer.addr) {
                     return Err(ConfigError::DuplicatePeer(
                         u.name.clone(),
                         peer.addr.to_string(),
@@ -319,6 +369,9 @@ impl Region {
     /// Replaces the whole configuration: upstreams and peers not listed are retired (their records keep their
     /// statistics until reused), listed ones keep their records and statistics, new ones get fresh records seeded
     /// with the mean estimate of their upstream. Returns the upstream index of each entry of `ups`.
+    ///
+    /// Cost: one pass over the peer records builds an index by (upstream, canonical address); every listed peer is
+    /// then one hash lookup, so a change costs O(records + listed peers), not a scan of the records per peer.
     ///
     /// # Errors
     /// A [`ConfigError`]; nothing has changed then.
@@ -335,26 +388,40 @@ impl Region {
         let p = *self.params();
 
         // 1. Retire every peer and upstream that the new configuration does not keep, so their records can serve
-        //    new ones (validation guaranteed that the kept plus the new fit).
+        //    new ones (validation guaranteed that the kept plus the new fit); index the records on the way.
+        let names: Vec<Option<String>> = (0..p.max_upstreams)
+            .map(|i| (self.upstream(i).head.state.load(Acquire) != state::FREE).then(|| self.upstream_name(i)))
+            .collect();
+        let wanted: HashSet<(&str, String)> = ups
+            .iter()
+            .flat_map(|u| u.peers.iter().map(move |c| (u.name.as_str(), addr::canonical(&c.addr).0)))
+            .collect();
+        let mut records = Records::default();
         for slot in 0..p.max_peers {
-            let peer = self.peer(slot);
-            if peer.head.state.load(Acquire) != state::ACTIVE {
+            let h = self.peer(slot).head;
+            let st = h.state.load(Acquire);
+            if st == state::FREE {
+                records.free.push(slot);
                 continue;
             }
-            let up_idx = peer.head.upstream.load(Relaxed);
-            let up_name = self.upstream_name(up_idx);
-            let addr = self.peer_addr(slot);
-            let kept = ups
-                .iter()
-                .any(|u| u.name == up_name && u.peers.iter().any(|c| c.addr.to_string() == addr));
-            if !kept {
-                peer.head.retired_us.store(now_us, Relaxed);
-                peer.head.state.store(state::RETIRED, Release);
+            let up_idx = h.upstream.load(Relaxed);
+            let key = (up_idx, self.peer_addr(slot));
+            if st == state::ACTIVE {
+                let name = names.get(up_idx as usize).and_then(|n| n.as_deref());
+                if !name.is_some_and(|n| wanted.contains(&(n, key.1.clone()))) {
+                    h.retired_us.store(now_us, Relaxed);
+                    h.state.store(state::RETIRED, Release);
+                }
             }
+            if h.state.load(Relaxed) == state::RETIRED {
+                records.retired.push((h.retired_us.load(Relaxed), slot));
+            }
+            records.by_addr.entry(key).or_insert(slot);
         }
+        records.collect_retired(ups, &names);
         let mut indices = Vec::with_capacity(ups.len());
         for u in ups {
-            indices.push(self.apply_upstream(u, epoch, now_us));
+            indices.push(self.apply_upstream(u, epoch, now_us, &mut records));
         }
         for i in 0..p.max_upstreams {
             let h = self.upstream(i).head;
@@ -410,7 +477,7 @@ impl Region {
         best.map(|(i, _)| i)
     }
 
-    fn apply_upstream(&self, u: &UpstreamConf, epoch: u64, now_us: u64) -> u32 {
+    fn apply_upstream(&self, u: &UpstreamConf, epoch: u64, now_us: u64, records: &mut Records) -> u32 {
         let p = *self.params();
         let existing = (0..p.max_upstreams).find(|&i| {
             let h = self.upstream(i).head;
@@ -460,8 +527,8 @@ impl Region {
         let mut slots = Vec::with_capacity(u.peers.len());
         for pc in &u.peers {
             let (text, host_len) = addr::canonical(&pc.addr);
-            let found = (0..p.max_peers).find(|&s| {
-                let h = self.peer(s).head;
+            let found = records.by_addr.get(&(idx, text.clone())).copied().filter(|&s| {
+                let h = self.peer(s).head; // the index may name a record reused since: check it still is this peer
                 h.state.load(Acquire) != state::FREE
                     && h.upstream.load(Relaxed) == idx
                     && h.addr.eq(text.as_bytes())
@@ -476,18 +543,7 @@ impl Region {
                     s
                 }
                 None => {
-                    let s = self
-                        .free_record(
-                            p.max_peers,
-                            |s| self.peer(s),
-                            |peer| {
-                                (
-                                    peer.head.state.load(Acquire),
-                                    peer.head.retired_us.load(Relaxed),
-                                )
-                            },
-                        )
-                        .unwrap_or(0); // validation guarantees a record
+                    let s = records.take(self).unwrap_or(0); // validation guarantees a record
                     self.init_peer(s, idx, &text, host_len, pc.addr.port(), seed, now_us);
                     s
                 }

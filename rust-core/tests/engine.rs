@@ -253,6 +253,32 @@ fn reconfiguration_keeps_stats_of_kept_peers_and_ignores_stale_writers() {
 }
 
 #[test]
+fn a_peer_coming_back_gets_its_own_record_even_when_new_peers_need_the_retired_ones() {
+    let r = Region::new_heap(Params { max_upstreams: 2, max_peers: 2, max_workers: 2, ..Params::default() }, 0).unwrap();
+    let up = r.configure(&[conf("api", &[1, 2])], 1, &yes, 0).unwrap()[0];
+    let s1 = r.find_peer(up, "127.0.0.1:1").unwrap();
+    r.record(s1, r.snapshot(s1, 0).unwrap().gen, Outcome::Success, 100, 1, &mut XorShift64::new(1));
+    r.configure(&[conf("api", &[2])], 1, &yes, 10).unwrap(); // 1 retired first: the oldest retired record
+    // 3 is new and needs a record; 1 comes back. 3 must take 2's record, not 1's.
+    r.configure(&[conf("api", &[3, 1])], 1, &yes, 20).unwrap();
+    assert_eq!(r.find_peer(up, "127.0.0.1:1"), Some(s1));
+    assert_eq!(r.snapshot(s1, 21).unwrap().totals[0], 1, "statistics of the peer that came back");
+    assert!(r.find_peer(up, "127.0.0.1:3").is_some());
+    assert!(r.find_peer(up, "127.0.0.1:2").is_none());
+}
+
+#[test]
+fn a_held_writer_lock_is_reported_busy_and_changes_nothing() {
+    let r = region();
+    let up = r.configure(&[conf("api", &[1])], 1, &yes, 0).unwrap()[0];
+    r.header().writer.store(77, Relaxed); // a live writer (pid 77) in the middle of a change
+    assert_eq!(r.configure(&[conf("api", &[1, 2])], 1, &yes, 1), Err(ConfigError::Busy(77)));
+    assert_eq!(r.upstream_slots(up).len(), 1);
+    r.header().writer.store(0, Relaxed);
+    assert!(r.configure(&[conf("api", &[1, 2])], 1, &yes, 2).is_ok());
+}
+
+#[test]
 fn new_peers_are_seeded_with_the_mean_and_ramped_in() {
     let r = region();
     let up = r.configure(&[conf("api", &[1, 2])], 1, &yes, 0).unwrap()[0];
