@@ -2,7 +2,8 @@
 //! 20 re-weighted) on one upstream of 100, 1,000 and 10,000 peers, over a private region sized for it.
 //!
 //! Usage: `cargo run --release -p autoscale-core --example reconfigure [SIZE ...]` (run by `make bench-reconfigure`).
-//! Prints, per size, milliseconds per `add_peer` and for the whole change, and the change's cost per changed peer.
+//! Prints, per size, milliseconds per `add_peer`, for the change applied one call per peer and as one change set
+//! (`change_peers`, what discovery does), and the change set's cost per changed peer.
 
 use autoscale_core::engine::{PeerConf, UpstreamConf, UpstreamParams};
 use autoscale_core::{Params, Region};
@@ -43,7 +44,10 @@ fn region(n: u32) -> (Region, u32) {
 fn main() {
     let sizes: Vec<u32> = std::env::args().skip(1).filter_map(|a| a.parse().ok()).collect();
     let sizes = if sizes.is_empty() { vec![100, 1_000, 10_000] } else { sizes };
-    println!("{:>7} {:>14} {:>22} {:>16}", "peers", "add_peer ms", "100-peer change ms", "ms/changed peer");
+    println!(
+        "{:>7} {:>12} {:>24} {:>24} {:>16}",
+        "peers", "add_peer ms", "100 changes, 1 call each", "100 changes, 1 set ms", "ms/changed peer"
+    );
     for n in sizes {
         let (r, up) = region(n);
         let reps = 5;
@@ -56,11 +60,16 @@ fn main() {
             r.remove_peer(up, &addr(n + k).to_string(), 1, &yes, 2).expect("remove_peer");
         }
 
+        let changed = (ADDS + REMOVES + REWEIGHTS) as f64;
         let t = Instant::now();
         one_call_each(&r, up, n);
-        let change = ms(t);
-        let changed = (ADDS + REMOVES + REWEIGHTS) as f64;
-        println!("{n:>7} {add:>14.3} {change:>22.3} {:>16.4}", change / changed);
+        let each = ms(t);
+
+        let (r, up) = region(n);
+        let t = Instant::now();
+        r.change_peers(up, &change_set(n), 1, &yes, 3).expect("change_peers");
+        let set = ms(t);
+        println!("{n:>7} {add:>12.3} {each:>24.3} {set:>24.3} {:>16.4}", set / changed);
     }
 }
 
@@ -75,4 +84,12 @@ fn one_call_each(r: &Region, up: u32, n: u32) {
     for k in 0..REWEIGHTS {
         r.set_weight(up, &addr(REMOVES + k).to_string(), 7, 1, &yes, 3).expect("weight");
     }
+}
+
+/// The same change as one change set: weight 0 removes.
+fn change_set(n: u32) -> Vec<PeerConf> {
+    let adds = (0..ADDS).map(|k| PeerConf { addr: addr(n + 100 + k), weight: 2 });
+    let removes = (0..REMOVES).map(|k| PeerConf { addr: addr(k), weight: 0 });
+    let weights = (0..REWEIGHTS).map(|k| PeerConf { addr: addr(REMOVES + k), weight: 7 });
+    adds.chain(removes).chain(weights).collect()
 }
