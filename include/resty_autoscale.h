@@ -42,6 +42,11 @@
 #define AUTOSCALE_ERR_PANIC -6
 
 /**
+ * Another process is changing the configuration: nothing changed, try again later (a worker never waits for it).
+ */
+#define AUTOSCALE_ERR_BUSY -7
+
+/**
  * The log phase needs the per-attempt details (`autoscale_log_detail`).
  */
 #define AUTOSCALE_NEED_DETAIL 1
@@ -872,6 +877,24 @@ int autoscale_cost_read(struct autoscale_cost_t *out);
  */
 int autoscale_upstream_find(const uint8_t *name,
                             size_t name_len);
+
+/**
+ * Applies one discovery round's change set to upstream `upstream` in one reconfiguration: each of the `n` entries
+ * adds its peer, sets the weight of a peer already there, or with weight 0 removes it (staying peers keep their
+ * statistics). Returns how many peers changed (≥ 0).
+ *
+ * # Safety
+ * `changes` must point to `n` valid peer specs (or be NULL with `n` 0); `err` to `err_len` writable bytes (or NULL).
+ *
+ * # Errors
+ * `AUTOSCALE_ERR_BUSY` when another process is changing the configuration (nothing changed: retry later);
+ * `AUTOSCALE_ERR_CONFIG` with the reason in `err` (nothing changed); `AUTOSCALE_ERR_NO_REGION`.
+ */
+int autoscale_admin_peers_change(uint32_t upstream,
+                                 const struct autoscale_peer_spec_t *changes,
+                                 size_t n,
+                                 char *err,
+                                 size_t err_len);
 
 /**
  * Writes the upper bounds (seconds) of the latency buckets into `out` (at most `cap`) and returns how many there

@@ -2,8 +2,11 @@
 //! reload (`init_by_lua*` runs again in the master) can carry the peers discovery found over into the new
 //! configuration, with their statistics, instead of dropping them until the first refresh.
 
-use crate::{guard, AUTOSCALE_ERR_ARG, AUTOSCALE_ERR_NO_REGION, AUTOSCALE_ERR_UPSTREAM, REGION};
-use std::ffi::c_int;
+use crate::{
+    admin_code, alive, autoscale_peer_spec_t, guard, now_us, peer_confs, pid, write_err, AUTOSCALE_ERR_ARG, AUTOSCALE_ERR_CONFIG,
+    AUTOSCALE_ERR_NO_REGION, AUTOSCALE_ERR_UPSTREAM, REGION,
+};
+use std::ffi::{c_char, c_int};
 
 /// The index (≥ 0) of upstream `name` in the configuration in force.
 ///
@@ -27,5 +30,42 @@ pub unsafe extern "C" fn autoscale_upstream_find(name: *const u8, name_len: usiz
             .find_upstream(text)
             .and_then(|i| c_int::try_from(i).ok())
             .unwrap_or(AUTOSCALE_ERR_UPSTREAM)
+    })
+}
+
+/// Applies one discovery round's change set to upstream `upstream` in one reconfiguration: each of the `n` entries
+/// adds its peer, sets the weight of a peer already there, or with weight 0 removes it (staying peers keep their
+/// statistics). Returns how many peers changed (≥ 0).
+///
+/// # Safety
+/// `changes` must point to `n` valid peer specs (or be NULL with `n` 0); `err` to `err_len` writable bytes (or NULL).
+///
+/// # Errors
+/// `AUTOSCALE_ERR_BUSY` when another process is changing the configuration (nothing changed: retry later);
+/// `AUTOSCALE_ERR_CONFIG` with the reason in `err` (nothing changed); `AUTOSCALE_ERR_NO_REGION`.
+#[no_mangle]
+pub unsafe extern "C" fn autoscale_admin_peers_change(
+    upstream: u32,
+    changes: *const autoscale_peer_spec_t,
+    n: usize,
+    err: *mut c_char,
+    err_len: usize,
+) -> c_int {
+    guard(|| {
+        let Some(region) = REGION.get() else { return AUTOSCALE_ERR_NO_REGION };
+        let set = match peer_confs("upstream", changes, n) {
+            Ok(s) => s,
+            Err(msg) => {
+                write_err(err, err_len, &msg);
+                return AUTOSCALE_ERR_CONFIG;
+            }
+        };
+        match region.change_peers(upstream, &set, pid(), &alive, now_us()) {
+            Ok((a, r, w)) => c_int::try_from(a + r + w).unwrap_or(c_int::MAX),
+            Err(e) => {
+                write_err(err, err_len, &e.to_string());
+                admin_code(&e)
+            }
+        }
     })
 }

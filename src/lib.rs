@@ -13,7 +13,7 @@
 //! master keeps this library loaded across `nginx -s reload`, so a reload reuses the region and its statistics.
 #![allow(non_camel_case_types)]
 
-use autoscale_core::engine::{default_failure_statuses, PeerConf, UpstreamConf, UpstreamParams};
+use autoscale_core::engine::{default_failure_statuses, ConfigError, PeerConf, UpstreamConf, UpstreamParams};
 use autoscale_core::health::OutlierParams;
 use autoscale_core::histogram;
 use autoscale_core::reqtrack::{Attempt, Entry, Table};
@@ -25,7 +25,7 @@ use autoscale_core::{addr, Outcome, Params, Region};
 use std::cell::RefCell;
 use std::ffi::{c_char, c_int, c_void};
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::atomic::{AtomicI64, Ordering::*};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering::*};
 use std::sync::OnceLock;
 
 pub mod admin_ffi;
@@ -49,6 +49,8 @@ pub const AUTOSCALE_ERR_NO_PEER: c_int = -4;
 pub const AUTOSCALE_ERR_UPSTREAM: c_int = -5;
 /// A bug: a panic was caught at the boundary.
 pub const AUTOSCALE_ERR_PANIC: c_int = -6;
+/// Another process is changing the configuration: nothing changed, try again later (a worker never waits for it).
+pub const AUTOSCALE_ERR_BUSY: c_int = -7;
 /// The log phase needs the per-attempt details (`autoscale_log_detail`).
 pub const AUTOSCALE_NEED_DETAIL: c_int = 1;
 
@@ -230,6 +232,8 @@ pub struct autoscale_region_info_t {
 static REGION: OnceLock<Region> = OnceLock::new();
 /// This process's in-flight column; -1 until attached. After a fork each worker has its own copy.
 static COLUMN: AtomicI64 = AtomicI64::new(-1);
+/// Set once this process has called `autoscale_worker_attach`: a worker, whose event loop must never wait.
+static IS_WORKER: AtomicBool = AtomicBool::new(false);
 
 /// What one worker keeps for itself: its request table and its random generator (one thread-local, one lookup).
 struct Worker {
@@ -397,7 +401,7 @@ pub unsafe extern "C" fn autoscale_config_apply(
                 }
             }
         }
-        match region.configure(&ups, pid(), &alive, now_us()) {
+        match configure_waiting(region, &ups) {
             Ok(idx) => {
                 for (i, v) in idx.into_iter().enumerate() {
                     *indices.add(i) = v;
@@ -406,10 +410,49 @@ pub unsafe extern "C" fn autoscale_config_apply(
             }
             Err(e) => {
                 write_err(err, err_len, &e.to_string());
-                AUTOSCALE_ERR_CONFIG
+                config_code(&e)
             }
         }
     })
+}
+
+/// `configure`; outside a worker (the master in `init_by_lua*`, before it serves anything) a busy writer lock is
+/// waited for, up to a second; a worker gets [`AUTOSCALE_ERR_BUSY`] at once instead.
+fn configure_waiting(region: &Region, ups: &[UpstreamConf]) -> Result<Vec<u32>, ConfigError> {
+    let mut tries = if IS_WORKER.load(Relaxed) { 1 } else { 1000 };
+    loop {
+        tries -= 1;
+        match region.configure(ups, pid(), &alive, now_us()) {
+            Err(ConfigError::Busy(_)) if tries > 0 => std::thread::sleep(std::time::Duration::from_millis(1)),
+            other => return other,
+        }
+    }
+}
+
+/// The code of a refused configuration: [`AUTOSCALE_ERR_BUSY`] when only the writer lock was in the way.
+fn config_code(e: &ConfigError) -> c_int {
+    match e {
+        ConfigError::Busy(_) => AUTOSCALE_ERR_BUSY,
+        _ => AUTOSCALE_ERR_CONFIG,
+    }
+}
+
+/// The `n` peers at `specs` of upstream `name` (named in errors).
+///
+/// # Safety
+/// `specs` must point to `n` valid peer specs (or be NULL with `n` 0).
+unsafe fn peer_confs(name: &str, specs: *const autoscale_peer_spec_t, n: usize) -> Result<Vec<PeerConf>, String> {
+    if n > 0 && specs.is_null() {
+        return Err(format!("upstreams.{name}.peers: NULL"));
+    }
+    let specs = if n == 0 { &[][..] } else { std::slice::from_raw_parts(specs, n) };
+    let mut peers = Vec::with_capacity(specs.len());
+    for (i, p) in specs.iter().enumerate() {
+        let text = bytes(p.addr, p.addr_len).map(String::from_utf8_lossy).unwrap_or_default();
+        let addr = addr::parse(&text).map_err(|e| format!("upstreams.{name}.peers[{}]: \"{text}\": {e}", i + 1))?;
+        peers.push(PeerConf { addr, weight: p.weight });
+    }
+    Ok(peers)
 }
 
 /// # Safety
@@ -418,26 +461,7 @@ unsafe fn upstream_conf(s: &autoscale_upstream_spec_t) -> Result<UpstreamConf, S
     let name = bytes(s.name, s.name_len)
         .and_then(|b| std::str::from_utf8(b).ok())
         .ok_or("upstream name is not UTF-8")?;
-    if s.npeers > 0 && s.peers.is_null() {
-        return Err(format!("upstreams.{name}.peers: NULL"));
-    }
-    let specs = if s.npeers == 0 {
-        &[][..]
-    } else {
-        std::slice::from_raw_parts(s.peers, s.npeers)
-    };
-    let mut peers = Vec::with_capacity(specs.len());
-    for (i, p) in specs.iter().enumerate() {
-        let text = bytes(p.addr, p.addr_len)
-            .map(String::from_utf8_lossy)
-            .unwrap_or_default();
-        let addr = addr::parse(&text)
-            .map_err(|e| format!("upstreams.{name}.peers[{}]: \"{text}\": {e}", i + 1))?;
-        peers.push(PeerConf {
-            addr,
-            weight: p.weight,
-        });
-    }
+    let peers = peer_confs(name, s.peers, s.npeers)?;
     let finite = |v: f64, field: &str, min: f64, max: f64| {
         if v.is_finite() && v >= min && v <= max {
             Ok(v)
@@ -537,6 +561,7 @@ pub extern "C" fn autoscale_worker_attach() -> c_int {
         let Some(region) = REGION.get() else {
             return AUTOSCALE_ERR_NO_REGION;
         };
+        IS_WORKER.store(true, Relaxed);
         match region.attach_worker(pid(), &alive) {
             Some(c) => {
                 COLUMN.store(c as i64, Relaxed);
@@ -1116,10 +1141,18 @@ unsafe fn admin(
             Ok(()) => AUTOSCALE_OK,
             Err(e) => {
                 write_err(err, err_len, &e.to_string());
-                AUTOSCALE_ERR_CONFIG
+                admin_code(&e)
             }
         }
     })
+}
+
+/// The code of a refused run-time change ([`AUTOSCALE_ERR_BUSY`]: retry later).
+fn admin_code(e: &autoscale_core::admin::AdminError) -> c_int {
+    match e {
+        autoscale_core::admin::AdminError::Config(c) => config_code(c),
+        _ => AUTOSCALE_ERR_CONFIG,
+    }
 }
 
 /// Adds peer `addr` (`host:port`) with `weight` to upstream `upstream`, in every worker at once (not persisted: a
@@ -1240,7 +1273,7 @@ pub unsafe extern "C" fn autoscale_admin_upstream_tune(
             Ok(()) => AUTOSCALE_OK,
             Err(e) => {
                 write_err(err, err_len, &e.to_string());
-                AUTOSCALE_ERR_CONFIG
+                admin_code(&e)
             }
         }
     })

@@ -8,6 +8,7 @@ static const int AUTOSCALE_ERR_CONFIG = -3;
 static const int AUTOSCALE_ERR_NO_PEER = -4;
 static const int AUTOSCALE_ERR_UPSTREAM = -5;
 static const int AUTOSCALE_ERR_PANIC = -6;
+static const int AUTOSCALE_ERR_BUSY = -7;
 static const int AUTOSCALE_NEED_DETAIL = 1;
 static const int AUTOSCALE_ABI_VERSION = 1;
 static const int AUTOSCALE_ADMIT = 0;
@@ -350,6 +351,11 @@ int autoscale_admission_stats(uint32_t upstream, struct autoscale_admission_stat
 int autoscale_cost_read(struct autoscale_cost_t *out);
 int autoscale_upstream_find(const uint8_t *name,
                             size_t name_len);
+int autoscale_admin_peers_change(uint32_t upstream,
+                                 const struct autoscale_peer_spec_t *changes,
+                                 size_t n,
+                                 char *err,
+                                 size_t err_len);
 int autoscale_latency_bounds(double *out,
                              size_t cap);
 int autoscale_peer_latency_buckets(uint32_t slot,
