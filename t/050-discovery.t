@@ -430,3 +430,44 @@ token: 200, active 1
 GET needs none: 200
 --- error_log
 refused POST /discovery?upstream=api&activate=1 from 127.0.0.1: 401
+
+
+
+=== TEST 8: one discovery change set (peers added, removed, re-weighted) is one reconfiguration; staying peers keep their statistics
+--- http_config eval: $::HttpConfig
+--- config
+    location = /t {
+        content_by_lua_block {
+            local t = require "autoscale_test"
+            local control = autoscale.control
+            local gw = $TEST_NGINX_RAND_PORT_5
+            local p = { "127.0.0.1:$TEST_NGINX_RAND_PORT_1", "127.0.0.1:$TEST_NGINX_RAND_PORT_2",
+                        "127.0.0.1:$TEST_NGINX_RAND_PORT_3", "127.0.0.1:$TEST_NGINX_RAND_PORT_4" }
+            assert(control.change_peers("api", { { addr = p[2], weight = 1 } }) == 1)
+            t.load { port = gw, path = "/", concurrency = 2, requests = 20 }
+            local function requests(a) local x = t.peer(autoscale.status("api"), a) return x and x.totals.requests end
+            local r1, r2 = requests(p[1]), requests(p[2])
+            local epoch = autoscale.status_all().region.config_epoch
+            -- p3 and p4 come, p2 goes, p1 gets weight 5: one set
+            local n, err = control.change_peers("api", { { addr = p[3], weight = 2 }, { addr = p[4], weight = 1 },
+                                                          { addr = p[2], weight = 0 }, { addr = p[1], weight = 5 } })
+            local st = autoscale.status("api")
+            ngx.say("changed ", n, " ", tostring(err), "; reconfigurations ", autoscale.status_all().region.config_epoch - epoch,
+                    "; p1 kept its statistics ", r1 > 0 and requests(p[1]) == r1, ", weight ", t.peer(st, p[1]).weight,
+                    "; p2 gone ", t.peer(st, p[2]) == nil, " (had ", r2 > 0, "); p3 weight ", t.peer(st, p[3]).weight,
+                    ", p4 new ", requests(p[4]) == 0)
+            -- all or nothing: an unknown peer to remove refuses the whole set
+            local ok, why = control.change_peers("api", { { addr = "127.0.0.1:1", weight = 1 }, { addr = p[2], weight = 0 } })
+            ngx.say("refused: ", ok, " ", why, "; 127.0.0.1:1 absent ", t.peer(autoscale.status("api"), "127.0.0.1:1") == nil)
+            ngx.say("bad entry: ", select(2, control.change_peers("api", { { addr = p[1], weight = -1 } })))
+        }
+    }
+--- request
+GET /t
+--- timeout: 20
+--- response_body_like
+^changed 4 nil; reconfigurations 1; p1 kept its statistics true, weight 5; p2 gone true \(had true\); p3 weight 2, p4 new true
+refused: nil peer 127\.0\.0\.1:\d+ is not in this upstream; 127\.0\.0\.1:1 absent true
+bad entry: changes\[1\]: weight must be an integer between 0 and 10000 \(got -1\)
+--- no_error_log
+[error]

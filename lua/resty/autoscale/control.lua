@@ -37,7 +37,7 @@ end
 
 local function result(rc)
     if rc < 0 then
-        return nil, ffi.string(errbuf)
+        return nil, ffi.string(errbuf), rc == lib.AUTOSCALE_ERR_BUSY
     end
     return rc
 end
@@ -62,6 +62,37 @@ function _M.add_peer(name, addr, weight)
     local ok
     ok, err = result(lib.autoscale_admin_peer_add(idx, addr, #addr, weight, errbuf, 512))
     return ok and true, err
+end
+
+-- n, err, busy = control.change_peers(name, changes): applies one change set { { addr =, weight = }, ... } in one
+-- reconfiguration: an entry adds its peer, sets the weight of a peer already there, or with weight 0 removes it;
+-- peers that stay keep their statistics. All or nothing. Returns how many peers changed; on failure nil, the reason
+-- and busy = true when only another process changing the configuration was in the way (retry later).
+local change_cap, change_specs = 0, nil
+function _M.change_peers(name, changes)
+    local idx, err = upstream(name)
+    if not idx then return nil, err end
+    if type(changes) ~= "table" then
+        return nil, "changes must be a table (got " .. type(changes) .. ")"
+    end
+    local n = #changes
+    if n > change_cap then
+        change_cap = n
+        change_specs = ffi.new("autoscale_peer_spec_t[?]", n)
+    end
+    for i, c in ipairs(changes) do
+        if type(c) ~= "table" or type(c.addr) ~= "string" then
+            return nil, "changes[" .. i .. "]: needs addr = \"host:port\""
+        end
+        local w = c.weight
+        if type(w) ~= "number" or w ~= w or w % 1 ~= 0 or w < 0 or w > 10000 then
+            return nil, "changes[" .. i .. "]: weight must be an integer between 0 and 10000 (got " .. tostring(w) .. ")"
+        end
+        local spec = change_specs[i - 1]
+        spec.addr, spec.addr_len, spec.weight = c.addr, #c.addr, w
+    end
+    -- the specs point into the Lua strings of `changes`, which stays referenced until the call returns
+    return result(lib.autoscale_admin_peers_change(idx, change_specs, n, errbuf, 512))
 end
 
 -- ok, err = control.remove_peer(name, addr)

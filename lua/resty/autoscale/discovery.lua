@@ -57,6 +57,7 @@ _M.defaults = {
 local TICK = 0.1      -- s between looks at the sources' schedules
 local SWEEP = 0.5     -- s between reconciliations when nothing changed (drains to finish, standby changes)
 local LEASE_MS = 3000 -- how long a worker that stopped running keeps the lease
+local BUSY_WARN = 50  -- ticks in a row with the configuration busy before it is logged
 
 local lib, index
 local ups = {} -- name -> per-worker state of the upstream's discovery
@@ -215,8 +216,59 @@ local function desired(u, cur)
     return want, from_source
 end
 
--- Brings the upstream's peers to the desired set: adds (and takes back drained peers that came back) first, so that
--- the upstream never runs short; then drains the peers that left and removes those whose requests have finished.
+-- Applies the round's change set in one reconfiguration. Returns how many of its additions took effect, or nil when
+-- another process was changing the configuration (nothing changed: the next tick tries again). When the set is
+-- refused for one bad entry, each entry is applied on its own, so that one peer cannot hold the others back.
+local function apply(u, set, adds)
+    if #set == 0 then
+        return 0
+    end
+    local ok, err, busy = control.change_peers(u.name, set)
+    if ok then
+        u.busy = nil
+        for _, c in ipairs(set) do
+            u.logged[(c.weight == 0 and "remove " or "add ") .. c.addr] = nil
+            if c.weight == 0 then
+                u.drained[c.addr] = nil
+            end
+        end
+        return adds
+    end
+    if busy then
+        u.busy = (u.busy or 0) + 1
+        if u.busy == BUSY_WARN then
+            once(u, "busy", ngx_WARN, "configuration busy for " .. BUSY_WARN .. " attempts: " .. tostring(err))
+        end
+        return nil
+    end
+    local added = 0
+    for _, c in ipairs(set) do
+        if c.weight == 0 then
+            ok, err = control.remove_peer(u.name, c.addr)
+            if ok then
+                u.drained[c.addr] = nil
+            else
+                once(u, "remove " .. c.addr, ngx_ERR, "cannot remove " .. c.addr .. ": " .. tostring(err))
+            end
+        elseif c.new then
+            ok, err = control.add_peer(u.name, c.addr, c.weight)
+            if ok then
+                u.logged["add " .. c.addr] = nil
+                added = added + 1
+            else
+                once(u, "add " .. c.addr, ngx_ERR, "cannot add " .. c.addr .. ": " .. tostring(err))
+            end
+        else
+            control.set_weight(u.name, c.addr, c.weight)
+        end
+    end
+    return added
+end
+
+-- Brings the upstream's peers to the desired set in one change set per round (additions, weight changes and the
+-- removal of drained peers: one reconfiguration), adding (and taking back drained peers that came back) before
+-- draining, so that the upstream never runs short; then drains the peers that left (removed in a later round once
+-- their requests have finished).
 local function reconcile(u)
     local cur, err = current(u.idx)
     if not cur then
@@ -224,18 +276,13 @@ local function reconcile(u)
     end
     local want, from_source = desired(u, cur)
     local t = now()
-    local serving = 0 -- wanted peers that take traffic after this loop
+    local set, adds = {}, 0
+    local serving = 0 -- peers already serving after this loop (additions are counted once applied)
     for a, w in pairs(want) do
         local c = cur[a]
-        local ok
         if not c then
-            ok, err = control.add_peer(u.name, a, w)
-            if ok then
-                u.logged["add " .. a] = nil
-                serving = serving + 1
-            else
-                once(u, "add " .. a, ngx_ERR, "cannot add " .. a .. ": " .. tostring(err))
-            end
+            set[#set + 1] = { addr = a, weight = w, new = true }
+            adds = adds + 1
         elseif c.draining and u.drained[a] then
             if control.enable(u.name, a) ~= nil then
                 serving = serving + 1
@@ -244,38 +291,43 @@ local function reconcile(u)
         else
             serving = serving + (c.draining and 0 or 1)
             if from_source[a] and c.weight ~= w then
-                control.set_weight(u.name, a, w)
+                set[#set + 1] = { addr = a, weight = w }
             end
         end
     end
-    if serving == 0 then -- never drain the peers that serve now for nothing
+    if serving + adds == 0 then -- never drain the peers that serve now for nothing
         return once(u, "empty", ngx_WARN, next(want) == nil and "no source names any peer: keeping the current ones"
                     or "none of the peers the sources name could be added: keeping the current ones")
     end
-    u.logged.empty = nil
-    local pending = false
+    local pending, leaving = false, {}
     for a, c in pairs(cur) do
         if not want[a] then
             if not c.draining then
-                control.drain(u.name, a)
-                u.drained[a] = t
-                pending = true
+                leaving[#leaving + 1] = a
             else
                 local since = u.drained[a] or t
                 u.drained[a] = since
                 if c.inflight <= 0 or t - since >= u.c.drain_timeout then
-                    local ok
-                    ok, err = control.remove_peer(u.name, a)
-                    if ok then
-                        u.drained[a] = nil
-                    else
-                        once(u, "remove " .. a, ngx_ERR, "cannot remove " .. a .. ": " .. tostring(err))
-                    end
+                    set[#set + 1] = { addr = a, weight = 0 }
                 else
                     pending = true
                 end
             end
         end
+    end
+    local added = apply(u, set, adds)
+    if not added then -- busy: nothing changed, and nothing is drained until the additions are in
+        u.pending = true
+        return
+    end
+    if serving + added == 0 then
+        return once(u, "empty", ngx_WARN, "none of the peers the sources name could be added: keeping the current ones")
+    end
+    u.logged.empty = nil
+    for _, a in ipairs(leaving) do
+        control.drain(u.name, a)
+        u.drained[a] = t
+        pending = true
     end
     for a in pairs(u.drained) do -- taken back by someone else, or gone
         if not cur[a] or not cur[a].draining or want[a] then
