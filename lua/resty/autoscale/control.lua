@@ -59,9 +59,9 @@ function _M.add_peer(name, addr, weight)
     if type(weight) ~= "number" or weight ~= weight or weight % 1 ~= 0 or weight < 1 or weight > 10000 then
         return nil, "weight must be an integer between 1 and 10000 (got " .. tostring(weight) .. ")"
     end
-    local ok
-    ok, err = result(lib.autoscale_admin_peer_add(idx, addr, #addr, weight, errbuf, 512))
-    return ok and true, err
+    local ok, busy
+    ok, err, busy = result(lib.autoscale_admin_peer_add(idx, addr, #addr, weight, errbuf, 512))
+    return ok and true, err, busy
 end
 
 -- n, err, busy = control.change_peers(name, changes): applies one change set { { addr =, weight = }, ... } in one
@@ -101,9 +101,9 @@ function _M.remove_peer(name, addr)
     if not idx then return nil, err end
     addr, err = address(addr)
     if not addr then return nil, err end
-    local ok
-    ok, err = result(lib.autoscale_admin_peer_remove(idx, addr, #addr, errbuf, 512))
-    return ok and true, err
+    local ok, busy
+    ok, err, busy = result(lib.autoscale_admin_peer_remove(idx, addr, #addr, errbuf, 512))
+    return ok and true, err, busy
 end
 
 -- ok, err = control.set_weight(name, addr, weight)
@@ -115,9 +115,9 @@ function _M.set_weight(name, addr, weight)
     if type(weight) ~= "number" or weight ~= weight or weight % 1 ~= 0 or weight < 1 or weight > 10000 then
         return nil, "weight must be an integer between 1 and 10000 (got " .. tostring(weight) .. ")"
     end
-    local ok
-    ok, err = result(lib.autoscale_admin_peer_weight(idx, addr, #addr, weight, errbuf, 512))
-    return ok and true, err
+    local ok, busy
+    ok, err, busy = result(lib.autoscale_admin_peer_weight(idx, addr, #addr, weight, errbuf, 512))
+    return ok and true, err, busy
 end
 
 local function drain(name, addr, on)
@@ -168,9 +168,9 @@ function _M.tune(name, options)
     local keep = {}
     local s = ffi.new("autoscale_upstream_spec_t")
     spec.fill(s, name, checked.upstreams[name], keep)
-    local ok
-    ok, err = result(lib.autoscale_admin_upstream_tune(idx, s, errbuf, 512))
-    return ok and true, err
+    local ok, busy
+    ok, err, busy = result(lib.autoscale_admin_upstream_tune(idx, s, errbuf, 512))
+    return ok and true, err, busy
 end
 
 return _M
