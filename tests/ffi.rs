@@ -322,3 +322,30 @@ fn the_discovery_export_finds_upstreams_and_survives_bad_names() {
         assert_eq!(autoscale_upstream_find([0xffu8, 0xfe].as_ptr(), 2), AUTOSCALE_ERR_ARG);
     }
 }
+
+#[test]
+fn the_change_set_export_applies_all_or_nothing_and_survives_bad_input() {
+    use resty_autoscale::discovery_ffi::*;
+    let _serial = init();
+    let idx = apply(&[spec("set", &[peer("127.0.0.1:1"), peer("127.0.0.1:2")])]).expect("configured")[0];
+    let mut err = [0 as std::ffi::c_char; 256];
+    let slots = || {
+        let mut s = [0u32; 8];
+        unsafe { autoscale_upstream_peers(idx, s.as_mut_ptr(), s.len()) }
+    };
+    let gone = autoscale_peer_spec_t { weight: 0, ..peer("127.0.0.1:1") };
+    let heavy = autoscale_peer_spec_t { weight: 7, ..peer("127.0.0.1:2") };
+    let set = [peer("127.0.0.1:3"), gone, heavy];
+    unsafe {
+        assert_eq!(autoscale_admin_peers_change(idx, set.as_ptr(), set.len(), err.as_mut_ptr(), err.len()), 3);
+        assert_eq!(slots(), 2);
+        let bad = [peer("127.0.0.1:4"), autoscale_peer_spec_t { weight: 0, ..peer("127.0.0.1:9") }];
+        assert_eq!(autoscale_admin_peers_change(idx, bad.as_ptr(), bad.len(), err.as_mut_ptr(), err.len()), AUTOSCALE_ERR_CONFIG);
+        assert_eq!(slots(), 2, "nothing changed");
+        let junk = [peer("not an address")];
+        assert_eq!(autoscale_admin_peers_change(idx, junk.as_ptr(), 1, err.as_mut_ptr(), err.len()), AUTOSCALE_ERR_CONFIG);
+        assert_eq!(autoscale_admin_peers_change(idx, null(), 1, null_mut(), 0), AUTOSCALE_ERR_CONFIG);
+        assert_eq!(autoscale_admin_peers_change(idx, null(), 0, null_mut(), 0), 0, "an empty set changes nothing");
+        assert_eq!(autoscale_admin_peers_change(999, set.as_ptr(), 1, null_mut(), 0), AUTOSCALE_ERR_CONFIG);
+    }
+}

@@ -135,6 +135,9 @@ impl Region {
         alive: &dyn Fn(u32) -> bool,
         now_us: u64,
     ) -> Result<(usize, usize, usize), AdminError> {
+        if changes.is_empty() && idx < self.params().max_upstreams {
+            return Ok((0, 0, 0)); // nothing to reconfigure
+        }
         let before = self.slots_by_addr(idx);
         let mut added = Vec::new();
         let mut removed = Vec::new();
