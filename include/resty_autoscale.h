@@ -85,6 +85,10 @@ typedef struct autoscale_region_params_t {
   uint32_t max_workers;
   uint32_t window_buckets;
   uint32_t bucket_ms;
+  /**
+   * Token buckets of the rate limits (a power of two, 64 to 1,048,576).
+   */
+  uint32_t rate_slots;
 } autoscale_region_params_t;
 
 /**
@@ -352,6 +356,10 @@ typedef struct autoscale_admission_stats_t {
    * Per class: shed for concurrency, for rate, after waiting in the queue.
    */
   uint64_t shed[12];
+  /**
+   * Per rate rule: requests that took the rule's shared overflow bucket (the bucket table had no room).
+   */
+  uint64_t rate_overflow[8];
 } autoscale_admission_stats_t;
 
 /**
@@ -828,9 +836,13 @@ int autoscale_admission_shed(uint32_t upstream,
                              uint32_t why);
 
 /**
- * Adds `delta` (+1 or -1) to the requests of `upstream` waiting in the admission queue.
+ * Counts request `req` as waiting in the admission queue of `upstream` (`delta` > 0) or no longer (`delta` < 0).
+ * A request still counted when its log phase ends it (its Lua thread was aborted during the wait) is uncounted
+ * there, and what a dead worker left counted is released with its column.
  */
-int autoscale_admission_wait(uint32_t upstream, int delta);
+int autoscale_admission_wait(const void *req,
+                             uint32_t upstream,
+                             int delta);
 
 /**
  * Ends admitted request `req` in the log phase with response `status` (499: the client went away, its time is

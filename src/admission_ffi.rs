@@ -54,14 +54,33 @@ pub struct autoscale_admission_stats_t {
     pub admitted: [u64; 4],
     /// Per class: shed for concurrency, for rate, after waiting in the queue.
     pub shed: [u64; 12],
+    /// Per rate rule: requests that took the rule's shared overflow bucket (the bucket table had no room).
+    pub rate_overflow: [u64; 8],
 }
 
 /// Admitted requests remembered per worker (more in flight at once in one worker evict the oldest).
 const TRACKED: usize = 16384;
 
+/// Requests of one worker waiting in an admission queue at once that are tracked (more are not counted).
+const WAITERS: usize = 1024;
+
 struct State {
     tracker: Tracker,
     claimed: bool,
+    /// Requests of this worker counted as waiting (request address, upstream); `nwait` in use.
+    waiters: Box<[(usize, u32); WAITERS]>,
+    nwait: usize,
+}
+
+impl State {
+    /// Forgets waiting request `req`, returning its upstream.
+    fn unwait(&mut self, req: usize) -> Option<u32> {
+        let i = self.waiters[..self.nwait].iter().position(|w| w.0 == req)?;
+        let up = self.waiters[i].1;
+        self.nwait -= 1;
+        self.waiters[i] = self.waiters[self.nwait];
+        Some(up)
+    }
 }
 
 thread_local! {
@@ -85,7 +104,12 @@ fn admission_column(region: &Region, st: &mut State) -> u32 {
 fn with_state<T>(f: impl FnOnce(&mut State) -> T) -> T {
     STATE.with(|s| {
         let mut s = s.borrow_mut();
-        f(s.get_or_insert_with(|| State { tracker: Tracker::new(TRACKED), claimed: false }))
+        f(s.get_or_insert_with(|| State {
+            tracker: Tracker::new(TRACKED),
+            claimed: false,
+            waiters: Box::new([(0, 0); WAITERS]),
+            nwait: 0,
+        }))
     })
 }
 
@@ -282,14 +306,23 @@ pub extern "C" fn autoscale_admission_shed(upstream: u32, class: u32, why: u32) 
     })
 }
 
-/// Adds `delta` (+1 or -1) to the requests of `upstream` waiting in the admission queue.
+/// Counts request `req` as waiting in the admission queue of `upstream` (`delta` > 0) or no longer (`delta` < 0).
+/// A request still counted when its log phase ends it (its Lua thread was aborted during the wait) is uncounted
+/// there, and what a dead worker left counted is released with its column.
 #[no_mangle]
-pub extern "C" fn autoscale_admission_wait(upstream: u32, delta: c_int) -> c_int {
+pub extern "C" fn autoscale_admission_wait(req: *const c_void, upstream: u32, delta: c_int) -> c_int {
     guard(|| match region_and(upstream) {
-        Ok(region) => {
-            region.admission(upstream).head.waiting.fetch_add(delta.signum(), std::sync::atomic::Ordering::Relaxed);
+        Ok(region) => with_state(|st| {
+            let col = admission_column(region, st);
+            if delta > 0 && st.nwait < WAITERS && !st.waiters[..st.nwait].iter().any(|w| w.0 == req as usize) {
+                st.waiters[st.nwait] = (req as usize, upstream);
+                st.nwait += 1;
+                region.admission_wait(upstream, col, 1);
+            } else if delta < 0 && st.unwait(req as usize).is_some() {
+                region.admission_wait(upstream, col, -1);
+            }
             AUTOSCALE_OK
-        }
+        }),
         Err(rc) => rc,
     })
 }
@@ -301,6 +334,12 @@ pub extern "C" fn autoscale_admission_done(req: *const c_void, status: c_int) ->
     guard(|| {
         let Some(region) = REGION.get() else { return AUTOSCALE_ERR_NO_REGION };
         with_state(|st| {
+            if st.nwait > 0 {
+                if let Some(up) = st.unwait(req as usize) {
+                    let col = admission_column(region, st);
+                    region.admission_wait(up, col, -1);
+                }
+            }
             if let Some(e) = st.tracker.remove(req as usize) {
                 region.admission_done(&e, now_us().saturating_sub(e.start_us), status != 499);
             }
@@ -348,6 +387,7 @@ pub unsafe extern "C" fn autoscale_admission_stats(upstream: u32, out: *mut auto
             class_inflight: s.class_inflight,
             admitted: s.admitted,
             shed: std::array::from_fn(|i| s.shed[i / reason::N][i % reason::N]),
+            rate_overflow: s.rate_overflow,
         };
         AUTOSCALE_OK
     })

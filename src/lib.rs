@@ -68,6 +68,8 @@ pub struct autoscale_region_params_t {
     pub max_workers: u32,
     pub window_buckets: u32,
     pub bucket_ms: u32,
+    /// Token buckets of the rate limits (a power of two, 64 to 1,048,576).
+    pub rate_slots: u32,
 }
 
 /// One peer of an upstream specification.
@@ -340,6 +342,7 @@ pub unsafe extern "C" fn autoscale_region_init(
             max_workers: p.max_workers,
             window_buckets: p.window_buckets,
             bucket_ms: p.bucket_ms,
+            rate_slots: p.rate_slots,
         };
         if let Err(e) = want.validate() {
             write_err(err, err_len, &e.to_string());

@@ -74,6 +74,8 @@ upstreams.api.retires: unknown option (valid: admission, balancer, default_rtt, 
             { { upstreams = { api = { peers = many(300) } } }, "300 peers configured in all but max_peers is 256" },
             { { upstreams = { api = { peers = { "127.0.0.1:1" }, slow_peer_factor = 1 } } }, "upstreams.api.slow_peer_factor: must be between 1.1 and 1000 (got 1) (or 0 to switch the rule off)" },
             { { upstreams = { api = { peers = { "127.0.0.1:1" }, slow_peer_penalty = 0.5 } } }, "upstreams.api.slow_peer_penalty: must be between 1 and 1000000 (got 0.5)" },
+            { { upstreams = { api = { peers = { "127.0.0.1:1" } } }, admission_rate_slots = 1000 }, "admission_rate_slots: must be a power of two (got 1000)" },
+            { { upstreams = { api = { peers = { "127.0.0.1:1" } } }, admission_rate_slots = 32 }, "admission_rate_slots: must be between 64 and 1048576 (got 32)" },
             { { upstream = {} }, "upstream: unknown option" },
             { "api", "configuration: must be a table (got string)" },
         }
@@ -88,7 +90,7 @@ upstreams.api.retires: unknown option (valid: admission, balancer, default_rtt, 
     }
 --- must_die
 --- error_log
-all 16 cases refused as expected
+all 18 cases refused as expected
 
 
 

@@ -14,7 +14,7 @@ use counting::allocations;
 static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 fn init() {
-    let p = autoscale_region_params_t { max_upstreams: 4, max_peers: 8, max_workers: 4, window_buckets: 10, bucket_ms: 1000 };
+    let p = autoscale_region_params_t { max_upstreams: 4, max_peers: 8, max_workers: 4, window_buckets: 10, bucket_ms: 1000, rate_slots: 4096 };
     let mut err = [0 as std::ffi::c_char; 256];
     assert_eq!(unsafe { autoscale_region_init(&p, err.as_mut_ptr(), err.len()) }, AUTOSCALE_OK);
 }
@@ -85,7 +85,7 @@ fn hostile_calls_get_codes_and_counts_stay_exact() {
         assert!(retry > 0.0 && retry <= 1.0);
         assert_eq!(autoscale_admission_rate(1, 0, null(), 3, null_mut()), AUTOSCALE_ERR_ARG);
         assert_eq!(autoscale_admission_rate(1, u32::MAX, null(), 0, null_mut()), AUTOSCALE_ADMIT);
-        assert_eq!(autoscale_admission_wait(9, 1), AUTOSCALE_ERR_UPSTREAM);
+        assert_eq!(autoscale_admission_wait(std::ptr::null(), 9, 1), AUTOSCALE_ERR_UPSTREAM);
         assert_eq!(autoscale_admission_update(9, 1), AUTOSCALE_ERR_UPSTREAM);
         assert_eq!(autoscale_admission_update(1, 1), AUTOSCALE_OK);
         assert_eq!(autoscale_admission_configure(1, null(), null_mut(), 0), AUTOSCALE_OK, "NULL turns admission off");
@@ -113,4 +113,27 @@ fn admit_rate_and_done_allocate_nothing_once_warm() {
         }
         assert_eq!(allocations() - before, 0);
     }
+}
+
+#[test]
+fn a_request_aborted_during_its_queue_wait_is_uncounted_by_its_log_phase() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    init();
+    let mut err = [0 as std::ffi::c_char; 128];
+    let mut st: autoscale_admission_stats_t = unsafe { std::mem::zeroed() };
+    assert_eq!(unsafe { autoscale_admission_configure(2, &spec(), err.as_mut_ptr(), err.len()) }, AUTOSCALE_OK);
+    let waiting = |st: &mut autoscale_admission_stats_t| {
+        assert_eq!(unsafe { autoscale_admission_stats(2, st) }, AUTOSCALE_OK);
+        st.waiting
+    };
+    assert_eq!(autoscale_admission_wait(req(40), 2, 1), AUTOSCALE_OK);
+    assert_eq!(autoscale_admission_wait(req(40), 2, 1), AUTOSCALE_OK, "counted once");
+    assert_eq!(autoscale_admission_wait(req(41), 2, 1), AUTOSCALE_OK);
+    assert_eq!(waiting(&mut st), 2);
+    assert_eq!(autoscale_admission_wait(req(41), 2, -1), AUTOSCALE_OK);
+    assert_eq!(autoscale_admission_wait(req(41), 2, -1), AUTOSCALE_OK, "uncounted once");
+    assert_eq!(waiting(&mut st), 1);
+    // req 40's Lua thread was aborted in the wait (client gone): only its log phase runs.
+    assert_eq!(autoscale_admission_done(req(40), 499), AUTOSCALE_OK);
+    assert_eq!(waiting(&mut st), 0, "Retry-After no longer counts it");
 }

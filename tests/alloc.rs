@@ -11,7 +11,7 @@ use counting::allocations;
 
 #[test]
 fn the_request_path_allocates_nothing() {
-    let p = autoscale_region_params_t { max_upstreams: 4, max_peers: 16, max_workers: 4, window_buckets: 10, bucket_ms: 1000 };
+    let p = autoscale_region_params_t { max_upstreams: 4, max_peers: 16, max_workers: 4, window_buckets: 10, bucket_ms: 1000, rate_slots: 4096 };
     let mut err = [0 as std::ffi::c_char; 256];
     assert_eq!(unsafe { autoscale_region_init(&p, err.as_mut_ptr(), err.len()) }, AUTOSCALE_OK);
     let addrs = ["127.0.0.1:1", "127.0.0.1:2", "127.0.0.1:3"];

@@ -20,6 +20,7 @@ fn init() -> std::sync::MutexGuard<'static, ()> {
         max_workers: 8,
         window_buckets: 10,
         bucket_ms: 1000,
+        rate_slots: 4096,
     };
     let mut err = [0 as std::ffi::c_char; 256];
     assert_eq!(
@@ -137,6 +138,7 @@ fn every_export_survives_null_and_out_of_range() {
             max_workers: 8,
             window_buckets: 10,
             bucket_ms: 1000,
+            rate_slots: 4096,
         };
         let mut err = [0 as std::ffi::c_char; 256];
         assert_eq!(

@@ -92,6 +92,7 @@ function _M.configure(user_conf)
     local params = ffi.new("autoscale_region_params_t", {
         max_upstreams = c.max_upstreams, max_peers = c.max_peers, max_workers = c.max_workers,
         window_buckets = c.window.buckets, bucket_ms = math.floor(c.window.bucket * 1000 + 0.5),
+        rate_slots = c.admission_rate_slots,
     })
     local rc = l.autoscale_region_init(params, errbuf, 512)
     if rc ~= 0 then

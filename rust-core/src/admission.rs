@@ -223,13 +223,55 @@ impl Bucket<'_> {
     }
 }
 
-/// FNV-1a of the upstream, the rule and the key (never 0: 0 marks a free bucket slot).
-pub fn key_hash(upstream: u32, rule: u32, key: &[u8]) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in upstream.to_le_bytes().iter().chain(rule.to_le_bytes().iter()).chain(key) {
-        h = (h ^ *b as u64).wrapping_mul(0x0100_0000_01b3);
+/// SipHash with `C` compression and `D` finalization rounds under key `k` (Aumasson & Bernstein, 2012): a keyed
+/// hash, so a client who does not know the key cannot compute keys that collide.
+pub fn siphash<const C: usize, const D: usize>(k: [u64; 2], data: &[u8]) -> u64 {
+    let mut v = [k[0] ^ 0x736f_6d65_7073_6575, k[1] ^ 0x646f_7261_6e64_6f6d, k[0] ^ 0x6c79_6765_6e65_7261,
+                 k[1] ^ 0x7465_6462_7974_6573];
+    let round = |v: &mut [u64; 4]| {
+        v[0] = v[0].wrapping_add(v[1]);
+        v[1] = v[1].rotate_left(13) ^ v[0];
+        v[0] = v[0].rotate_left(32);
+        v[2] = v[2].wrapping_add(v[3]);
+        v[3] = v[3].rotate_left(16) ^ v[2];
+        v[0] = v[0].wrapping_add(v[3]);
+        v[3] = v[3].rotate_left(21) ^ v[0];
+        v[2] = v[2].wrapping_add(v[1]);
+        v[1] = v[1].rotate_left(17) ^ v[2];
+        v[2] = v[2].rotate_left(32);
+    };
+    let compress = |v: &mut [u64; 4], m: u64| {
+        v[3] ^= m;
+        for _ in 0..C {
+            round(v);
+        }
+        v[0] ^= m;
+    };
+    let mut chunks = data.chunks_exact(8);
+    for c in &mut chunks {
+        compress(&mut v, u64::from_le_bytes(c.try_into().unwrap_or([0; 8])));
     }
-    h.max(1)
+    let mut last = [0u8; 8];
+    last[..chunks.remainder().len()].copy_from_slice(chunks.remainder());
+    last[7] = data.len() as u8;
+    compress(&mut v, u64::from_le_bytes(last));
+    v[2] ^= 0xff;
+    for _ in 0..D {
+        round(&mut v);
+    }
+    v[0] ^ v[1] ^ v[2] ^ v[3]
+}
+
+/// SipHash-1-3 (the variant Rust's `HashMap` uses) of the upstream, the rule and the key under `secret` (never 0:
+/// 0 marks a free bucket slot). Keys longer than 256 bytes are hashed on their first 256 bytes and their length.
+pub fn key_hash(secret: [u64; 2], upstream: u32, rule: u32, key: &[u8]) -> u64 {
+    let mut buf = [0u8; 8 + 8 + 256];
+    buf[..4].copy_from_slice(&upstream.to_le_bytes());
+    buf[4..8].copy_from_slice(&rule.to_le_bytes());
+    buf[8..16].copy_from_slice(&(key.len() as u64).to_le_bytes());
+    let n = key.len().min(256);
+    buf[16..16 + n].copy_from_slice(&key[..n]);
+    siphash::<1, 3>(secret, &buf[..16 + n]).max(1)
 }
 
 /// One admitted request of this worker, remembered until its log phase.
@@ -317,6 +359,8 @@ pub struct AdmissionStats {
     pub class_inflight: [i32; CLASSES],
     pub admitted: [u64; CLASSES],
     pub shed: [[u64; reason::N]; CLASSES],
+    /// Per rule: requests that found no bucket of their own and took the shared overflow bucket.
+    pub rate_overflow: [u64; RULES],
 }
 
 fn get(a: &AtomicU64) -> f64 {
@@ -413,6 +457,9 @@ impl Region {
                     a.head.class_inflight[class].fetch_sub(v, AcqRel);
                 }
             }
+            if let Some(w) = a.waiting.get(col as usize) {
+                a.head.waiting.fetch_sub(w.swap(0, AcqRel), AcqRel);
+            }
         }
         owner.store(pid, Release);
     }
@@ -440,6 +487,15 @@ impl Region {
         h.inflight.fetch_add(1, Relaxed);
         h.admitted[class].fetch_add(1, Relaxed);
         Some(true)
+    }
+
+    /// Adds `delta` (+1 or -1) to the requests of `up` waiting in the queue, counted in column `col` (so that what
+    /// a dead worker left counted is released with its column).
+    pub fn admission_wait(&self, up: u32, col: u32, delta: i32) {
+        let a = self.admission(up);
+        let col = (col as usize).min(a.waiting.len() - 1);
+        a.waiting[col].fetch_add(delta, Relaxed);
+        a.head.waiting.fetch_add(delta, Relaxed);
     }
 
     /// Counts a request of `class` shed for `why` (a [`reason`]).
@@ -477,8 +533,9 @@ impl Region {
         (rtt / 1e6 * (ahead / limit).max(1.0)).ceil().clamp(1.0, 3600.0)
     }
 
-    /// Takes a token of rate rule `rule` of `up` for `key`; on refusal the seconds until one is there. A rule
-    /// that is inactive, or a table too full to give the key a bucket, lets the request through.
+    /// Takes a token of rate rule `rule` of `up` for `key`; on refusal the seconds until one is there. An inactive
+    /// rule lets the request through. A key the table has no room for (its probe window full of recently used
+    /// buckets) shares the rule's overflow bucket with every other such key: a full table limits more, never less.
     pub fn admission_rate(&self, up: u32, rule: usize, key: &[u8], now_ms: u32) -> Result<(), f64> {
         let h = self.admission(up).head;
         let (Some(r), Some(b)) = (h.rule_rate.get(rule), h.rule_burst.get(rule)) else { return Ok(()) };
@@ -488,7 +545,8 @@ impl Region {
         }
         let factor = get(&h.rate_factor).clamp(0.0, 1.0);
         let (rate, burst) = (base * factor, (get(b) * factor).max(1.0));
-        let hash = key_hash(up, rule as u32, key);
+        let secret = std::array::from_fn(|i| self.header().hash_key[i].load(Relaxed));
+        let hash = key_hash(secret, up, rule as u32, key);
         let slots = self.rate_slots();
         let home = hash as usize & (slots.len() - 1);
         let probe = || (0..RATE_PROBE).map(|i| &slots[(home + i) & (slots.len() - 1)]);
@@ -509,7 +567,13 @@ impl Region {
                 return Bucket(&s.state).take(now_ms, rate, burst);
             }
         }
-        Ok(())
+        match (h.overflow.get(rule), h.overflow_requests.get(rule)) {
+            (Some(o), Some(n)) => {
+                n.fetch_add(1, Relaxed);
+                Bucket(o).take(now_ms, rate, burst)
+            }
+            _ => Err(1.0),
+        }
     }
 
     /// Periodic update of `up` (any worker may call it; one per interval does the work): moves the limit, measures
@@ -592,6 +656,7 @@ impl Region {
             class_inflight: std::array::from_fn(|i| h.class_inflight[i].load(Relaxed)),
             admitted: std::array::from_fn(|i| h.admitted[i].load(Relaxed)),
             shed: std::array::from_fn(|c| std::array::from_fn(|r| h.shed[c][r].load(Relaxed))),
+            rate_overflow: std::array::from_fn(|r| h.overflow_requests[r].load(Relaxed)),
         }
     }
 }
@@ -832,5 +897,83 @@ mod tests {
         let s = r.admission_stats(0);
         assert_eq!((s.inflight, s.class_inflight[2]), (0, 0));
         assert_eq!(r.admission_admit(1, 0, 0), None, "off unless configured");
+    }
+
+    #[test]
+    fn a_dead_workers_queue_waiters_are_released_with_its_column() {
+        let r = region();
+        r.admission_configure(0, &conf(0), 0);
+        r.admission_claim_column(1, 100);
+        r.admission_wait(0, 1, 1);
+        r.admission_wait(0, 1, 1);
+        r.admission_wait(0, 0, 1);
+        assert_eq!(r.admission_stats(0).waiting, 3);
+        r.admission_claim_column(1, 200); // the worker was killed during the wait; its successor takes the column
+        assert_eq!(r.admission_stats(0).waiting, 1, "only the live worker's waiter is left");
+    }
+
+    #[test]
+    fn siphash_matches_the_reference_vectors() {
+        // From the SipHash paper (appendix A) and the reference implementation's vectors.h: key 00..0f.
+        let k = [u64::from_le_bytes([0, 1, 2, 3, 4, 5, 6, 7]), u64::from_le_bytes([8, 9, 10, 11, 12, 13, 14, 15])];
+        let msg: Vec<u8> = (0..15).collect();
+        assert_eq!(siphash::<2, 4>(k, &msg), 0xa129_ca61_49be_45e5);
+        assert_eq!(siphash::<2, 4>(k, &[]), 0x726f_db47_dd0e_0e31);
+        assert_ne!(key_hash(k, 0, 0, b"a"), key_hash([k[0] ^ 1, k[1]], 0, 0, b"a"), "the secret changes the hash");
+    }
+
+    /// The unkeyed hash rate keys used to have (FNV-1a), for the attack below.
+    fn fnv(upstream: u32, rule: u32, key: &[u8]) -> u64 {
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        for b in upstream.to_le_bytes().iter().chain(rule.to_le_bytes().iter()).chain(key) {
+            h = (h ^ *b as u64).wrapping_mul(0x0100_0000_01b3);
+        }
+        h.max(1)
+    }
+
+    #[test]
+    fn keys_computed_offline_do_not_switch_off_a_victims_limit() {
+        let r = region();
+        r.admission_configure(1, &conf(0), 0);
+        r.admission_rule(1, 0, 1.0, 5.0);
+        let slots = r.rate_slots().len() as u64;
+        let victim = b"victim";
+        let home = fnv(1, 0, victim) % slots;
+        // Keys whose public hash falls into the victim's probe window, found offline.
+        let mut attack = Vec::new();
+        let mut i = 0u64;
+        while attack.len() < RATE_PROBE * 2 {
+            let k = format!("k{i}");
+            if (fnv(1, 0, k.as_bytes()) % slots).wrapping_sub(home) % slots < RATE_PROBE as u64 {
+                attack.push(k);
+            }
+            i += 1;
+        }
+        for k in &attack {
+            let _ = r.admission_rate(1, 0, k.as_bytes(), 1000);
+        }
+        let admitted = (0..1000).filter(|_| r.admission_rate(1, 0, victim, 1000).is_ok()).count();
+        assert_eq!(admitted, 5, "the victim keeps its own limit (burst 5)");
+        assert_eq!(r.admission_stats(1).rate_overflow[0], 0);
+    }
+
+    #[test]
+    fn a_full_table_limits_new_keys_through_the_overflow_bucket() {
+        let p = crate::layout::Params { max_upstreams: 2, max_peers: 4, max_workers: 2, rate_slots: 64, ..Default::default() };
+        let r = Region::new_heap(p, 0).unwrap();
+        r.admission_configure(0, &conf(0), 0);
+        r.admission_rule(0, 0, 1.0, 3.0);
+        for i in 0..64 * 8 {
+            let _ = r.admission_rate(0, 0, format!("fill{i}").as_bytes(), 1000);
+        }
+        assert!(r.rate_slots().iter().all(|s| s.key.load(Relaxed) != 0), "every bucket is taken");
+        let before = r.admission_stats(0).rate_overflow[0];
+        assert!(before > 0, "the keys past the table's room were counted");
+        // The overflow bucket (burst 3) is long empty: new keys are limited, not let through.
+        let admitted = (0..100).filter(|i| r.admission_rate(0, 0, format!("new{i}").as_bytes(), 1000).is_ok()).count();
+        assert_eq!(admitted, 0);
+        assert_eq!(r.admission_stats(0).rate_overflow[0], before + 100);
+        // A minute later every bucket is idle and may be given to a new key again.
+        assert!(r.admission_rate(0, 0, b"later", 62_000).is_ok());
     }
 }

@@ -7,8 +7,9 @@
 //! Header | worker pids [max_workers] | events [EVENT_RING] | upstream records [max_upstreams] | peer records [max_peers]
 //! upstream record = UpstreamHead + peer slot list [max_peers]
 //! peer record     = PeerHead + window buckets [window_buckets + 1] + in-flight per worker [max_workers]
-//! then: admission records [max_upstreams] | admission column owners [max_workers] | rate buckets [RATE_SLOTS]
+//! then: admission records [max_upstreams] | admission column owners [max_workers] | rate buckets [rate_slots]
 //! admission record = AdmissionHead + in-flight per (worker + 1 spare column) and class [(max_workers + 1) * CLASSES]
+//!                    + queue waiters per column [max_workers + 1]
 //! ```
 //! The region is mapped `MAP_SHARED | MAP_ANONYMOUS` in the nginx master before it forks, so every worker sees the
 //! same memory; it is never unmapped, so a reload reuses it and a worker killed mid-request cannot take it away. The
@@ -23,7 +24,7 @@ use std::sync::atomic::{AtomicI32, AtomicU32, AtomicU64, Ordering::*};
 /// "ASCALE" and a format number.
 pub const MAGIC: u64 = u64::from_le_bytes(*b"ASCALE\x00\x01");
 /// Bumped whenever any record changes shape.
-pub const LAYOUT_VERSION: u32 = 6;
+pub const LAYOUT_VERSION: u32 = 7;
 /// Events kept in the ring (the most recent ones).
 pub const EVENT_RING: usize = 1024;
 /// Event kinds counted in [`Header::event_totals`] (kinds at or above it count in the last one).
@@ -42,6 +43,8 @@ pub struct Params {
     pub window_buckets: u32,
     /// Width of a bucket in milliseconds.
     pub bucket_ms: u32,
+    /// Token buckets of the rate limits, shared by all upstreams and rules (a power of two).
+    pub rate_slots: u32,
 }
 
 impl Default for Params {
@@ -52,6 +55,7 @@ impl Default for Params {
             max_workers: 64,
             window_buckets: 10,
             bucket_ms: 1000,
+            rate_slots: 4096,
         }
     }
 }
@@ -66,6 +70,8 @@ pub enum LayoutError {
         max: u64,
         got: u64,
     },
+    #[error("{field} must be a power of two (got {got})")]
+    PowerOfTwo { field: &'static str, got: u64 },
     #[error("shared memory of {0} bytes could not be mapped: {1}")]
     Map(usize, String),
     #[error(
@@ -83,6 +89,7 @@ fn differences(have: &Params, want: &Params) -> String {
         ("max_workers", have.max_workers, want.max_workers),
         ("window.buckets", have.window_buckets, want.window_buckets),
         ("window.bucket_ms", have.bucket_ms, want.bucket_ms),
+        ("admission_rate_slots", have.rate_slots, want.rate_slots),
     ];
     let parts: Vec<String> = fields
         .iter()
@@ -114,6 +121,10 @@ impl Params {
         check("max_workers", self.max_workers, 1, 1024)?;
         check("window.buckets", self.window_buckets, 1, 600)?;
         check("window.bucket_ms", self.bucket_ms, 10, 60_000)?;
+        check("admission_rate_slots", self.rate_slots, 64, 1 << 20)?;
+        if !self.rate_slots.is_power_of_two() {
+            return Err(LayoutError::PowerOfTwo { field: "admission_rate_slots", got: self.rate_slots as u64 });
+        }
         Ok(())
     }
 }
@@ -169,6 +180,10 @@ pub struct Header {
     pub window_buckets: AtomicU32,
     pub bucket_ms: AtomicU32,
     pub total_size: AtomicU64,
+    pub rate_slots: AtomicU32,
+    pub _pad0: u32,
+    /// Secret key of the rate-limit key hash, drawn at random when the region is made (see `admission`).
+    pub hash_key: [AtomicU64; 2],
     pub created_us: AtomicU64,
     /// Incremented by every configuration change.
     pub config_epoch: AtomicU64,
@@ -293,9 +308,6 @@ pub struct PeerHead {
     pub latency: crate::window::LatencyTotals,
 }
 
-/// Token buckets shared by the rate limits of all upstreams (a hash table; see `admission`).
-pub const RATE_SLOTS: usize = 4096;
-
 /// Admission state of an upstream (see `admission`); f64 values are stored as bits.
 #[repr(C)]
 pub struct AdmissionHead {
@@ -336,6 +348,9 @@ pub struct AdmissionHead {
     pub rule_burst: [AtomicU64; crate::admission::RULES],
     pub admitted: [AtomicU64; crate::admission::CLASSES],
     pub shed: [[AtomicU64; crate::admission::reason::N]; crate::admission::CLASSES],
+    /// Per rule: the bucket shared by the keys the table had no room for, and how many requests it took.
+    pub overflow: [AtomicU64; crate::admission::RULES],
+    pub overflow_requests: [AtomicU64; crate::admission::RULES],
 }
 
 /// One token bucket of the shared table.
@@ -351,6 +366,8 @@ pub struct RateSlot {
 pub struct Admission<'a> {
     pub head: &'a AdmissionHead,
     pub columns: &'a [AtomicI32],
+    /// Requests waiting in the queue, per column (what a dead worker's column held is released with it).
+    pub waiting: &'a [AtomicI32],
 }
 
 /// An upstream record and its slot list.
@@ -407,11 +424,11 @@ impl Layout {
         let admission_off = peers_off + peer_stride * p.max_peers as usize;
         let admission_stride = round64(
             std::mem::size_of::<AdmissionHead>()
-                + (p.max_workers as usize + 1) * crate::admission::CLASSES * 4,
+                + (p.max_workers as usize + 1) * (crate::admission::CLASSES + 1) * 4,
         );
         let owners_off = admission_off + admission_stride * p.max_upstreams as usize;
         let rate_off = owners_off + round64(p.max_workers as usize * 4);
-        let total = rate_off + RATE_SLOTS * std::mem::size_of::<RateSlot>();
+        let total = rate_off + p.rate_slots as usize * std::mem::size_of::<RateSlot>();
         Layout {
             admission_off,
             admission_stride,
@@ -509,6 +526,10 @@ impl Region {
         h.window_buckets.store(p.window_buckets, Relaxed);
         h.bucket_ms.store(p.bucket_ms, Relaxed);
         h.total_size.store(self.layout.total as u64, Relaxed);
+        h.rate_slots.store(p.rate_slots, Relaxed);
+        for (k, seed) in h.hash_key.iter().zip([0u64, 1]) {
+            k.store(random_u64(seed), Relaxed);
+        }
         h.created_us.store(now_us, Relaxed);
         h.magic.store(MAGIC, Release);
     }
@@ -528,6 +549,7 @@ impl Region {
             max_workers: h.max_workers.load(Relaxed),
             window_buckets: h.window_buckets.load(Relaxed),
             bucket_ms: h.bucket_ms.load(Relaxed),
+            rate_slots: h.rate_slots.load(Relaxed),
         };
         if have != self.layout.params {
             return Err(LayoutError::Foreign);
@@ -633,13 +655,16 @@ impl Region {
     pub fn admission(&self, i: u32) -> Admission<'_> {
         let i = (i as usize).min(self.layout.params.max_upstreams as usize - 1);
         let off = self.layout.admission_off + i * self.layout.admission_stride;
-        let cols = (self.layout.params.max_workers as usize + 1) * crate::admission::CLASSES;
+        let ncol = self.layout.params.max_workers as usize + 1;
+        let cols = ncol * crate::admission::CLASSES;
+        let head = std::mem::size_of::<AdmissionHead>();
         // SAFETY: record `i` lies within the admission table; the head (a multiple of 8 bytes) is followed by its
-        // columns within the stride.
+        // in-flight columns, then its waiting counts, all i32, within the stride.
         unsafe {
             Admission {
                 head: &self.slice_at::<AdmissionHead>(off, 1)[0],
-                columns: self.slice_at(off + std::mem::size_of::<AdmissionHead>(), cols),
+                columns: self.slice_at(off + head, cols),
+                waiting: self.slice_at(off + head + cols * 4, ncol),
             }
         }
     }
@@ -652,9 +677,18 @@ impl Region {
 
     /// The shared token buckets.
     pub fn rate_slots(&self) -> &[RateSlot] {
-        // SAFETY: `rate_off` is 64-aligned and RATE_SLOTS slots end the region.
-        unsafe { self.slice_at(self.layout.rate_off, RATE_SLOTS) }
+        // SAFETY: `rate_off` is 64-aligned and `rate_slots` slots end the region.
+        unsafe { self.slice_at(self.layout.rate_off, self.layout.params.rate_slots as usize) }
     }
+}
+
+/// A random number: std's per-process random SipHash keys applied to `salt` (no unsafe code, no extra dependency).
+fn random_u64(salt: u64) -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(salt);
+    h.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos()));
+    h.finish()
 }
 
 #[cfg(test)]
@@ -673,7 +707,7 @@ mod tests {
 
     #[test]
     fn admission_records_fit_in_the_region() {
-        let p = Params { max_upstreams: 3, max_peers: 2, max_workers: 3, window_buckets: 2, bucket_ms: 1000 };
+        let p = Params { max_upstreams: 3, max_peers: 2, max_workers: 3, window_buckets: 2, bucket_ms: 1000, rate_slots: 64 };
         let r = Region::new_heap(p, 0).unwrap();
         let end = r.base.as_ptr() as usize + r.layout.total;
         for i in 0..3 {
@@ -697,6 +731,7 @@ mod tests {
             max_workers: 3,
             window_buckets: 2,
             bucket_ms: 1000,
+            rate_slots: 64,
         };
         let r = Region::new_heap(p, 0).unwrap();
         let end = r.base.as_ptr() as usize + r.layout.total;

@@ -555,7 +555,7 @@ function _M.admit(name, opts)
         return true
     end
     if a.queue > 0 then
-        lib.autoscale_admission_wait(a.idx, 1)
+        lib.autoscale_admission_wait(r, a.idx, 1)
         update_time()
         local deadline = ngx_now() + a.queue
         repeat
@@ -563,7 +563,7 @@ function _M.admit(name, opts)
             rc = lib.autoscale_admission_admit(r, a.idx, cl.index, retry)
             update_time()
         until rc ~= SHED or ngx_now() >= deadline
-        lib.autoscale_admission_wait(a.idx, -1)
+        lib.autoscale_admission_wait(r, a.idx, -1)
         if rc ~= SHED then
             return true
         end
@@ -598,7 +598,8 @@ function _M.status(name)
     local rules = {}
     for i, r in ipairs(a.rules) do
         rules[i] = { rate = r.rate, burst = r.burst, active = r.active or false,
-                     effective_rate = (r.active and r.rate or 0) * stats.rate_factor }
+                     effective_rate = (r.active and r.rate or 0) * stats.rate_factor,
+                     overflow = tonumber(stats.rate_overflow[i - 1]) }
     end
     return {
         algorithm = a.concurrency.algorithm, limit = stats.limit, min_rtt = stats.min_rtt,
@@ -626,6 +627,8 @@ local FAMILIES = {
     { "autoscale_admission_rate_factor", "gauge", "Multiplier on the rate limits (below 1 while tightened)." },
     { "autoscale_admission_admitted_total", "counter", "Requests admitted, by class." },
     { "autoscale_admission_shed_total", "counter", "Requests shed, by class and reason (concurrency, rate, queue_timeout)." },
+    { "autoscale_admission_rate_overflow_total", "counter",
+      "Requests whose key found no bucket of its own (table full) and took the rule's shared overflow bucket." },
 }
 
 -- text = admission.prometheus(): the admission families (empty without admission), for the exporter.
@@ -651,6 +654,9 @@ function _M.prometheus()
             add("autoscale_admission_min_rtt_seconds", l, st.min_rtt)
             add("autoscale_admission_sample_rtt_seconds", l, st.sample_rtt)
             add("autoscale_admission_rate_factor", l, st.rate_factor)
+            for i, rl in ipairs(st.rate_limits) do
+                add("autoscale_admission_rate_overflow_total", l .. ',rule="' .. i .. '"', rl.overflow)
+            end
             for _, c in ipairs(ups[name].classes) do
                 local cl = l .. ',class="' .. c.name .. '"'
                 local cs = st.classes[c.name]

@@ -21,6 +21,7 @@ typedef struct autoscale_region_params_t {
   uint32_t max_workers;
   uint32_t window_buckets;
   uint32_t bucket_ms;
+  uint32_t rate_slots;
 } autoscale_region_params_t;
 typedef struct autoscale_peer_spec_t {
   const uint8_t *addr;
@@ -188,6 +189,7 @@ typedef struct autoscale_admission_stats_t {
   int32_t class_inflight[4];
   uint64_t admitted[4];
   uint64_t shed[12];
+  uint64_t rate_overflow[8];
 } autoscale_admission_stats_t;
 typedef struct autoscale_cost_t {
   uint64_t balancer_ns;
@@ -342,7 +344,9 @@ int autoscale_admission_admit(const void *req,
 int autoscale_admission_shed(uint32_t upstream,
                              uint32_t class_,
                              uint32_t why);
-int autoscale_admission_wait(uint32_t upstream, int delta);
+int autoscale_admission_wait(const void *req,
+                             uint32_t upstream,
+                             int delta);
 int autoscale_admission_done(const void *req,
                              int status);
 int autoscale_admission_update(uint32_t upstream,

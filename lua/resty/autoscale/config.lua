@@ -22,6 +22,7 @@ _M.defaults = {
     max_upstreams = 64,
     max_peers = 256,
     max_workers = 64,
+    admission_rate_slots = 4096,
     window = { buckets = 10, bucket = 1 },
     upstream = {
         balancer = "peak_ewma",
@@ -424,7 +425,7 @@ function _M.validate(conf)
     end
     local ok, err = known("configuration", conf, {
         upstreams = true, max_upstreams = true, max_peers = true, max_workers = true, window = true, lib_path = true,
-        event_log = true, cluster = true,
+        event_log = true, cluster = true, admission_rate_slots = true,
     })
     if not ok then
         return nil, (err:gsub("^configuration%.", ""))
@@ -433,6 +434,7 @@ function _M.validate(conf)
     local out = {}
     for field, spec in pairs {
         max_upstreams = { 1, 4096 }, max_peers = { 1, 65536 }, max_workers = { 1, 1024 },
+        admission_rate_slots = { 64, 1048576 },
     } do
         local v = conf[field]
         if v == nil then
@@ -443,6 +445,13 @@ function _M.validate(conf)
                 return nil, err
             end
         end
+    end
+    local slots, p2 = out.admission_rate_slots, 64
+    while p2 < slots do
+        p2 = p2 * 2
+    end
+    if p2 ~= slots then
+        return fail("admission_rate_slots", "must be a power of two (got %s)", tostring(slots))
     end
     if conf.lib_path ~= nil and type(conf.lib_path) ~= "string" then
         return fail("lib_path", "must be a string (got %s)", type(conf.lib_path))
