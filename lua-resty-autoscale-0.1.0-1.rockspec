@@ -33,6 +33,7 @@ build = {
          ["resty.autoscale.trace"] = "lua/resty/autoscale/trace.lua",
          ["resty.autoscale.lib"] = "lua/resty/autoscale/lib.lua",
          ["resty.autoscale.status"] = "lua/resty/autoscale/status.lua",
+         ["resty.autoscale.redact"] = "lua/resty/autoscale/redact.lua",
       },
       lib = {
          ["libresty_autoscale"] = "target/release/libresty_autoscale.so",

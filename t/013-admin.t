@@ -69,7 +69,7 @@ our $Helpers = <<'_EOC_';
 
     local function api(method, path, body, headers, opts)
         headers = headers or { Authorization = "Bearer " .. TOKEN }
-        if body and headers["Content-Type"] == nil and headers.Authorization then
+        if (body or method == "POST") and headers["Content-Type"] == nil and headers.Authorization then
             headers["Content-Type"] = "application/json"
         end
         local req = { port = ADMIN, method = method, path = "/autoscale/admin" .. path, headers = headers, body = body }
@@ -381,6 +381,129 @@ from a unix socket: 200 backend
 another token: 401
 --- error_log
 refused GET /ops/upstreams/backend from 127.0.0.1: 403 client address 127.0.0.1 is not in admin.allow
+--- no_error_log
+[error]
+
+
+
+=== TEST 10: the connection's own address counts: with set_real_ip_from, X-Forwarded-For: 127.0.0.2 from 127.0.0.1 is refused
+--- http_config
+    init_by_lua_block {
+        autoscale = require "resty.autoscale"
+        autoscale.configure { upstreams = { backend = { peers = { "127.0.0.1:$TEST_NGINX_RAND_PORT_1" } } } }
+        autoscale.admin { token_env = "AUTOSCALE_ADMIN_TOKEN", allow = { "127.0.0.2" } }
+    }
+    server {
+        listen 127.0.0.1:$TEST_NGINX_RAND_PORT_6;
+        set_real_ip_from 127.0.0.0/8;
+        real_ip_header X-Forwarded-For;
+        location /autoscale/admin { content_by_lua_block { autoscale.admin_handler() } }
+    }
+--- config
+    location = /t {
+        content_by_lua_block {
+            local t = require "autoscale_test"
+            local epoch = autoscale.status_all().region.config_epoch
+            local function post(bind, xff)
+                local status, body = t.request { port = $TEST_NGINX_RAND_PORT_6, method = "POST", bind = bind,
+                    path = "/autoscale/admin/upstreams/backend/peers", body = '{"addr":"127.0.0.1:9"}',
+                    headers = { Authorization = "Bearer test-admin-token-0123456789abcdef",
+                                ["Content-Type"] = "application/json", ["X-Forwarded-For"] = xff } }
+                return status .. " " .. tostring(require("cjson").decode(body).error)
+            end
+            ngx.say("forged X-Forwarded-For: ", post(nil, "127.0.0.2"))
+            ngx.say("unchanged: ", autoscale.status_all().region.config_epoch == epoch)
+            ngx.say("from 127.0.0.2 itself: ", post("127.0.0.2", "10.1.1.1"))
+        }
+    }
+--- request
+GET /t
+--- response_body
+forged X-Forwarded-For: 403 client address 127.0.0.1 is not in admin.allow
+unchanged: true
+from 127.0.0.2 itself: 201 nil
+--- no_error_log
+[error]
+
+
+
+=== TEST 11: a browser's cross-site "simple" POST (a form or text/plain, no preflight) gets 415 and changes nothing
+--- http_config eval: $::HttpConfig
+--- config eval
+"location = /t { content_by_lua_block { $::Helpers" . <<'_EOC_'
+            local before = state()
+            for _, ctype in ipairs { "application/x-www-form-urlencoded", "text/plain", "multipart/form-data; boundary=x" } do
+                local st, body = api("POST", "/upstreams/backend/peers/" .. P1 .. "/drain", nil,
+                                     { Authorization = "Bearer " .. TOKEN, ["Content-Type"] = ctype })
+                ngx.say(ctype, ": ", st, " ", body.error)
+            end
+            ngx.say("state byte-identical: ", state() == before)
+        }
+    }
+_EOC_
+--- request
+GET /t
+--- response_body
+application/x-www-form-urlencoded: 415 a change must be application/json (got Content-Type application/x-www-form-urlencoded)
+text/plain: 415 a change must be application/json (got Content-Type text/plain)
+multipart/form-data; boundary=x: 415 a change must be application/json (got Content-Type multipart/form-data; boundary=x)
+state byte-identical: true
+--- no_error_log
+[error]
+
+
+
+=== TEST 12: status, the dashboard's data and the admin API show no credentials (URL userinfo, token query parameters, secrets)
+--- http_config
+    lua_shared_dict autoscale_scaling 1m;
+    init_by_lua_block {
+        autoscale = require "resty.autoscale"
+        autoscale.configure { upstreams = { backend = { peers = { "127.0.0.1:$TEST_NGINX_RAND_PORT_1" },
+            scaling = { min = 1, max = 4, external = { url = "http://127.0.0.1:9/prom?access_token=pr0m-tok&x=1",
+                                                       query = "up", target = 10, interval = 3600 },
+                        actuator = { type = "webhook", url = "https://127.0.0.1:9/scale?token=h00k-tok",
+                                     secret = "h00k-hmac-secret" } } } } }
+        autoscale.admin { token_env = "AUTOSCALE_ADMIN_TOKEN" }
+    }
+    init_worker_by_lua_block { autoscale.init_worker() }
+    server {
+        listen 127.0.0.1:$TEST_NGINX_RAND_PORT_6;
+        location /autoscale/admin { content_by_lua_block { autoscale.admin_handler() } }
+        location = /status { content_by_lua_block { autoscale.status_handler() } }
+        location = /dashboard { content_by_lua_block { autoscale.dashboard_handler() } }
+    }
+--- config
+    location = /t {
+        content_by_lua_block {
+            local t = require "autoscale_test"
+            local leaks = { "pr0m-tok", "h00k-tok", "h00k-hmac-secret", "test-admin-token" }
+            for _, path in ipairs { "/status", "/status?upstream=backend", "/dashboard?format=json",
+                                    "/autoscale/admin/upstreams/backend", "/autoscale/admin/status" } do
+                local st, body = t.request { port = $TEST_NGINX_RAND_PORT_6, path = path,
+                    headers = { Authorization = "Bearer test-admin-token-0123456789abcdef", Accept = "application/json" } }
+                local found = {}
+                for _, s in ipairs(leaks) do
+                    if body and body:find(s, 1, true) then found[#found + 1] = s end
+                end
+                ngx.say(path, ": ", st, ", leaked: ", #found == 0 and "none" or table.concat(found, ","),
+                        ", 127.0.0.1:9 shown: ", body and body:find("127.0.0.1:9", 1, true) ~= nil)
+            end
+            local redact = require "resty.autoscale.redact"
+            ngx.say(redact.text("etcd http://root:pw@10.0.0.1:2379/v3?Password=x&ok=1 failed"))
+            local v = redact.value { headers = { Authorization = "Bearer x" }, token_env = "T", n = 1 }
+            ngx.say(v.headers.Authorization, " ", v.token_env, " ", v.n)
+        }
+    }
+--- request
+GET /t
+--- response_body
+/status: 200, leaked: none, 127.0.0.1:9 shown: true
+/status?upstream=backend: 200, leaked: none, 127.0.0.1:9 shown: true
+/dashboard?format=json: 200, leaked: none, 127.0.0.1:9 shown: true
+/autoscale/admin/upstreams/backend: 200, leaked: none, 127.0.0.1:9 shown: true
+/autoscale/admin/status: 200, leaked: none, 127.0.0.1:9 shown: true
+etcd http://[redacted]@10.0.0.1:2379/v3?Password=[redacted]&ok=1 failed
+[redacted] T 1
 --- no_error_log
 [error]
 

@@ -38,6 +38,7 @@ our $HttpConfig = <<'_EOC_';
             discovery = { standby = { "127.0.0.1:$TEST_NGINX_RAND_PORT_2", "127.0.0.1:$TEST_NGINX_RAND_PORT_3" },
                           drain_timeout = 10 },
         } } }
+        autoscale.admin { token_env = "AUTOSCALE_T_ADMIN_TOKEN", allow = { "127.0.0.1", "unix:" } }
     }
     init_worker_by_lua_block { autoscale.init_worker() }
     upstream api {
@@ -204,7 +205,9 @@ inputs that raised: 0
             local gw = $TEST_NGINX_RAND_PORT_5
             local p1, p2, p3 = "$TEST_NGINX_RAND_PORT_1", "$TEST_NGINX_RAND_PORT_2", "$TEST_NGINX_RAND_PORT_3"
             local function post(q)
-                local code, body = t.request { port = gw, method = "POST", path = "/discovery?" .. q }
+                local code, body = t.request { port = gw, method = "POST", path = "/discovery?" .. q,
+                                               headers = { Authorization = "Bearer discovery-test-token-0123456789",
+                                                           ["Content-Type"] = "application/json" } }
                 return code, body and cjson.decode(body)
             end
             local function served(n) -- which backends a burst of requests reached, as "port:count" in port order
@@ -394,28 +397,31 @@ promtool: 0
 
 
 
-=== TEST 7: a POST to the discovery handler needs the admin token once the admin API is on (and its allow list)
---- http_config eval
-my $c = $::HttpConfig;
-$c =~ s/(\n    \}\n    init_worker_by_lua_block)/\n        autoscale.admin { token_env = "AUTOSCALE_T_ADMIN_TOKEN", allow = { "127.0.0.1", "unix:" } }$1/
-    or die "no init_by_lua_block to extend";
-$c
+=== TEST 7: a POST to the discovery handler needs the admin token, a client in the allow list by its own address (not X-Forwarded-For) and a JSON content type
+--- http_config eval: $::HttpConfig
 --- config
     location = /t {
         content_by_lua_block {
             local t = require "autoscale_test"
             local gw = $TEST_NGINX_RAND_PORT_5
-            local function post(q, token, bind)
+            local function post(q, token, bind, ctype, xff)
+                local h = { ["Content-Type"] = ctype, ["X-Forwarded-For"] = xff }
+                if token then h.Authorization = "Bearer " .. token end
                 local code, body = t.request { port = gw, method = "POST", path = "/discovery?" .. q, bind = bind,
-                                               headers = token and { Authorization = "Bearer " .. token } or nil }
+                                               headers = h }
                 return tostring(code) .. " " .. (body or ""):gsub("\n$", "")
             end
             local function active() return autoscale.discovery.state("api").standby.active end
             ngx.say("no token: ", post("upstream=api&activate=1"), ", active ", active())
             ngx.say("wrong token: ", post("upstream=api&activate=1", "not-the-token-0123456789"), ", active ", active())
-            ngx.say("from 127.0.0.2: ", post("upstream=api&activate=1", "discovery-test-token-0123456789", "127.0.0.2"),
+            local tok, json = "discovery-test-token-0123456789", "application/json"
+            ngx.say("from 127.0.0.2: ", post("upstream=api&activate=1", tok, "127.0.0.2", json), ", active ", active())
+            ngx.say("from 127.0.0.2 as X-Forwarded-For 127.0.0.1: ",
+                    post("upstream=api&activate=1", tok, "127.0.0.2", json, "127.0.0.1"), ", active ", active())
+            ngx.say("form body: ", post("upstream=api&activate=1", tok, nil, "application/x-www-form-urlencoded"),
                     ", active ", active())
-            local r = post("upstream=api&activate=1", "discovery-test-token-0123456789")
+            ngx.say("no content type: ", post("upstream=api&activate=1", tok), ", active ", active())
+            local r = post("upstream=api&activate=1", tok, nil, json)
             ngx.say("token: ", r:match("^%d+"), ", active ", active())
             ngx.say("GET needs none: ", (t.request { port = gw, path = "/discovery?upstream=api" }))
         }
@@ -426,6 +432,9 @@ GET /t
 no token: 401 {"error":"an Authorization: Bearer token is required"}, active 0
 wrong token: 401 {"error":"invalid token"}, active 0
 from 127.0.0.2: 403 {"error":"client address 127.0.0.2 is not in admin.allow"}, active 0
+from 127.0.0.2 as X-Forwarded-For 127.0.0.1: 403 {"error":"client address 127.0.0.2 is not in admin.allow"}, active 0
+form body: 415 {"error":"a change must be application\/json (got Content-Type application\/x-www-form-urlencoded)"}, active 0
+no content type: 415 {"error":"a change must be application\/json (got Content-Type none)"}, active 0
 token: 200, active 1
 GET needs none: 200
 --- error_log

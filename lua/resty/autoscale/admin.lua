@@ -287,15 +287,8 @@ local function refuse(code, reason, headers)
     return reply(code, { error = reason, status = code, request_id = ngx.var.request_id }, headers)
 end
 
--- The networks of the default allow list (loopback), for `authorize` while the admin API is off.
-local LOOPBACK = {}
-for i, text in ipairs(_M.defaults.allow) do
-    LOOPBACK[i] = assert(cidr(text))
-end
-LOOPBACK[#LOOPBACK + 1] = { unix = true }
-
-local function allowed(addr, nets)
-    for _, net in ipairs(nets or settings.allow) do
+local function allowed(addr)
+    for _, net in ipairs(settings.allow) do
         if in_network(net, addr) then
             return true
         end
@@ -303,20 +296,31 @@ local function allowed(addr, nets)
     return false
 end
 
--- ok, code, reason, headers = admin.authorize(): whether this request may change state through an endpoint other
--- than the admin API (the discovery handler's POST). While the admin API is on: the same rules (its allow list and
--- its bearer token). While it is off: loopback and unix-socket clients only.
-function _M.authorize()
-    local client = ngx.var.binary_remote_addr or ""
-    if not settings then
-        if allowed(client, LOOPBACK) then
-            return true
-        end
-        return false, 403, "client address " .. tostring(ngx.var.remote_addr)
-            .. " may not change state (loopback only while the admin API is off)"
+-- The client address of the connection itself, in $binary_remote_addr's form: what the realip module (with
+-- set_real_ip_from) took from X-Forwarded-For or the PROXY protocol is not the connection's, so it does not count.
+local function connection_addr()
+    local own = ngx.var.realip_remote_addr
+    if own == nil or own == ngx.var.remote_addr then
+        return ngx.var.binary_remote_addr or ""
     end
-    if not allowed(client) then
-        return false, 403, "client address " .. tostring(ngx.var.remote_addr) .. " is not in admin.allow"
+    if sub(own, 1, 5) == "unix:" then
+        return "unix:"
+    end
+    return ipv4(own) or ipv6(own) or ""
+end
+
+-- ok, code, reason, headers = admin.authorize(): whether this request may change state, for the admin API and for
+-- other endpoints that change state (the discovery handler's POST). A change needs the admin API on (without it
+-- there is no token, and nothing changes state), a client whose connection comes from its allow list (the
+-- connection's own address, not one from X-Forwarded-For), and its bearer token. Browsers cannot send the token
+-- (nor the application/json body state changes need) cross-site without a CORS preflight, which is never granted.
+function _M.authorize()
+    if not settings then
+        return false, 403, "state changes need the admin API and its token (autoscale.admin{...} in init_by_lua*)"
+    end
+    if not allowed(connection_addr()) then
+        return false, 403, "client address " .. tostring(ngx.var.realip_remote_addr or ngx.var.remote_addr)
+            .. " is not in admin.allow"
     end
     local auth = ngx.var.http_authorization
     local given = auth and match(auth, "^[Bb]earer +([^%s]+) *$")
@@ -328,6 +332,17 @@ function _M.authorize()
         return false, 401, "invalid token", { ["WWW-Authenticate"] = 'Bearer realm="autoscale", error="invalid_token"' }
     end
     return true
+end
+
+-- ok, code, reason = admin.json_request(): whether a state-changing request carries a JSON body type
+-- (application/json; a form or text/plain POST, which a browser sends cross-site without asking, gets 415).
+function _M.json_request()
+    local ctype = lower(ngx.var.content_type or "")
+    if match(ctype, "^application/json%s*$") or match(ctype, "^application/json%s*;") then
+        return true
+    end
+    return false, 415, "a change must be application/json (got Content-Type "
+        .. (ngx.var.content_type or "none") .. ")"
 end
 
 -- body, code, reason = read_body(): the request body as a decoded JSON object ({} when there is none)
@@ -351,10 +366,6 @@ local function read_body()
     end
     if not data or data == "" then
         return {}
-    end
-    local ctype = lower(ngx.var.content_type or "")
-    if not match(ctype, "^application/json%s*$") and not match(ctype, "^application/json%s*;") then
-        return nil, 415, "the body must be application/json (got Content-Type " .. (ngx.var.content_type or "none") .. ")"
     end
     local value, err = json.decode(data)
     if value == nil then
@@ -553,6 +564,13 @@ function _M.handler()
         for m in pairs(methods) do allow[#allow + 1] = m end
         sort(allow)
         return refuse(405, "method " .. method .. " not allowed here", { Allow = concat(allow, ", ") })
+    end
+    if type(handler) ~= "function" and (method == "POST" or (tonumber(ngx.var.http_content_length) or 0) > 0
+                                        or ngx.var.http_transfer_encoding) then
+        local json_ok, code1, reason1 = _M.json_request()
+        if not json_ok then
+            return refuse(code1, reason1)
+        end
     end
     local body, code, reason = read_body()
     if not body then

@@ -19,6 +19,7 @@ local cjson = require "cjson.safe"
 local config = require "resty.autoscale.config"
 local control = require "resty.autoscale.control"
 local addr = require "resty.autoscale.discovery.addr"
+local redact = require "resty.autoscale.redact"
 
 local ngx = ngx
 local ngx_log = ngx.log
@@ -707,7 +708,8 @@ end
 --   GET                                  the discovery state of every upstream (or ?upstream=name)
 --   POST ?upstream=name&activate=n       discovery.activate(name, n)
 --   POST ?upstream=name&deactivate=n     discovery.deactivate(name, n)
--- Bad requests get 400/404/405 with {"error": reason} and change nothing.
+-- A POST needs the admin API's token and allow list (admin.authorize) and Content-Type: application/json (415
+-- otherwise). Bad requests get 400/401/403/404/405/415 with {"error": reason} and change nothing.
 function _M.handler()
     local args = ngx.req.get_uri_args(16)
     local method = ngx.req.get_method()
@@ -715,20 +717,24 @@ function _M.handler()
     if method == "GET" then
         if name then
             local st, err = _M.state(name)
-            return reply(st and 200 or 404, st or { error = err })
+            return reply(st and 200 or 404, redact.value(st or { error = err }))
         end
         local all = {}
         for n in pairs(ups) do
             all[n] = _M.state(n)
         end
-        return reply(200, { upstreams = all })
+        return reply(200, redact.value { upstreams = all })
     end
     if method ~= "POST" then
         ngx.header["Allow"] = "GET, POST"
         return reply(405, { error = "use GET (state) or POST (activate/deactivate)" })
     end
-    -- A change: loopback clients only while the admin API is off; its allow list and bearer token while it is on.
-    local ok, code, reason, headers = require("resty.autoscale.admin").authorize()
+    -- A change: the admin API's allow list and bearer token, and a JSON content type.
+    local admin = require "resty.autoscale.admin"
+    local ok, code, reason, headers = admin.authorize()
+    if ok then
+        ok, code, reason = admin.json_request()
+    end
     if not ok then
         for k, v in pairs(headers or {}) do
             ngx.header[k] = v

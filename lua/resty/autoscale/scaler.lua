@@ -668,7 +668,8 @@ function _M.handler()
             body.services[name] = one(name)
         end
     end
-    ngx.say(cjson.encode(body))
+    -- actuator errors kept in decisions may quote a URL with its credentials
+    ngx.say(cjson.encode(require("resty.autoscale.redact").value(body)))
 end
 
 -- text = scaler.prometheus(): the scaling families in Prometheus' text format ("" without scaling).

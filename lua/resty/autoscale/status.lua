@@ -2,6 +2,7 @@
 
 local ffi = require "ffi"
 local cjson = require "cjson.safe"
+local redact = require "resty.autoscale.redact"
 
 local ngx = ngx
 local tonumber = tonumber
@@ -163,7 +164,7 @@ function _M.upstream(name)
     end
     u.peers = in_force
     lib.autoscale_upstream_info(idx, upinfo)
-    return {
+    return redact.value {
         name = name,
         balancer = u.balancer,
         retries = u.retries,
