@@ -25,6 +25,8 @@ workers(1);
 worker_connections(1024);
 master_on();
 
+$ENV{AUTOSCALE_T_ADMIN_TOKEN} = 'orchestrator-test-token-0123456789';
+
 our $HttpConfig = <<'_EOC_';
     lua_shared_dict autoscale_scaling 1m;
     lua_socket_log_errors off;
@@ -39,6 +41,9 @@ our $HttpConfig = <<'_EOC_';
                         actuator = { type = "webhook", url = "http://127.0.0.1:$TEST_NGINX_ORCH_PORT/",
                                      secret = "0123456789abcdef-secret" } },
         } } }
+        -- the orchestrator activates standby peers through the discovery handler: a state change, so it
+        -- needs the admin API's token
+        autoscale.admin { token_env = "AUTOSCALE_T_ADMIN_TOKEN", allow = { "127.0.0.1" } }
     }
     init_worker_by_lua_block { autoscale.init_worker() }
     upstream pool { server 0.0.0.1; balancer_by_lua_block { autoscale.balance("pool") } }
@@ -65,12 +70,13 @@ location = /t {
         local dir = ngx.config.prefix() .. "logs/"
         local function now() ngx.update_time() return ngx.now() end
         process.write(dir .. "secret", "0123456789abcdef-secret")
+        process.write(dir .. "admin.token", "orchestrator-test-token-0123456789")
         process.write(dir .. "orchestrator.json", cjson.encode {
             listen = "127.0.0.1:$TEST_NGINX_ORCH_PORT", secret_file = dir .. "secret",
             services = { pool = { ports = "$TEST_NGINX_B0-$TEST_NGINX_B3", ctl_offset = 10, initial = 1, min = 1,
                                   drain = 1, settings = { latency_ms = 50 },
                                   register = { standby = "http://127.0.0.1:" .. gw .. "/discovery", upstream = "pool",
-                                               static = 1 } } },
+                                               static = 1, token_file = dir .. "admin.token" } } },
         })
         local function serving()
             local n, used = 0, 0

@@ -16,6 +16,8 @@ diag("etcd not found (Debian package etcd-server): skipped") unless $Have_etcd;
 
 # etcd on 26710/26711, the orchestrator on 26720, its backends on 26730-26733 (control ports 26740-26743) for "api"
 # (registered in etcd) and on 26734-26736 (control ports 26744-26746) for "pool" (the gateway's standby pool).
+$ENV{AUTOSCALE_T_ADMIN_TOKEN} = 'orchestrator-test-token-0123456789';
+
 our $HttpConfig = <<'_EOC_';
     lua_socket_log_errors off;
     init_by_lua_block {
@@ -28,6 +30,9 @@ our $HttpConfig = <<'_EOC_';
             peers = { "127.0.0.1:26734" }, retries = 0,
             discovery = { standby = { "127.0.0.1:26735", "127.0.0.1:26736" }, drain_timeout = 10 },
         } } }
+        -- the orchestrator activates standby peers through the discovery handler: a state change, so it
+        -- needs the admin API's token
+        autoscale.admin { token_env = "AUTOSCALE_T_ADMIN_TOKEN", allow = { "127.0.0.1" } }
     }
     init_worker_by_lua_block { autoscale.init_worker() }
     upstream api {
@@ -72,6 +77,7 @@ __DATA__
             local dir = ngx.config.prefix() .. "logs/"
             os.execute("rm -rf " .. dir .. "etcd-data")
             process.write(dir .. "secret", "s3cret\n")
+            process.write(dir .. "admin.token", "orchestrator-test-token-0123456789")
             process.write(dir .. "orchestrator.json", cjson.encode {
                 listen = "127.0.0.1:26720", secret_file = dir .. "secret",
                 services = { api = { ports = "26730-26733", ctl_offset = 10, initial = 1, min = 1, drain = 1.5,
@@ -79,7 +85,8 @@ __DATA__
                                      register = { etcd = "http://127.0.0.1:26710", prefix = "/svc/api/" } },
                              pool = { ports = "26734-26736", ctl_offset = 10, initial = 1, min = 1, drain = 1,
                                       register = { standby = "http://127.0.0.1:" .. gw .. "/discovery",
-                                                   upstream = "pool", static = 1 } } },
+                                                   upstream = "pool", static = 1,
+                                                   token_file = dir .. "admin.token" } } },
             })
 
             local function sign(body) -- the reference HMAC-SHA256: Python's hmac module
