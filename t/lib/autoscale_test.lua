@@ -182,4 +182,30 @@ function _M.status(port)
     error("no status answer on port " .. tostring(port))
 end
 
+
+-- text = t.accounted(name, requests, names): once the log phase has counted at least `requests` attempts of upstream
+-- `name` and none is in flight (or after 2 s), "p1 requests 3 failures 0 in flight 0; p2 ..." with each peer named
+-- by names[its port]
+function _M.accounted(name, requests, names)
+    local st
+    for _ = 1, 200 do
+        st = autoscale.status(name)
+        local n, inflight = 0, 0
+        for _, p in ipairs(st.peers) do
+            n, inflight = n + p.totals.requests, inflight + p.inflight
+        end
+        if n >= requests and inflight == 0 then
+            break
+        end
+        ngx.sleep(0.01)
+    end
+    local out = {}
+    for _, p in ipairs(st.peers) do
+        out[#out + 1] = (names[p.addr:match(":(%d+)$")] or p.addr) .. " requests " .. p.totals.requests
+            .. " failures " .. p.totals.failures .. " in flight " .. p.inflight
+    end
+    table.sort(out)
+    return table.concat(out, "; ")
+end
+
 return _M
