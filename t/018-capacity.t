@@ -1,0 +1,198 @@
+# vim:set ft= ts=4 sw=4 et:
+# The shared region's fixed capacity at run time: when max_peers is reached, an admin add and a standby activation are
+# refused with the reason, the peers already there keep serving and keep their statistics, and removing a peer frees
+# its record for the next add; a reload that needs more upstreams than max_upstreams, or a different max_peers, is
+# refused by the new configuration while the running one keeps serving.
+
+use lib 't';
+use Autoscale;
+
+workers(2);
+master_on();
+
+$ENV{AUTOSCALE_T_ADMIN_TOKEN} = 'capacity-test-token-0123456789';
+
+run_tests();
+
+__DATA__
+
+=== TEST 1: max_peers reached: an admin add gets 422 with the reason, a standby activation stops at the limit; nothing that served is lost, and a removed peer's record serves the next add
+--- http_config
+    init_by_lua_block {
+        autoscale = require "resty.autoscale"
+        autoscale.configure { max_peers = 3, max_upstreams = 1, upstreams = { api = {
+            balancer = "round_robin", slow_start = 0,
+            peers = { "127.0.0.1:$TEST_NGINX_RAND_PORT_1", "127.0.0.1:$TEST_NGINX_RAND_PORT_2" },
+            discovery = { standby = { "127.0.0.1:$TEST_NGINX_RAND_PORT_3", "127.0.0.1:$TEST_NGINX_RAND_PORT_4" } },
+        } } }
+        autoscale.admin { token_env = "AUTOSCALE_T_ADMIN_TOKEN" }
+    }
+    init_worker_by_lua_block { autoscale.init_worker() }
+    upstream api {
+        server 0.0.0.1;
+        balancer_by_lua_block { autoscale.balance("api") }
+        keepalive 8;
+    }
+    server {
+        listen 127.0.0.1:$TEST_NGINX_RAND_PORT_1;
+        listen 127.0.0.1:$TEST_NGINX_RAND_PORT_2;
+        listen 127.0.0.1:$TEST_NGINX_RAND_PORT_3;
+        listen 127.0.0.1:$TEST_NGINX_RAND_PORT_4;
+        location / { return 200 "$server_port\n"; }
+    }
+--- config
+    location /api {
+        proxy_pass http://api;
+        proxy_http_version 1.1;
+        proxy_set_header Connection "";
+        log_by_lua_block { autoscale.log() }
+    }
+    location /autoscale/admin { content_by_lua_block { autoscale.admin_handler() } }
+    location = /t {
+        content_by_lua_block {
+            local t = require "autoscale_test"
+            local cjson = require "cjson"
+            local port = ngx.var.server_port
+            local P = {}
+            for i, p in ipairs { $TEST_NGINX_RAND_PORT_1, $TEST_NGINX_RAND_PORT_2, $TEST_NGINX_RAND_PORT_3,
+                                 $TEST_NGINX_RAND_PORT_4 } do
+                P["127.0.0.1:" .. p], P[tostring(p)] = "p" .. i, "p" .. i
+            end
+            local function admin(method, path, body)
+                local status, text = t.request { port = port, method = method, path = "/autoscale/admin" .. path,
+                    body = body, headers = { Authorization = "Bearer capacity-test-token-0123456789",
+                                             ["Content-Type"] = "application/json" } }
+                local ok, doc = pcall(cjson.decode, text or "")
+                return status, ok and doc.error or text
+            end
+            local function serving()
+                local st = autoscale.status("api")
+                local out = {}
+                for _, p in ipairs(st.peers) do out[#out + 1] = P[p.addr] .. " " .. p.state end
+                table.sort(out)
+                return table.concat(out, ", ")
+            end
+            local function traffic(n)
+                local hits = {}
+                for _ = 1, n do
+                    local status, body = t.get(port, "/api")
+                    local k = status == 200 and P[body:match("%d+")] or ("status " .. tostring(status))
+                    hits[k] = (hits[k] or 0) + 1
+                end
+                local out = {}
+                for k, v in pairs(hits) do out[#out + 1] = k .. " " .. v end
+                table.sort(out)
+                return table.concat(out, ", ")
+            end
+            ngx.say("start: ", serving(), "; region max_peers ", autoscale.status_all().region.max_peers)
+            ngx.say("traffic: ", traffic(6))
+            local n, err = autoscale.discovery.activate("api", 2)
+            ngx.say("activate 2: ", tostring(n), " ", tostring(err))
+            ngx.say("after: ", serving())
+            -- p4, the standby peer the activation could not add, through the admin API
+            local code, reason = admin("POST", "/upstreams/api/peers",
+                                       cjson.encode { addr = "127.0.0.1:$TEST_NGINX_RAND_PORT_4" })
+            ngx.say("admin add p4: ", code, " ", reason)
+            ngx.say("after: ", serving())
+            ngx.say("traffic: ", traffic(9))
+            local before = t.peer(autoscale.status("api"), "127.0.0.1:$TEST_NGINX_RAND_PORT_1").totals.requests
+            ngx.say("remove p3: ", (admin("DELETE", "/upstreams/api/peers/127.0.0.1:$TEST_NGINX_RAND_PORT_3")))
+            ngx.say("admin add p4: ", (admin("POST", "/upstreams/api/peers",
+                                             cjson.encode { addr = "127.0.0.1:$TEST_NGINX_RAND_PORT_4" })))
+            ngx.say("after: ", serving())
+            ngx.say("traffic: ", traffic(9))
+            local p1 = t.peer(autoscale.status("api"), "127.0.0.1:$TEST_NGINX_RAND_PORT_1").totals.requests
+            ngx.say("p1 kept its statistics: ", p1 == before + 3, " (", before, " then ", p1, ")")
+        }
+    }
+--- request
+GET /t
+--- response_body
+start: p1 healthy, p2 healthy; region max_peers 3
+traffic: p1 3, p2 3
+activate 2: nil 4 peers configured in all but max_peers is 3
+after: p1 healthy, p2 healthy, p3 healthy
+admin add p4: 422 4 peers configured in all but max_peers is 3
+after: p1 healthy, p2 healthy, p3 healthy
+traffic: p1 3, p2 3, p3 3
+remove p3: 200
+admin add p4: 201
+after: p1 healthy, p2 healthy, p4 healthy
+traffic: p1 3, p2 3, p4 3
+p1 kept its statistics: true (6 then 9)
+--- no_error_log
+[error]
+
+
+
+=== TEST 2: a reload that needs more upstreams than max_upstreams, or another max_peers, is refused with the reason; the running configuration keeps serving, and a restart-free reload within the limits still works
+--- user_files
+>>> extra.lua
+return {}
+--- http_config
+    init_by_lua_block {
+        autoscale = require "resty.autoscale"
+        local extra = dofile("$TEST_NGINX_HTML_DIR/extra.lua")   -- what this test changes before each reload
+        local ups = { api = { peers = { "127.0.0.1:$TEST_NGINX_RAND_PORT_1" } } }
+        for k, v in pairs(extra.upstreams or {}) do ups[k] = v end
+        autoscale.configure { max_peers = extra.max_peers or 3, max_upstreams = 1, upstreams = ups }
+    }
+    init_worker_by_lua_block { autoscale.init_worker() }
+    upstream api {
+        server 0.0.0.1;
+        balancer_by_lua_block { autoscale.balance("api") }
+    }
+    server {
+        listen 127.0.0.1:$TEST_NGINX_RAND_PORT_1;
+        location / { return 200 "$server_port\n"; }
+    }
+--- config
+    location /api {
+        proxy_pass http://api;
+        log_by_lua_block { autoscale.log() }
+    }
+    location = /status { content_by_lua_block { autoscale.status_handler() } }
+    location = /t {
+        content_by_lua_block {
+            local t = require "autoscale_test"
+            local port = ngx.var.server_port
+            local pidf = assert(io.open(ngx.config.prefix() .. "logs/nginx.pid"))
+            local master = tonumber(pidf:read("*l"))
+            pidf:close()
+            local logf = assert(io.open(ngx.config.prefix() .. "logs/error.log"))
+            logf:seek("end")
+            local function reload(extra, want)
+                local f = assert(io.open("$TEST_NGINX_HTML_DIR/extra.lua", "w"))
+                f:write("return ", extra, "\n")
+                f:close()
+                assert(os.execute("kill -HUP " .. master) == 0)
+                local found
+                t.poll(function()
+                    for line in logf:lines() do
+                        if line:find(want, 1, true) then
+                            found = line:match("(init_by_lua error.*)$") or line:match("(reconfiguring)")
+                            return true
+                        end
+                    end
+                end, 10)
+                return found
+            end
+            local epoch = t.status(port).region.config_epoch
+            local function reason(line) return (line:gsub("^.-resty%.autoscale: ", "")) end
+            ngx.say(reason(reload('{ upstreams = { web = { peers = { "127.0.0.1:1" } } } }', "max_upstreams is 1")))
+            ngx.say(reason(reload('{ max_peers = 8 }', "a reload cannot")))
+            local status, body = t.get(port, "/api")
+            ngx.say("still serving: ", status, ", config epoch unchanged: ", t.status(port).region.config_epoch == epoch)
+            reload('{}', "reconfiguring")
+            ngx.say("a reload within the limits: ",
+                    t.poll(function() return t.status(port).region.config_epoch > epoch end, 10))
+        }
+    }
+--- request
+GET /t
+--- timeout: 30
+--- response_body
+2 upstreams configured but max_upstreams is 1
+restart nginx to resize the shared region (a reload cannot): max_peers is 3 in the running region, 8 in the new configuration
+still serving: 200, config epoch unchanged: true
+a reload within the limits: true
