@@ -16,7 +16,8 @@ use Time::HiRes ();
 our @EXPORT_OK = qw(scratch_dir temp_paths start_nginx stop_nginx http_get backends_conf repo_root
                     readme_conf lua_paths_report);
 
-our $NGINX   = $ENV{TEST_NGINX_BINARY} && $ENV{TEST_NGINX_BINARY} =~ m{/nginx$} && -x $ENV{TEST_NGINX_BINARY}
+# Debian's nginx, or TEST_NGINX_BINARY when it names another nginx binary (not the project's wrapper under t/).
+our $NGINX   = $ENV{TEST_NGINX_BINARY} && $ENV{TEST_NGINX_BINARY} !~ m{/t/Autoscale/} && -x $ENV{TEST_NGINX_BINARY}
              ? $ENV{TEST_NGINX_BINARY} : '/usr/sbin/nginx';
 our @MODULES = map { "/usr/lib/nginx/modules/$_.so" } qw(ndk_http_module ngx_http_lua_module);
 
