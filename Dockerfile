@@ -1,7 +1,13 @@
-# OpenResty with lua-resty-autoscale. Build: docker build -t resty-autoscale .
-# The library is compiled in a builder stage; the final image is the official OpenResty image plus two directories.
+# OpenResty with lua-resty-autoscale, serving examples/nginx.conf by default.
+#
+#   docker build -t resty-autoscale .
+#   docker run --rm -p 8080:8080 -p 127.0.0.1:9145:9145 resty-autoscale
+#
+# Base images are pinned by exact version tag: rust 1.95.0 (the toolchain the test suite is run with; the committed
+# Cargo.lock needs Rust >= 1.85) and OpenResty 1.27.1.2-0 on Debian 12. Add a digest (`@sha256:...`, from
+# `docker buildx imagetools inspect <image>`) to pin them byte for byte.
 
-FROM rust:1-bookworm AS builder
+FROM rust:1.95.0-bookworm AS builder
 WORKDIR /src
 COPY Cargo.toml Cargo.lock build.rs ./
 COPY src ./src
@@ -9,9 +15,16 @@ COPY rust-core ./rust-core
 COPY tests ./tests
 COPY include ./include
 COPY lua ./lua
-RUN cargo build --release --locked
+# A stripped library: the release profile keeps line tables for profiling; the image does not need them.
+RUN CARGO_PROFILE_RELEASE_STRIP=true CARGO_PROFILE_RELEASE_DEBUG=0 cargo build --release --locked \
+    && test -s target/release/libresty_autoscale.so
 
-FROM openresty/openresty:bookworm
+FROM openresty/openresty:1.27.1.2-0-bookworm
+# site/lualib is on OpenResty's default lua_package_path and lua_package_cpath; the library is found there as
+# libresty_autoscale.so by walking package.cpath.
 COPY --from=builder /src/target/release/libresty_autoscale.so /usr/local/openresty/site/lualib/
 COPY lua/resty /usr/local/openresty/site/lualib/resty
-# The image's nginx.conf includes /etc/nginx/conf.d/*.conf inside http {}; mount yours there, e.g. docs/example.conf.
+# The default configuration: gateway on 8080; status, Prometheus metrics and dashboard on 9145. Mount your own over
+# it: -v "$PWD/nginx.conf:/usr/local/openresty/nginx/conf/nginx.conf:ro".
+COPY examples/nginx.conf /usr/local/openresty/nginx/conf/nginx.conf
+EXPOSE 8080 9145

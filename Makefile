@@ -5,7 +5,10 @@
 #   make bench    overhead against plain nginx, interleaved, front worker pinned (first: make bench-reconfigure)
 #   make demo     the lab's headline scenario: round robin vs resty.autoscale, side by side, with an HTML report
 #   make lab      SCENARIO=name (lab/lab --list)
-#   make install  PREFIX=/usr/local (LUA_LIB_DIR, LUA_CLIB_DIR)
+#   make lib      only the library: cargo build --release -> target/release/libresty_autoscale.so (no apt-get)
+#   make install  every Lua module under lua/ and the library; PREFIX=/usr/local, DESTDIR (staging root),
+#                 LUA_LIB_DIR=$(PREFIX)/share/lua/5.1 (Lua files), LUA_CLIB_DIR=$(PREFIX)/lib/lua/5.1 (the .so)
+#   make uninstall  removes what `make install` put there (same variables)
 #   make cdef     regenerate include/resty_autoscale.h and lua/resty/autoscale/cdef.lua from src/lib.rs
 #
 # `run`, `test` and `bench` install the Debian packages they need first (`make deps`).
@@ -23,11 +26,11 @@ DEB_PACKAGES := nginx-core libnginx-mod-http-lua lua-resty-core lua-resty-lrucac
 	libtest-base-perl libtext-diff-perl libtest-longstring-perl liblist-moreutils-perl \
 	libhttp-message-perl libipc-run-perl liburi-perl \
 	lua-nginx-dns dnsmasq-base etcd-server etcd-client \
-	redis-server lua-nginx-redis openssl
+	redis-server lua-nginx-redis openssl luarocks
 
 SCENARIO ?= headline
 
-.PHONY: all deps build test test-rust test-nginx run bench bench-reconfigure demo lab install uninstall cdef clean
+.PHONY: all deps build lib test test-rust test-nginx run bench bench-reconfigure demo lab install uninstall cdef clean
 
 all: build
 
@@ -41,12 +44,17 @@ deps:
 		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends $$missing; \
 		rc=$$?; $$SUDO rm -f /usr/sbin/policy-rc.d; exit $$rc; \
 	fi
-	@command -v $(CARGO) >/dev/null || { echo "cargo (Rust >= 1.82) is required: https://rustup.rs"; exit 1; }
+	@command -v $(CARGO) >/dev/null || { echo "cargo (Rust >= 1.85) is required: https://rustup.rs"; exit 1; }
 
 build: deps
 	$(CARGO) build --release
 
-$(LIB): build
+# The library alone, without `make deps` (used by `luarocks make` and after `opm get`).
+RUST_SOURCES := $(shell find src rust-core/src -name '*.rs' 2>/dev/null) build.rs Cargo.toml rust-core/Cargo.toml Cargo.lock
+lib: $(LIB)
+
+$(LIB): $(RUST_SOURCES)
+	$(CARGO) build --release
 
 test: build test-rust test-nginx
 
@@ -75,15 +83,20 @@ lab: build
 cdef:
 	AUTOSCALE_REGEN=1 $(CARGO) build --release
 
+# Every module under lua/ (found, not listed: a new file cannot be left out) and the library.
+LUA_MODULES = $(shell cd lua && find resty -name '*.lua' | LC_ALL=C sort)
+
 install: $(LIB)
-	install -d $(DESTDIR)$(LUA_LIB_DIR)/resty/autoscale $(DESTDIR)$(LUA_CLIB_DIR)
-	install -m 0644 lua/resty/autoscale.lua $(DESTDIR)$(LUA_LIB_DIR)/resty/
-	install -m 0644 lua/resty/autoscale/*.lua $(DESTDIR)$(LUA_LIB_DIR)/resty/autoscale/
+	@set -e; for f in $(LUA_MODULES); do \
+		echo "install $(DESTDIR)$(LUA_LIB_DIR)/$$f"; \
+		install -D -m 0644 lua/$$f $(DESTDIR)$(LUA_LIB_DIR)/$$f; \
+	done
+	install -d $(DESTDIR)$(LUA_CLIB_DIR)
 	install -m 0755 $(LIB) $(DESTDIR)$(LUA_CLIB_DIR)/
 
 uninstall:
-	rm -rf $(DESTDIR)$(LUA_LIB_DIR)/resty/autoscale $(DESTDIR)$(LUA_LIB_DIR)/resty/autoscale.lua \
-		$(DESTDIR)$(LUA_CLIB_DIR)/libresty_autoscale.so
+	rm -f $(addprefix $(DESTDIR)$(LUA_LIB_DIR)/,$(LUA_MODULES)) $(DESTDIR)$(LUA_CLIB_DIR)/libresty_autoscale.so
+	-rmdir $(DESTDIR)$(LUA_LIB_DIR)/resty/autoscale/discovery $(DESTDIR)$(LUA_LIB_DIR)/resty/autoscale 2>/dev/null
 
 clean:
 	$(CARGO) clean

@@ -33,7 +33,7 @@ local ipairs = ipairs
 local sort = table.sort
 local get_phase = ngx.get_phase
 
-local _M = { _VERSION = "0.1.0" }
+local _M = { _VERSION = "0.2.0" }
 
 local lib, conf, index
 local timer_started = false
