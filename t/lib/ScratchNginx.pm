@@ -41,10 +41,10 @@ sub temp_paths {
     return join '', map { "    ${_}_temp_path $dir/tmp/$_;\n" } qw(client_body proxy fastcgi uwsgi scgi);
 }
 
-# Writes $conf to $dir/conf/nginx.conf and starts nginx (daemon) with env -i, cwd $dir. Returns (pid, error) after
-# the pid file appeared and the master is alive (bounded wait).
+# Writes $conf to $dir/conf/nginx.conf and starts nginx (daemon) with env -i (plus the variables of the optional
+# hash $env), cwd $dir. Returns (pid, error) after the pid file appeared and the master is alive (bounded wait).
 sub start_nginx {
-    my ($dir, $conf) = @_;
+    my ($dir, $conf, $env) = @_;
     mkdir "$dir/$_" for qw(conf logs tmp);
     chmod 0755, "$dir/$_" for qw(conf logs tmp);
     open my $fh, '>', "$dir/conf/nginx.conf" or die "$dir/conf/nginx.conf: $!";
@@ -57,7 +57,7 @@ sub start_nginx {
         chdir $dir or POSIX::_exit(126);
         open STDOUT, '>', $out;
         open STDERR, '>&', \*STDOUT;
-        %ENV = (PATH => '/usr/sbin:/usr/bin:/bin');
+        %ENV = (PATH => '/usr/sbin:/usr/bin:/bin', %{ $env || {} });
         { no warnings 'exec'; exec $NGINX, '-p', "$dir/", '-e', "$dir/logs/error.log", '-c', "$dir/conf/nginx.conf"; }
         POSIX::_exit(127);
     }
