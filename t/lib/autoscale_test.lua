@@ -208,4 +208,17 @@ function _M.accounted(name, requests, names)
     return table.concat(out, "; ")
 end
 
+
+-- t.reload(file, text): writes `text` to `file` (what the next configuration reads), then sends SIGHUP to the master
+-- of the nginx running this code (its logs/nginx.pid)
+function _M.reload(file, text)
+    local f = assert(io.open(file, "w"))
+    f:write(text)
+    f:close()
+    local pidf = assert(io.open(ngx.config.prefix() .. "logs/nginx.pid"))
+    local master = tonumber(pidf:read("*l"))
+    pidf:close()
+    assert(os.execute("kill -HUP " .. master) == 0)
+end
+
 return _M

@@ -2,15 +2,57 @@
 # The shared region's fixed capacity at run time: when max_peers is reached, an admin add and a standby activation are
 # refused with the reason, the peers already there keep serving and keep their statistics, and removing a peer frees
 # its record for the next add; a reload that needs more upstreams than max_upstreams, or a different max_peers, is
-# refused by the new configuration while the running one keeps serving.
+# refused by the new configuration while the running one keeps serving; a new library is rolled out by a reload onto a
+# new file name (docs/operations.md, "Changes and upgrades").
 
 use lib 't';
 use Autoscale;
+use File::Copy ();
+use File::Temp ();
 
 workers(2);
 master_on();
 
 $ENV{AUTOSCALE_T_ADMIN_TOKEN} = 'capacity-test-token-0123456789';
+
+# Two copies of the library under two names, standing in for two versions (TEST 3).
+our $LibDir = File::Temp::tempdir('autoscale-lib-XXXXXX', TMPDIR => 1, CLEANUP => 1);
+my $built = ($ENV{AUTOSCALE_LIB_DIR} || "$Autoscale::Repo/target/release") . '/libresty_autoscale.so';
+for my $name (qw(libresty_autoscale-1.so libresty_autoscale-2.so)) {
+    File::Copy::copy($built, "$LibDir/$name") or die "copy $built: $!\n";
+    chmod 0755, "$LibDir/$name";
+}
+chmod 0755, $LibDir;
+$ENV{TEST_NGINX_LIB_DIR} = $LibDir;
+
+# A gateway whose configuration takes what html/extra.lua returns (upstreams, max_peers, lib = 1 or 2), so that a
+# block can change it and reload.
+our $ReloadConfig = <<'_EOC_';
+    init_by_lua_block {
+        autoscale = require "resty.autoscale"
+        local extra = dofile("$TEST_NGINX_HTML_DIR/extra.lua")   -- what a block changes before each reload
+        local ups = { api = { peers = { "127.0.0.1:$TEST_NGINX_RAND_PORT_1" } } }
+        for k, v in pairs(extra.upstreams or {}) do ups[k] = v end
+        autoscale.configure { max_peers = extra.max_peers or 3, max_upstreams = 1, upstreams = ups,
+                              lib_path = extra.lib and "$TEST_NGINX_LIB_DIR/libresty_autoscale-" .. extra.lib .. ".so" }
+    }
+    init_worker_by_lua_block { autoscale.init_worker() }
+    upstream api {
+        server 0.0.0.1;
+        balancer_by_lua_block { autoscale.balance("api") }
+    }
+    server {
+        listen 127.0.0.1:$TEST_NGINX_RAND_PORT_1;
+        location / { return 200 "$server_port\n"; }
+    }
+_EOC_
+our $ReloadLocations = <<'_EOC_';
+    location /api {
+        proxy_pass http://api;
+        log_by_lua_block { autoscale.log() }
+    }
+    location = /status { content_by_lua_block { autoscale.status_handler() } }
+_EOC_
 
 run_tests();
 
@@ -101,7 +143,11 @@ __DATA__
                                              cjson.encode { addr = "127.0.0.1:$TEST_NGINX_RAND_PORT_4" })))
             ngx.say("after: ", serving())
             ngx.say("traffic: ", traffic(9))
-            local p1 = t.peer(autoscale.status("api"), "127.0.0.1:$TEST_NGINX_RAND_PORT_1").totals.requests
+            local p1
+            t.poll(function() -- the log phase runs after the answer was sent
+                p1 = t.peer(autoscale.status("api"), "127.0.0.1:$TEST_NGINX_RAND_PORT_1").totals.requests
+                return p1 >= before + 3
+            end, 5)
             ngx.say("p1 kept its statistics: ", p1 == before + 3, " (", before, " then ", p1, ")")
         }
     }
@@ -129,43 +175,17 @@ p1 kept its statistics: true (6 then 9)
 --- user_files
 >>> extra.lua
 return {}
---- http_config
-    init_by_lua_block {
-        autoscale = require "resty.autoscale"
-        local extra = dofile("$TEST_NGINX_HTML_DIR/extra.lua")   -- what this test changes before each reload
-        local ups = { api = { peers = { "127.0.0.1:$TEST_NGINX_RAND_PORT_1" } } }
-        for k, v in pairs(extra.upstreams or {}) do ups[k] = v end
-        autoscale.configure { max_peers = extra.max_peers or 3, max_upstreams = 1, upstreams = ups }
-    }
-    init_worker_by_lua_block { autoscale.init_worker() }
-    upstream api {
-        server 0.0.0.1;
-        balancer_by_lua_block { autoscale.balance("api") }
-    }
-    server {
-        listen 127.0.0.1:$TEST_NGINX_RAND_PORT_1;
-        location / { return 200 "$server_port\n"; }
-    }
---- config
-    location /api {
-        proxy_pass http://api;
-        log_by_lua_block { autoscale.log() }
-    }
-    location = /status { content_by_lua_block { autoscale.status_handler() } }
+--- http_config eval: $::ReloadConfig
+--- config eval
+$::ReloadLocations . <<'_EOC_';
     location = /t {
         content_by_lua_block {
             local t = require "autoscale_test"
             local port = ngx.var.server_port
-            local pidf = assert(io.open(ngx.config.prefix() .. "logs/nginx.pid"))
-            local master = tonumber(pidf:read("*l"))
-            pidf:close()
             local logf = assert(io.open(ngx.config.prefix() .. "logs/error.log"))
             logf:seek("end")
             local function reload(extra, want)
-                local f = assert(io.open("$TEST_NGINX_HTML_DIR/extra.lua", "w"))
-                f:write("return ", extra, "\n")
-                f:close()
-                assert(os.execute("kill -HUP " .. master) == 0)
+                t.reload("$TEST_NGINX_HTML_DIR/extra.lua", "return " .. extra .. "\n")
                 local found
                 t.poll(function()
                     for line in logf:lines() do
@@ -188,6 +208,7 @@ return {}
                     t.poll(function() return t.status(port).region.config_epoch > epoch end, 10))
         }
     }
+_EOC_
 --- request
 GET /t
 --- timeout: 30
@@ -196,3 +217,87 @@ GET /t
 restart nginx to resize the shared region (a reload cannot): max_peers is 3 in the running region, 8 in the new configuration
 still serving: 200, config epoch unchanged: true
 a reload within the limits: true
+
+
+
+=== TEST 3: a reload onto the library under a new name runs it with a new region while serving; a reload with the same name keeps the loaded copy and its statistics
+--- user_files
+>>> extra.lua
+return { lib = 1 }
+--- http_config eval: $::ReloadConfig
+--- config eval
+$::ReloadLocations . <<'_EOC_';
+    location = /state {
+        content_by_lua_block {
+            local f = assert(io.open("/proc/self/maps"))
+            local libs, regions = {}, {}
+            for line in f:lines() do
+                local lib = line:match("libresty_autoscale%-(%d)%.so")
+                if lib then libs[lib] = true end
+                local from, to = line:match("^(%x+)%-(%x+) rw%-s .*/dev/zero")
+                if from and tonumber(to, 16) - tonumber(from, 16) > 1e5 then -- not nginx's own one-page zones
+                    regions[#regions + 1] = true
+                end
+            end
+            f:close()
+            local names = {}
+            for k in pairs(libs) do names[#names + 1] = k end
+            table.sort(names)
+            local st = autoscale.status("api")
+            ngx.say("library ", table.concat(names, "+"), ", epoch ", autoscale.status_all().region.config_epoch,
+                    ", requests ", st.peers[1].totals.requests, ", regions mapped ", #regions)
+        }
+    }
+    location = /t {
+        content_by_lua_block {
+            local t = require "autoscale_test"
+            local port = ngx.var.server_port
+            local function state() local _, body = t.get(port, "/state") return body or "" end
+            local function requests() return tonumber(state():match("requests (%d+)")) end
+            local function traffic(n)
+                local ok = 0
+                for _ = 1, n do if t.get(port, "/api") == 200 then ok = ok + 1 end end
+                return ok
+            end
+            local function reload(which, want)
+                t.reload("$TEST_NGINX_HTML_DIR/extra.lua", "return { lib = " .. which .. " }\n")
+                -- serving all along: requests go on while the new generation starts
+                local served, total = 0, 0
+                local ok = t.poll(function()
+                    total, served = total + 1, served + traffic(1)
+                    return state():find(want, 1, true)
+                end, 10)
+                return ok and served == total
+            end
+            ngx.say("served ", traffic(5))
+            t.poll(function() return requests() >= 5 end, 5) -- the log phase runs after the answer was sent
+            ngx.print("before: ", state())
+            ngx.say("reload with the same name, served throughout: ", reload(1, "epoch 2,"))
+            local kept = requests()
+            ngx.print("after: ", (state():gsub("requests %d+", "requests " .. (kept >= 5 and "kept" or kept))))
+            local before = requests()
+            ngx.say("reload onto the new name, served throughout: ", reload(2, "library 2,"))
+            ngx.sleep(0.2) -- the log phase of the last request the poll sent
+            local r0 = requests()
+            ngx.say("served ", traffic(3))
+            t.poll(function() return requests() >= r0 + 3 end, 5)
+            local r1 = requests()
+            ngx.print("after: ", state())
+            ngx.say("statistics start over: ", r0 < before, ", and count: ", r1 - r0)
+        }
+    }
+_EOC_
+--- request
+GET /t
+--- timeout: 30
+--- response_body_like
+^served 5
+before: library 1, epoch 1, requests 5, regions mapped 1
+reload with the same name, served throughout: true
+after: library 1, epoch 2, requests kept, regions mapped 1
+reload onto the new name, served throughout: true
+served 3
+after: library 2, epoch 1, requests \d+, regions mapped 2
+statistics start over: true, and count: 3
+--- no_error_log
+[error]
