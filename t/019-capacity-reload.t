@@ -22,7 +22,7 @@ for my $name (qw(libresty_autoscale-1.so libresty_autoscale-2.so)) {
     File::Copy::copy($built, "$LibDir/$name") or die "copy $built: $!\n";
     chmod 0755, "$LibDir/$name";
 }
-chmod 0755, $LibDir;
+chmod 0777, $LibDir; # TEST 3 replaces a file there from a worker
 $ENV{TEST_NGINX_LIB_DIR} = $LibDir;
 
 # A gateway whose configuration takes what html/extra.lua returns (upstreams, max_peers, lib = 1 or 2), so that a
@@ -220,7 +220,7 @@ a reload within the limits: true
 
 
 
-=== TEST 3: a reload onto the library under a new name runs it with a new region while serving; a reload with the same name keeps the loaded copy and its statistics
+=== TEST 3: a reload onto the library under a new name runs it with a new region while serving; a reload with the same name keeps the loaded copy and its statistics; status names the library and says when its file was replaced on disk
 --- user_files
 >>> extra.lua
 return { lib = 1 }
@@ -243,9 +243,10 @@ $::ReloadLocations . <<'_EOC_';
             local names = {}
             for k in pairs(libs) do names[#names + 1] = k end
             table.sort(names)
-            local st = autoscale.status("api")
-            ngx.say("library ", table.concat(names, "+"), ", epoch ", autoscale.status_all().region.config_epoch,
-                    ", requests ", st.peers[1].totals.requests, ", regions mapped ", #regions)
+            local st, region = autoscale.status("api"), autoscale.status_all().region
+            ngx.say("library ", table.concat(names, "+"), ", epoch ", region.config_epoch,
+                    ", requests ", st.peers[1].totals.requests, ", regions mapped ", #regions,
+                    ", status: ", region.library.path:match("[^/]+$"), " replaced ", tostring(region.library.replaced_on_disk))
         }
     }
     location = /t {
@@ -284,6 +285,15 @@ $::ReloadLocations . <<'_EOC_';
             local r1 = requests()
             ngx.print("after: ", state())
             ngx.say("statistics start over: ", r0 < before, ", and count: ", r1 - r0)
+            -- a new file installed at the loaded path (as install(1) does: the old one removed, a new one created)
+            local src = assert(io.open("$TEST_NGINX_LIB_DIR/libresty_autoscale-1.so", "rb"))
+            local data = src:read("*a")
+            src:close()
+            assert(os.remove("$TEST_NGINX_LIB_DIR/libresty_autoscale-2.so"))
+            local dst = assert(io.open("$TEST_NGINX_LIB_DIR/libresty_autoscale-2.so", "wb"))
+            dst:write(data)
+            dst:close()
+            ngx.print("installed over: ", state())
         }
     }
 _EOC_
@@ -292,12 +302,13 @@ GET /t
 --- timeout: 30
 --- response_body_like
 ^served 5
-before: library 1, epoch 1, requests 5, regions mapped 1
+before: library 1, epoch 1, requests 5, regions mapped 1, status: libresty_autoscale-1.so replaced false
 reload with the same name, served throughout: true
-after: library 1, epoch 2, requests kept, regions mapped 1
+after: library 1, epoch 2, requests kept, regions mapped 1, status: libresty_autoscale-1.so replaced false
 reload onto the new name, served throughout: true
 served 3
-after: library 2, epoch 1, requests \d+, regions mapped 2
+after: library 2, epoch 1, requests \d+, regions mapped 2, status: libresty_autoscale-2.so replaced false
 statistics start over: true, and count: 3
+installed over: library 2, epoch 1, requests \d+, regions mapped 2, status: libresty_autoscale-2.so replaced true
 --- no_error_log
 [error]

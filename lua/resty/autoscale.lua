@@ -83,10 +83,10 @@ function _M.configure(user_conf)
     if not c then
         error("resty.autoscale: " .. err, 2)
     end
-    local l
-    l, err = loader.load(c.lib_path)
+    local l, lib_file
+    l, lib_file = loader.load(c.lib_path)
     if not l then
-        error("resty.autoscale: " .. err, 2)
+        error("resty.autoscale: " .. lib_file, 2)
     end
     local errbuf = ffi.new("char[512]")
     local params = ffi.new("autoscale_region_params_t", {
@@ -121,7 +121,7 @@ function _M.configure(user_conf)
     end
     lib, conf, index = l, c, idx
     balancer.init(lib, conf, index)
-    status.init(lib, conf, index)
+    status.init(lib, conf, index, lib_file)
     events.init(lib, conf)
     healthcheck.init(lib)
     control.init(lib, conf, index)

@@ -10,6 +10,7 @@ local pairs = pairs
 local ipairs = ipairs
 local tostring = tostring
 local sort = table.sort
+local io_open = io.open
 
 local _M = {}
 
@@ -27,9 +28,10 @@ local spec = require "resty.autoscale.spec"
 local totals = ffi.new("uint64_t[64]")
 local cost = ffi.new("autoscale_cost_t")
 local KINDS = {} -- event kind number -> name
+local lib_path -- the file the library was loaded from
 
-function _M.init(library, configuration, upstream_index)
-    lib, conf, index = library, configuration, upstream_index
+function _M.init(library, configuration, upstream_index, library_path)
+    lib, conf, index, lib_path = library, configuration, upstream_index, library_path
     local name = ffi.new("uint8_t[32]")
     for k = 1, 63 do
         local len = lib.autoscale_event_kind_name(k, name, 32)
@@ -181,6 +183,24 @@ function _M.upstream(name)
     }
 end
 
+-- The library this process runs: its path, ABI version, and whether the file at that path has been replaced since it
+-- was loaded (the process maps a deleted file: the installed one runs only after a restart or a binary upgrade).
+local function library()
+    local replaced = false
+    local mapped = lib_path and lib_path .. " (deleted)" -- how /proc/self/maps names a mapped file since removed
+    local f = mapped and io_open("/proc/self/maps", "r")
+    if f then
+        for line in f:lines() do
+            if line:sub(-#mapped) == mapped then
+                replaced = true
+                break
+            end
+        end
+        f:close()
+    end
+    return { path = lib_path, abi_version = lib.autoscale_abi_version(), replaced_on_disk = replaced }
+end
+
 -- info = status.region()
 function _M.region()
     if not lib or lib.autoscale_region_info(info) ~= 0 then
@@ -198,6 +218,7 @@ function _M.region()
         evicted_requests = n(info.evicted_requests),
         event_totals = _M.event_totals(),
         library_cost = _M.library_cost(),
+        library = library(),
     }
 end
 
