@@ -1,7 +1,7 @@
 # vim:set ft= ts=4 sw=4 et:
 # The shared region's fixed capacity at run time: when max_peers is reached, an admin add and a standby activation are
 # refused with the reason, the peers already there keep serving and keep their statistics, and removing a peer frees
-# its record for the next add; a reload that needs more upstreams than max_upstreams, or a different max_peers, is
+# its record for the next add; a DNS source naming too many peers gets those that fit, the rest once records free up; a reload that needs more upstreams than max_upstreams, or a different max_peers, is
 # refused by the new configuration while the running one keeps serving; a new library is rolled out by a reload onto a
 # new file name (docs/operations.md, "Changes and upgrades").
 
@@ -25,13 +25,18 @@ for my $name (qw(libresty_autoscale-1.so libresty_autoscale-2.so)) {
 chmod 0777, $LibDir; # TEST 3 replaces a file there from a worker
 $ENV{TEST_NGINX_LIB_DIR} = $LibDir;
 
-# A gateway whose configuration takes what html/extra.lua returns (upstreams, max_peers, lib = 1 or 2), so that a
+# A gateway whose configuration takes what html/extra.lua returns (upstreams, max_peers, lib = 1 or 2, dns), so that a
 # block can change it and reload.
 our $ReloadConfig = <<'_EOC_';
     init_by_lua_block {
         autoscale = require "resty.autoscale"
         local extra = dofile("$TEST_NGINX_HTML_DIR/extra.lua")   -- what a block changes before each reload
         local ups = { api = { peers = { "127.0.0.1:$TEST_NGINX_RAND_PORT_1" } } }
+        if extra.dns then -- peers from the SRV records of a DNS server on RAND_PORT_8 (TEST 4)
+            ups.api.discovery = { keep_static = false, drain_timeout = 1,
+                                  dns = { name = "_api._tcp.svc.test", type = "SRV", min_ttl = 0.2,
+                                          nameservers = { "127.0.0.1:$TEST_NGINX_RAND_PORT_8" } } }
+        end
         for k, v in pairs(extra.upstreams or {}) do ups[k] = v end
         autoscale.configure { max_peers = extra.max_peers or 3, max_upstreams = 1, upstreams = ups,
                               lib_path = extra.lib and "$TEST_NGINX_LIB_DIR/libresty_autoscale-" .. extra.lib .. ".so" }
@@ -43,6 +48,9 @@ our $ReloadConfig = <<'_EOC_';
     }
     server {
         listen 127.0.0.1:$TEST_NGINX_RAND_PORT_1;
+        listen 127.0.0.1:$TEST_NGINX_RAND_PORT_2;
+        listen 127.0.0.1:$TEST_NGINX_RAND_PORT_3;
+        listen 127.0.0.1:$TEST_NGINX_RAND_PORT_4;
         location / { return 200 "$server_port\n"; }
     }
 _EOC_
@@ -312,3 +320,72 @@ statistics start over: true, and count: 3
 installed over: library 2, epoch 1, requests \d+, regions mapped 2, status: libresty_autoscale-2.so replaced true
 --- no_error_log
 [error]
+
+
+
+=== TEST 4: a DNS source naming more peers than max_peers allows: the additions that fit are made, the others are logged once, every request is served, and once the seed has drained out the last one gets its record
+--- skip_eval: 3: !grep { -x "$_/dnsmasq" } split /:/, "$ENV{PATH}:/usr/sbin:/sbin"
+--- user_files
+>>> extra.lua
+return { dns = true }
+--- http_config eval: $::ReloadConfig
+--- config eval
+$::ReloadLocations . <<'_EOC_';
+    location = /t {
+        content_by_lua_block {
+            local t = require "autoscale_test"
+            local process = require "autoscale_process"
+            local port = ngx.var.server_port
+            local dir = ngx.config.prefix() .. "logs/"
+            local P = { ["$TEST_NGINX_RAND_PORT_1"] = "p1", ["$TEST_NGINX_RAND_PORT_2"] = "p2",
+                        ["$TEST_NGINX_RAND_PORT_3"] = "p3", ["$TEST_NGINX_RAND_PORT_4"] = "p4" }
+            local function serving()
+                local out = {}
+                for _, p in ipairs(autoscale.status("api").peers) do
+                    if p.state ~= "draining" then out[#out + 1] = P[p.addr:match("%d+$")] end
+                end
+                table.sort(out)
+                return table.concat(out, " ")
+            end
+            local conf = { "port=$TEST_NGINX_RAND_PORT_8", "listen-address=127.0.0.1", "bind-interfaces", "no-resolv",
+                           "no-hosts", "keep-in-foreground", "user=root", "local-ttl=1", "pid-file=",
+                           "host-record=b.svc.test,127.0.0.1" }
+            for _, p in ipairs { $TEST_NGINX_RAND_PORT_2, $TEST_NGINX_RAND_PORT_3, $TEST_NGINX_RAND_PORT_4 } do
+                conf[#conf + 1] = "srv-host=_api._tcp.svc.test,b.svc.test," .. p .. ",0,1"
+            end
+            process.write(dir .. "dnsmasq.conf", table.concat(conf, "\n") .. "\n")
+            local dnsmasq = (io.open("/usr/sbin/dnsmasq") and "/usr/sbin/" or "") .. "dnsmasq"
+            local dns = process.start(dnsmasq .. " -C " .. dir .. "dnsmasq.conf", dir .. "dnsmasq.log", 60)
+            local ok, err = pcall(function()
+                assert(t.poll(function() return process.listening($TEST_NGINX_RAND_PORT_8, "udp") end, 5),
+                       "dnsmasq did not start: " .. process.read(dir .. "dnsmasq.log"))
+                ngx.say("before: ", serving())
+                local failed, requests = 0, 0
+                local done = t.poll(function()
+                    for _ = 1, 5 do
+                        requests = requests + 1
+                        if t.get(port, "/api") ~= 200 then failed = failed + 1 end
+                    end
+                    return serving() == "p2 p3 p4"
+                end, 15)
+                ngx.say("in the end: ", serving(), " (", done, "), requests failed: ", failed, " of more than 0: ",
+                        requests > 0)
+                local log = process.read(dir .. "error.log")
+                local refused = {}
+                for p, why in log:gmatch("discovery of api: cannot add 127%.0%.0%.1:(%d+): ([^,\n]+)") do
+                    refused[#refused + 1] = P[p] .. " " .. why
+                end
+                ngx.say("refused, logged: ", #refused, " ", ((refused[1] or ""):gsub("^p%d", "p_")))
+            end)
+            dns:stop()
+            if not ok then error(err) end
+        }
+    }
+_EOC_
+--- request
+GET /t
+--- timeout: 40
+--- response_body
+before: p1
+in the end: p2 p3 p4 (true), requests failed: 0 of more than 0: true
+refused, logged: 1 p_ 4 peers configured in all but max_peers is 3
