@@ -74,7 +74,8 @@ our $HttpConfig = <<'_EOC_';
         keepalive 8;
     }
     # The backends speak HTTP/2 without TLS (h2c, prior knowledge), as gRPC servers do: a gRPC-style answer with
-    # content-type application/grpc and grpc-status / grpc-message trailers; /pkg.Svc/Fail answers 503.
+    # content-type application/grpc and grpc-status / grpc-message trailers; /pkg.Svc/Fail answers 503, and
+    # /pkg.Svc/Unavailable a 200 with grpc-status 14 (UNAVAILABLE).
     server {
         listen 127.0.0.1:$TEST_NGINX_RAND_PORT_3 http2;
         listen 127.0.0.1:$TEST_NGINX_RAND_PORT_4 http2;
@@ -84,10 +85,17 @@ our $HttpConfig = <<'_EOC_';
         location / {
             content_by_lua_block {
                 ngx.req.read_body()
-                return ngx.exec(ngx.var.uri == "/pkg.Svc/Fail" and "@fail" or "@answer")
+                local to = { ["/pkg.Svc/Fail"] = "@fail", ["/pkg.Svc/Unavailable"] = "@unavailable" }
+                return ngx.exec(to[ngx.var.uri] or "@answer")
             }
         }
         location @fail { return 503; }
+        location @unavailable {
+            sub_filter_types application/grpc;
+            sub_filter "@" "@";
+            add_trailer grpc-status 14;
+            return 200 "unavailable";
+        }
         location @answer {
             sub_filter_types application/grpc;   # no Content-Length: the answer is streamed, as gRPC answers are
             sub_filter "@" "@";
@@ -169,7 +177,7 @@ p1 requests 3 failures 0 in flight 0; p2 requests 3 failures 0 in flight 0
 
 
 
-=== TEST 2: gRPC: grpc_pass through balancer_by_lua reaches each h2c backend the balancer chose, trailers (grpc-status) come back, and the log phase counts each call; a backend answering grpc-status in a 200 is a success, a 503 from it a failure
+=== TEST 2: gRPC: grpc_pass through balancer_by_lua reaches each h2c backend the balancer chose, trailers (grpc-status) come back, and the log phase counts each call; a 200 with grpc-status 14 counts as a success, a 503 as a failure
 --- http_config eval: $::HttpConfig
 --- config
     set $autoscale_peer "";
@@ -203,7 +211,10 @@ p1 requests 3 failures 0 in flight 0; p2 requests 3 failures 0 in flight 0
             ngx.say(table.concat(seen, ", "))
             local fail = call("Fail", "")
             ngx.say("Fail: ", fail:match("^HTTP/1.1 (%d+)"))
-            ngx.say(require("autoscale_test").accounted("grpc", 5, P))
+            local unavailable = call("Unavailable", "")
+            ngx.say("Unavailable: ", unavailable:match("^HTTP/1.1 (%d+)"), " grpc-status ",
+                    unavailable:match("\r\n[Gg]rpc%-[Ss]tatus: (%d+)"))
+            ngx.say(require("autoscale_test").accounted("grpc", 6, P))
         }
     }
 --- request
@@ -211,7 +222,8 @@ GET /t
 --- response_body_like
 ^200 (p1|p2) grpc-status 0 served-by-\1-over-HTTP/2.0, 200 (?!\1)(p1|p2) grpc-status 0 served-by-\2-over-HTTP/2.0, 200 \1 grpc-status 0 served-by-\1-over-HTTP/2.0, 200 \2 grpc-status 0 served-by-\2-over-HTTP/2.0
 Fail: 503
-p1 requests 3 failures 1 in flight 0; p2 requests 2 failures 0 in flight 0
+Unavailable: 200 grpc-status 14
+p1 requests 3 failures 1 in flight 0; p2 requests 3 failures 0 in flight 0
 --- no_error_log
 [error]
 
