@@ -5,7 +5,8 @@
 #   make bench    overhead against plain nginx, interleaved, front worker pinned (first: make bench-reconfigure)
 #   make demo     the lab's headline scenario: round robin vs resty.autoscale, side by side, with an HTML report
 #   make lab      SCENARIO=name (lab/lab --list)
-#   make install  PREFIX=/usr/local (LUA_LIB_DIR, LUA_CLIB_DIR)
+#   make install  PREFIX=/usr/local (LUA_LIB_DIR, LUA_CLIB_DIR, BINDIR)
+#   make check-config CONF=/etc/nginx/nginx.conf (or a .lua file returning the configuration): what nginx -t cannot see
 #   make cdef     regenerate include/resty_autoscale.h and lua/resty/autoscale/cdef.lua from src/lib.rs
 #
 # `run`, `test` and `bench` install the Debian packages they need first (`make deps`).
@@ -15,6 +16,7 @@ CARGO ?= cargo
 PREFIX ?= /usr/local
 LUA_LIB_DIR ?= $(PREFIX)/share/lua/5.1
 LUA_CLIB_DIR ?= $(PREFIX)/lib/lua/5.1
+BINDIR ?= $(PREFIX)/bin
 PROVE ?= prove
 LIB := target/release/libresty_autoscale.so
 TESTS ?= t/
@@ -27,7 +29,7 @@ DEB_PACKAGES := nginx-core libnginx-mod-http-lua lua-resty-core lua-resty-lrucac
 
 SCENARIO ?= headline
 
-.PHONY: all deps build test test-rust test-nginx run bench bench-reconfigure demo lab install uninstall cdef clean
+.PHONY: all deps build test test-rust test-nginx run bench bench-reconfigure demo lab install uninstall cdef clean check-config
 
 all: build
 
@@ -72,6 +74,12 @@ demo: build
 lab: build
 	lab/lab $(SCENARIO)
 
+# The start-up validation of a configuration (autoscale.configure / autoscale.admin) in a throwaway nginx, with this
+# checkout's library: CONF is an nginx.conf or a Lua file returning the configuration table (bin/resty-autoscale-check).
+check-config: $(LIB)
+	@[ -n "$(CONF)" ] || { echo "usage: make check-config CONF=/etc/nginx/nginx.conf (or a .lua file)"; exit 2; }
+	RESTY_AUTOSCALE_LUA_DIR=$(CURDIR)/lua RESTY_AUTOSCALE_LIB_DIR=$(CURDIR)/target/release bin/resty-autoscale-check "$(CONF)"
+
 cdef:
 	AUTOSCALE_REGEN=1 $(CARGO) build --release
 
@@ -80,10 +88,14 @@ install: $(LIB)
 	install -m 0644 lua/resty/autoscale.lua $(DESTDIR)$(LUA_LIB_DIR)/resty/
 	install -m 0644 lua/resty/autoscale/*.lua $(DESTDIR)$(LUA_LIB_DIR)/resty/autoscale/
 	install -m 0755 $(LIB) $(DESTDIR)$(LUA_CLIB_DIR)/
+	install -d $(DESTDIR)$(BINDIR)
+	sed -e 's|^INSTALLED_LUA_DIR=$$|INSTALLED_LUA_DIR=$(LUA_LIB_DIR)|' -e 's|^INSTALLED_LIB_DIR=$$|INSTALLED_LIB_DIR=$(LUA_CLIB_DIR)|' \
+		bin/resty-autoscale-check > $(DESTDIR)$(BINDIR)/resty-autoscale-check
+	chmod 0755 $(DESTDIR)$(BINDIR)/resty-autoscale-check
 
 uninstall:
 	rm -rf $(DESTDIR)$(LUA_LIB_DIR)/resty/autoscale $(DESTDIR)$(LUA_LIB_DIR)/resty/autoscale.lua \
-		$(DESTDIR)$(LUA_CLIB_DIR)/libresty_autoscale.so
+		$(DESTDIR)$(LUA_CLIB_DIR)/libresty_autoscale.so $(DESTDIR)$(BINDIR)/resty-autoscale-check
 
 clean:
 	$(CARGO) clean
