@@ -423,7 +423,8 @@ local function control_error(err, name)
         end
     end
     -- config.validate names the field path upstreams.<name>.<field>; the API's path starts at the body.
-    return 422, (err:gsub("^upstreams%." .. name:gsub("%p", "%%%0") .. "%.", "", 1))
+    -- (one line per wrong field)
+    return 422, (("\n" .. err):gsub("\nupstreams%." .. name:gsub("%p", "%%%0") .. "%.", "\n"):sub(2))
 end
 
 ---------------------------------------------------------------------------------------------------- routes
