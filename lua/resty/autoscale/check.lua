@@ -1,8 +1,8 @@
 -- resty.autoscale.check: the engine of `resty-autoscale-check` (bin/resty-autoscale-check).
 --
--- It runs inside a throwaway nginx (`master_process off`, a scratch prefix, no listening socket) in the init phase,
--- so the configuration goes through exactly what nginx start runs: autoscale.configure() and autoscale.admin() of the
--- library found along package.cpath/package.path. The process exits from the init phase (os.exit) before nginx opens
+-- It runs inside a throwaway nginx (`master_process off`, files in a scratch directory, no listening socket) in its
+-- init phase, so the configuration goes through exactly what nginx start runs: autoscale.configure() and
+-- autoscale.admin() of the library found along package.cpath/package.path. The process exits from the init phase (os.exit) before nginx opens
 -- any listening socket, so nothing of a running nginx (its ports, its shared memory) is touched.
 --
 --     check.lua_file(path, out)             a Lua file returning conf[, admin]
