@@ -333,6 +333,14 @@ LUA
                'upstreams.web.peers: must be a non-empty list of peers') {
         like($out, qr/^error: resty\.autoscale: \Q$e\E$/m, "every error is printed with its field: $e");
     }
+    spew("$dir/admin.lua", qq{return { upstreams = { api = { peers = { "127.0.0.1:1" } } } },\n}
+                           . qq{       { token_env = "AUTOSCALE_SHORT_TOKEN", allow = { "localhost" }, max_body = 1 }\n});
+    ($rc, $out) = run_check("$dir/admin.lua");
+    is($rc, 1, 'several admin errors: exit 1');
+    for my $e ('admin.token_env: the token must be at least 16 characters', 'admin.allow[1]: must be an IPv4 or IPv6',
+               'admin.max_body: must be an integer between 64 and 1048576 (got 1)') {
+        like($out, qr/^error: resty\.autoscale: \Q$e\E/m, "every admin error is printed with its field: $e");
+    }
     spew("$dir/ok.lua", qq{return { upstreams = { api = { peers = { "127.0.0.1:1" } } } },\n}
                         . qq{       { token_env = "AUTOSCALE_ADMIN_TOKEN" }\n});
     ($rc, $out) = run_check("$dir/ok.lua");

@@ -30,10 +30,11 @@ local function finish(out, errors)
 end
 
 -- An error raised by configure/admin reads "<chunk>:<line>: resty.autoscale: <field>: <reason>", one line per error.
+-- A position inside this file (the call of configure/admin for a Lua file) says nothing to the user: dropped.
 local function add(errors, err)
     err = tostring(err)
     for line in err:gmatch("[^\n]+") do
-        errors[#errors + 1] = line
+        errors[#errors + 1] = (line:gsub("^[^\n]-resty/autoscale/check%.lua:%d+: ", ""))
     end
 end
 
