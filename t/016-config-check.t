@@ -362,6 +362,20 @@ LUA
     ($rc, $out) = run_check('-p', "$dir/prefix", "$dir/etc/nginx.conf");
     is($rc, 1, 'include + init_by_lua_file relative to the prefix, run with that prefix: the error is found');
     like($out, qr/upstreams\.api\.retries: must be between 0 and 100 \(got -1\)/, '... with its field');
+    # braces inside Lua strings and comments do not end the block; nginx's quoting and comments outside it
+    spew("$dir/braces.conf", conf_around_http(<<'CONF'));
+    set_real_ip_from 127.0.0.1;   # a comment with a brace }
+    init_by_lua_block {
+        local s = "}" .. '}' .. [[ } ]] .. [==[ } ]==]  -- }
+        --[[ } ]]
+        require("resty.autoscale").configure { upstreams = { api = { peers = { "127.0.0.1:1" }, retries = 100 + #s } } }
+    }
+    init_worker_by_lua_block { local x = "{" }
+CONF
+    ($rc, $out) = run_check("$dir/braces.conf");
+    is($rc, 1, 'braces in Lua strings and comments: the whole init block is run');
+    like($out, qr/upstreams\.api\.retries: must be between 0 and 100 \(got 1\d\d?\)/, '... to its end')
+        or diag($out);
     # a running nginx is not touched: the check opens no listening socket and leaves nothing behind
     spew("$dir/listen.conf", conf_around_http(
         qq{    init_by_lua_block { require("resty.autoscale").configure { upstreams = { api = { peers = { "127.0.0.1:1" } } } } }\n}
