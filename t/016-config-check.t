@@ -20,7 +20,7 @@
 #      <!-- check: skip REASON --> not checked, for the reason given
 #
 #    and `files=/abs/path,...` after the kind: files the example reads (a secret, a token) are created in a scratch
-#    directory and the example checked with its path there.
+#    directory and the example checked with its path there. docs/*.conf files with init_by_lua* are checked whole.
 # Plain Test::More: it runs the same under the bundled runner and the real Test::Nginx.
 
 use strict;
@@ -311,6 +311,21 @@ for my $doc ("$Repo/README.md", sort glob "$Repo/docs/*.md") {
         my $out = `$Nginx -t -q -p $dir/ -e $dir/error.log -c $dir/t.conf 2>&1`;
         is($? >> 8, 0, "$where: nginx -t") or diag("$out\n$head$t");
     }
+}
+# example configuration files under docs/ (an nginx.conf each), checked as they stand
+for my $conf (sort(glob("$Repo/docs/*.conf"), glob("$Repo/docs/*/*.conf"))) {
+    (my $where = $conf) =~ s{^\Q$Repo\E/}{};
+    my $text = slurp($conf);
+    next unless $text =~ /^\s*init_by_lua/m;
+    $n_example++;
+    $checked{file}++;
+    my $dir = "$Scratch/docfile$n_example";
+    File::Path::make_path($dir);
+    $text =~ s{/usr/local/share/lua/5\.1/}{$Repo/lua/}g;
+    $text =~ s{/usr/local/lib/lua/5\.1/}{$Lib/}g;
+    spew("$dir/nginx.conf", $text);
+    my ($rc, $out) = run_check('--conf', "$dir/nginx.conf");
+    is($rc, 0, "$where: the check accepts its Lua configuration") or diag($out);
 }
 ok($n_example >= 14, "examples found in README.md and docs/ ($n_example: "
    . join(', ', map { "$_ $checked{$_}" } sort keys %checked) . ")");
