@@ -9,6 +9,8 @@
 #   make install  every Lua module under lua/ and the library; PREFIX=/usr/local, DESTDIR (staging root),
 #                 LUA_LIB_DIR=$(PREFIX)/share/lua/5.1 (Lua files), LUA_CLIB_DIR=$(PREFIX)/lib/lua/5.1 (the .so)
 #   make uninstall  removes what `make install` put there (same variables)
+#   make check-config CONF=/etc/nginx/nginx.conf (or a .lua file returning the configuration): what nginx -t cannot see
+#                 (installed as $(BINDIR)/resty-autoscale-check, BINDIR=$(PREFIX)/bin)
 #   make cdef     regenerate include/resty_autoscale.h and lua/resty/autoscale/cdef.lua from src/lib.rs
 #
 # `run`, `test` and `bench` install the Debian packages they need first (`make deps`).
@@ -18,6 +20,7 @@ CARGO ?= cargo
 PREFIX ?= /usr/local
 LUA_LIB_DIR ?= $(PREFIX)/share/lua/5.1
 LUA_CLIB_DIR ?= $(PREFIX)/lib/lua/5.1
+BINDIR ?= $(PREFIX)/bin
 PROVE ?= prove
 LIB := target/release/libresty_autoscale.so
 TESTS ?= t/
@@ -30,7 +33,7 @@ DEB_PACKAGES := nginx-core libnginx-mod-http-lua lua-resty-core lua-resty-lrucac
 
 SCENARIO ?= headline
 
-.PHONY: all deps build lib test test-rust test-nginx run bench bench-reconfigure demo lab install uninstall cdef clean
+.PHONY: all deps build lib test test-rust test-nginx run bench bench-reconfigure demo lab install uninstall cdef clean check-config
 
 all: build
 
@@ -80,6 +83,12 @@ demo: build
 lab: build
 	lab/lab $(SCENARIO)
 
+# The start-up validation of a configuration (autoscale.configure / autoscale.admin) in a throwaway nginx, with this
+# checkout's library: CONF is an nginx.conf or a Lua file returning the configuration table (bin/resty-autoscale-check).
+check-config: $(LIB)
+	@[ -n "$(CONF)" ] || { echo "usage: make check-config CONF=/etc/nginx/nginx.conf (or a .lua file)"; exit 2; }
+	RESTY_AUTOSCALE_LUA_DIR=$(CURDIR)/lua RESTY_AUTOSCALE_LIB_DIR=$(CURDIR)/target/release bin/resty-autoscale-check "$(CONF)"
+
 cdef:
 	AUTOSCALE_REGEN=1 $(CARGO) build --release
 
@@ -93,9 +102,14 @@ install: $(LIB)
 	done
 	install -d $(DESTDIR)$(LUA_CLIB_DIR)
 	install -m 0755 $(LIB) $(DESTDIR)$(LUA_CLIB_DIR)/
+	install -d $(DESTDIR)$(BINDIR)
+	sed -e 's|^INSTALLED_LUA_DIR=$$|INSTALLED_LUA_DIR=$(LUA_LIB_DIR)|' -e 's|^INSTALLED_LIB_DIR=$$|INSTALLED_LIB_DIR=$(LUA_CLIB_DIR)|' \
+		bin/resty-autoscale-check > $(DESTDIR)$(BINDIR)/resty-autoscale-check
+	chmod 0755 $(DESTDIR)$(BINDIR)/resty-autoscale-check
 
 uninstall:
-	rm -f $(addprefix $(DESTDIR)$(LUA_LIB_DIR)/,$(LUA_MODULES)) $(DESTDIR)$(LUA_CLIB_DIR)/libresty_autoscale.so
+	rm -f $(addprefix $(DESTDIR)$(LUA_LIB_DIR)/,$(LUA_MODULES)) $(DESTDIR)$(LUA_CLIB_DIR)/libresty_autoscale.so \
+		$(DESTDIR)$(BINDIR)/resty-autoscale-check
 	-rmdir $(DESTDIR)$(LUA_LIB_DIR)/resty/autoscale/discovery $(DESTDIR)$(LUA_LIB_DIR)/resty/autoscale 2>/dev/null
 
 clean:

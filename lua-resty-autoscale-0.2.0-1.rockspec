@@ -31,5 +31,6 @@ build = {
       LUA_LIB_DIR = "$(LUADIR)",
       LUA_CLIB_DIR = "$(LIBDIR)",
       PREFIX = "$(PREFIX)",
+      BINDIR = "$(BINDIR)",
    },
 }

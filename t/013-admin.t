@@ -108,7 +108,7 @@ run_tests();
 
 __DATA__
 
-=== TEST 1: 55 bad requests: each its 4xx and a JSON reason, and the whole state byte-identical afterwards
+=== TEST 1: 57 bad requests: each its 4xx and a JSON reason, and the whole state byte-identical afterwards
 --- http_config eval: $::HttpConfig
 --- config eval
 "location = /t { content_by_lua_block { $::Helpers" . <<'_EOC_'
@@ -167,6 +167,8 @@ __DATA__
                 { "PATCH", B, '{"colour":"red"}', json, 422, "colour: unknown option (valid: admission, balancer," },
                 { "PATCH", B, '{"peers":[]}', json, 422, "peers: use add_peer/remove_peer" },
                 { "PATCH", B, '{"healthcheck":{"path":"/h"}}', json, 422, "healthcheck: cannot be changed at run time" },
+                { "PATCH", B, '{"scaling":{"rps":{"target":5}}}', json, 422, "scaling: cannot be changed at run time" },
+                { "PATCH", B, '{"admission":{"queue":1}}', json, 422, "admission: cannot be changed at run time" },
                 { "PATCH", B, '{"outlier":{"consecutive_5xx":3,"nope":1}}', json, 422, "outlier.nope: unknown option" },
                 { "PATCH", B, '{"outlier":"off"}', json, 422, "outlier: must be an object or false" },
                 { "PATCH", B, '{"ewma_decay":0}', json, 422, "ewma_decay: must be between 0.001 and 3600 (got 0)" },
@@ -203,7 +205,7 @@ _EOC_
 GET /t
 --- timeout: 30
 --- response_body
-55 bad requests, 0 not refused as expected; state byte-identical: true
+57 bad requests, 0 not refused as expected; state byte-identical: true
 --- no_error_log
 [error]
 resty.autoscale admin: backend:

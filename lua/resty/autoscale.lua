@@ -81,7 +81,8 @@ function _M.configure(user_conf)
     end
     local c, err = config.validate(user_conf)
     if not c then
-        error("resty.autoscale: " .. err, 2)
+        -- one line per wrong field, each naming it
+        error("resty.autoscale: " .. err:gsub("\n", "\nresty.autoscale: "), 2)
     end
     local l, lib_file
     l, lib_file = loader.load(c.lib_path)

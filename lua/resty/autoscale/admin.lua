@@ -175,21 +175,17 @@ end
 
 ---------------------------------------------------------------------------------------------------- set-up
 
-local function fail(path, msg, ...)
-    error("resty.autoscale: admin." .. path .. ": " .. format(msg, ...), 3)
-end
-
 local function read_token_file(path)
     local f, err = io_open(path, "rb")
     if not f then
-        fail("token_file", "cannot read %s: %s", path, tostring(err))
+        return nil, err
     end
     local text = f:read("*a") or ""
     f:close()
     return (match(text, "^%s*(.-)%s*$"))
 end
 
--- admin.setup(opts), in init_by_lua*: turns the API on; raises naming the field and the reason.
+-- admin.setup(opts), in init_by_lua*: turns the API on; raises naming every wrong field and the reason (one line each).
 function _M.setup(opts)
     local phase = get_phase()
     if phase ~= "init" then
@@ -198,37 +194,54 @@ function _M.setup(opts)
     if type(opts) ~= "table" then
         error("resty.autoscale: admin: options must be a table (got " .. type(opts) .. ")", 3)
     end
+    local errs = {}
+    local function fail(path, msg, ...)
+        errs[#errs + 1] = "resty.autoscale: admin." .. path .. ": " .. format(msg, ...)
+    end
     local valid = { token_env = true, token_file = true, name = true, allow = true, max_body = true, prefix = true }
+    local unknown = {}
     for k in pairs(opts) do
         if not valid[k] then
-            local names = {}
-            for n in pairs(valid) do names[#names + 1] = n end
-            sort(names)
-            fail(tostring(k), "unknown option (valid: %s)", concat(names, ", "))
+            unknown[#unknown + 1] = tostring(k)
+        end
+    end
+    if #unknown > 0 then
+        sort(unknown)
+        local names = {}
+        for n in pairs(valid) do names[#names + 1] = n end
+        sort(names)
+        for _, k in ipairs(unknown) do
+            fail(k, "unknown option (valid: %s)", concat(names, ", "))
         end
     end
     local token, source
     if (opts.token_env == nil) == (opts.token_file == nil) then
         fail("token_env", "give exactly one of token_env (an environment variable) and token_file")
-    end
-    if opts.token_env ~= nil then
+    elseif opts.token_env ~= nil then
+        source = "token_env"
         if type(opts.token_env) ~= "string" or not match(opts.token_env, "^[%a_][%w_]*$") then
             fail("token_env", "must be the name of an environment variable (got %s)", tostring(opts.token_env))
+        else
+            token = getenv(opts.token_env)
+            if not token or token == "" then
+                fail("token_env", "environment variable %s is not set or empty in the environment nginx was started "
+                     .. "with", opts.token_env)
+                token = nil
+            end
         end
-        token = getenv(opts.token_env)
-        if not token or token == "" then
-            fail("token_env", "environment variable %s is not set or empty in the environment nginx was started with",
-                 opts.token_env)
-        end
-        source = "token_env"
     else
+        source = "token_file"
         if type(opts.token_file) ~= "string" or opts.token_file == "" then
             fail("token_file", "must be a file path (got %s)", tostring(opts.token_file))
+        else
+            local err
+            token, err = read_token_file(opts.token_file)
+            if not token then
+                fail("token_file", "cannot read %s: %s", opts.token_file, tostring(err))
+            end
         end
-        token = read_token_file(opts.token_file)
-        source = "token_file"
     end
-    if #token < 16 or find(token, "[%s%c]") then
+    if token and (#token < 16 or find(token, "[%s%c]")) then
         fail(source, "the token must be at least 16 characters without spaces (got %d characters)", #token)
     end
     local name = opts.name == nil and (opts.token_env or "token_file") or opts.name
@@ -236,19 +249,20 @@ function _M.setup(opts)
         fail("name", "must be letters, digits, '_', '.' and '-' (got %s)", tostring(name))
     end
     local allow = opts.allow == nil and _M.defaults.allow or opts.allow
+    local nets = {}
     if type(allow) ~= "table" or #allow == 0 then
         fail("allow", "must be a non-empty list of addresses or networks")
-    end
-    local nets = {}
-    for i, text in ipairs(allow) do
-        local net, err
-        if type(text) == "string" then
-            net, err = cidr(text)
+    else
+        for i, text in ipairs(allow) do
+            local net, err
+            if type(text) == "string" then
+                net, err = cidr(text)
+            end
+            if not net then
+                fail(format("allow[%d]", i), "%s (got %s)", err or "must be a string", tostring(text))
+            end
+            nets[i] = net
         end
-        if not net then
-            fail(format("allow[%d]", i), "%s (got %s)", err or "must be a string", tostring(text))
-        end
-        nets[i] = net
     end
     local max_body = opts.max_body == nil and _M.defaults.max_body or opts.max_body
     if type(max_body) ~= "number" or max_body ~= floor(max_body) or max_body < 64 or max_body > 1048576 then
@@ -257,6 +271,9 @@ function _M.setup(opts)
     local prefix = opts.prefix == nil and _M.defaults.prefix or opts.prefix
     if type(prefix) ~= "string" or not match(prefix, "^/[^%s%c]*$") or sub(prefix, -1) == "/" then
         fail("prefix", "must be an absolute path without a trailing '/' (got %s)", tostring(prefix))
+    end
+    if #errs > 0 then
+        error(concat(errs, "\n"), 3)
     end
     settings = {
         digest = sha1_bin(token), -- the token itself is not kept
@@ -423,7 +440,8 @@ local function control_error(err, name)
         end
     end
     -- config.validate names the field path upstreams.<name>.<field>; the API's path starts at the body.
-    return 422, (err:gsub("^upstreams%." .. name:gsub("%p", "%%%0") .. "%.", "", 1))
+    -- (one line per wrong field)
+    return 422, (("\n" .. err):gsub("\nupstreams%." .. name:gsub("%p", "%%%0") .. "%.", "\n"):sub(2))
 end
 
 ---------------------------------------------------------------------------------------------------- routes

@@ -130,6 +130,22 @@ local function known(path, t, allowed)
     return true
 end
 
+local TOP_NUMBERS = {
+    max_upstreams = { 1, 4096 }, max_peers = { 1, 65536 }, max_workers = { 1, 1024 },
+    admission_rate_slots = { 64, 1048576 },
+}
+
+local NUMBER_FIELDS = {
+    retries = { 0, 100, true },
+    ewma_decay = { 0.001, 3600 },
+    default_rtt = { 0.000001, 60 },
+    slow_start = { 0, 3600 },
+    slow_start_aggression = { 0.01, 100 },
+    slow_start_min_weight = { 0, 1 },
+    failure_penalty = { 1, 1000 },
+    slow_peer_penalty = { 1, 1e6 },
+}
+
 local UPSTREAM_FIELDS = {
     peers = true, balancer = true, retries = true, ewma_decay = true, default_rtt = true, slow_start = true,
     slow_start_aggression = true, slow_start_min_weight = true, failure_penalty = true, outlier = true,
@@ -321,19 +337,29 @@ local function peer(path, p)
     return { addr = p.addr, weight = w }
 end
 
+-- errs, check = collector(): check(v, err) keeps err when v is nil and returns v, so that validation goes on.
+local function collector()
+    local errs = {}
+    return errs, function(v, err)
+        if v == nil then
+            errs[#errs + 1] = err
+        end
+        return v
+    end
+end
+
 local function upstream(path, u)
     if type(u) ~= "table" then
         return fail(path, "must be a table (got %s)", type(u))
     end
-    local ok, err = known(path, u, UPSTREAM_FIELDS)
-    if not ok then
-        return nil, err
-    end
+    -- Every section is checked, so that one run names every wrong field (errs: one line each).
+    local errs, check = collector()
+    check(known(path, u, UPSTREAM_FIELDS))
     local d = _M.defaults.upstream
     local out = {}
     local balancer = u.balancer == nil and d.balancer or u.balancer
     if _M.balancers[balancer] == nil then
-        return fail(path .. ".balancer", "must be \"peak_ewma\", \"round_robin\" or \"random\" (got %s)", show(balancer))
+        check(fail(path .. ".balancer", "must be \"peak_ewma\", \"round_robin\" or \"random\" (got %s)", show(balancer)))
     end
     out.balancer = balancer
     local spf = u.slow_peer_factor
@@ -342,167 +368,140 @@ local function upstream(path, u)
     elseif spf == 0 then
         out.slow_peer_factor = 0
     else
-        out.slow_peer_factor, err = number(path .. ".slow_peer_factor", spf, 1.1, 1000)
-        if not out.slow_peer_factor then
-            return nil, err .. " (or 0 to switch the rule off)"
-        end
+        local v, err = number(path .. ".slow_peer_factor", spf, 1.1, 1000)
+        out.slow_peer_factor = check(v, err and err .. " (or 0 to switch the rule off)")
     end
-    for field, spec in pairs {
-        retries = { 0, 100, true },
-        ewma_decay = { 0.001, 3600 },
-        default_rtt = { 0.000001, 60 },
-        slow_start = { 0, 3600 },
-        slow_start_aggression = { 0.01, 100 },
-        slow_start_min_weight = { 0, 1 },
-        failure_penalty = { 1, 1000 },
-        slow_peer_penalty = { 1, 1e6 },
-    } do
+    for _, field in ipairs { "retries", "ewma_decay", "default_rtt", "slow_start", "slow_start_aggression",
+                             "slow_start_min_weight", "failure_penalty", "slow_peer_penalty" } do
+        local spec = NUMBER_FIELDS[field]
         local v = u[field]
         if v == nil then
             out[field] = d[field]
         else
-            out[field], err = number(path .. "." .. field, v, spec[1], spec[2], spec[3])
-            if out[field] == nil then
-                return nil, err
+            out[field] = check(number(path .. "." .. field, v, spec[1], spec[2], spec[3]))
+        end
+    end
+    out.outlier = check(outlier(path .. ".outlier", u.outlier))
+    out.failure_statuses = check(statuses(path .. ".failure_statuses", u.failure_statuses or "500-599"))
+    out.healthcheck = check(healthcheck(path .. ".healthcheck", u.healthcheck))
+    out.fallback = check(fallback(path .. ".fallback", u.fallback))
+    out.discovery = check(require("resty.autoscale.discovery").validate(path .. ".discovery", u.discovery, u.peers))
+    out.admission = check(require("resty.autoscale.admission").validate(path .. ".admission", u.admission))
+    out.scaling = check(require("resty.autoscale.scaler").validate(path .. ".scaling", u.scaling))
+    if out.scaling and out.scaling.actuator and out.scaling.actuator.type == "standby" and out.discovery ~= nil
+            and not (out.discovery and out.discovery.standby) then
+        check(fail(path .. ".scaling.actuator.type", "\"standby\" needs discovery.standby (the pool it activates)"))
+    end
+    if type(u.peers) ~= "table" or #u.peers == 0 then
+        check(fail(path .. ".peers", "must be a non-empty list of peers"))
+    else
+        local listed = true
+        for k in pairs(u.peers) do
+            if type(k) ~= "number" or k < 1 or k > #u.peers or floor(k) ~= k then
+                check(fail(path .. ".peers", "must be a list (found key %s)", show(k)))
+                listed = false
+                break
+            end
+        end
+        if listed then
+            out.peers = {}
+            for i, p in ipairs(u.peers) do
+                out.peers[i] = check(peer(format("%s.peers[%d]", path, i), p))
             end
         end
     end
-    out.outlier, err = outlier(path .. ".outlier", u.outlier)
-    if not out.outlier then
-        return nil, err
-    end
-    out.failure_statuses, err = statuses(path .. ".failure_statuses", u.failure_statuses or "500-599")
-    if not out.failure_statuses then
-        return nil, err
-    end
-    out.healthcheck, err = healthcheck(path .. ".healthcheck", u.healthcheck)
-    if out.healthcheck == nil then
-        return nil, err
-    end
-    out.fallback, err = fallback(path .. ".fallback", u.fallback)
-    if not out.fallback then
-        return nil, err
-    end
-    out.discovery, err = require("resty.autoscale.discovery").validate(path .. ".discovery", u.discovery, u.peers)
-    if out.discovery == nil then
-        return nil, err
-    end
-    out.admission, err = require("resty.autoscale.admission").validate(path .. ".admission", u.admission)
-    if out.admission == nil then
-        return nil, err
-    end
-    out.scaling, err = require("resty.autoscale.scaler").validate(path .. ".scaling", u.scaling)
-    if out.scaling == nil then
-        return nil, err
-    end
-    if out.scaling and out.scaling.actuator and out.scaling.actuator.type == "standby"
-            and not (out.discovery and out.discovery.standby) then
-        return fail(path .. ".scaling.actuator.type", "\"standby\" needs discovery.standby (the pool it activates)")
-    end
-    if type(u.peers) ~= "table" or #u.peers == 0 then
-        return fail(path .. ".peers", "must be a non-empty list of peers")
-    end
-    for k in pairs(u.peers) do
-        if type(k) ~= "number" or k < 1 or k > #u.peers or floor(k) ~= k then
-            return fail(path .. ".peers", "must be a list (found key %s)", show(k))
-        end
-    end
-    out.peers = {}
-    for i, p in ipairs(u.peers) do
-        out.peers[i], err = peer(format("%s.peers[%d]", path, i), p)
-        if not out.peers[i] then
-            return nil, err
-        end
+    if #errs > 0 then
+        return nil, concat(errs, "\n")
     end
     return out
 end
 
 -- conf, err = config.validate(conf)
--- Returns a new, complete table (defaults filled in), or nil and the reason.
+-- Returns a new, complete table (defaults filled in), or nil and the reason: every wrong field found, one line each
+-- ("<field path>: <reason>"), so that one run names them all.
 function _M.validate(conf)
     if type(conf) ~= "table" then
         return fail("configuration", "must be a table (got %s)", type(conf))
     end
+    local errs, check = collector()
     local ok, err = known("configuration", conf, {
         upstreams = true, max_upstreams = true, max_peers = true, max_workers = true, window = true, lib_path = true,
         event_log = true, cluster = true, admission_rate_slots = true,
     })
     if not ok then
-        return nil, (err:gsub("^configuration%.", ""))
+        check(nil, (err:gsub("^configuration%.", "")))
     end
     local d = _M.defaults
     local out = {}
-    for field, spec in pairs {
-        max_upstreams = { 1, 4096 }, max_peers = { 1, 65536 }, max_workers = { 1, 1024 },
-        admission_rate_slots = { 64, 1048576 },
-    } do
+    for _, field in ipairs { "max_upstreams", "max_peers", "max_workers", "admission_rate_slots" } do
+        local spec = TOP_NUMBERS[field]
         local v = conf[field]
         if v == nil then
             out[field] = d[field]
         else
-            out[field], err = number(field, v, spec[1], spec[2], true)
-            if not out[field] then
-                return nil, err
-            end
+            out[field] = check(number(field, v, spec[1], spec[2], true))
         end
     end
     local slots, p2 = out.admission_rate_slots, 64
-    while p2 < slots do
-        p2 = p2 * 2
-    end
-    if p2 ~= slots then
-        return fail("admission_rate_slots", "must be a power of two (got %s)", tostring(slots))
+    if slots then
+        while p2 < slots do
+            p2 = p2 * 2
+        end
+        if p2 ~= slots then
+            check(fail("admission_rate_slots", "must be a power of two (got %s)", tostring(slots)))
+        end
     end
     if conf.lib_path ~= nil and type(conf.lib_path) ~= "string" then
-        return fail("lib_path", "must be a string (got %s)", type(conf.lib_path))
+        check(fail("lib_path", "must be a string (got %s)", type(conf.lib_path)))
     end
     out.lib_path = conf.lib_path
     out.raw = conf -- what the user wrote, for control.tune
     if conf.event_log ~= nil and (type(conf.event_log) ~= "string" or conf.event_log == "") then
-        return fail("event_log", "must be a file path (got %s)", show(conf.event_log))
+        check(fail("event_log", "must be a file path (got %s)", show(conf.event_log)))
     end
     out.event_log = conf.event_log
-    out.cluster, err = require("resty.autoscale.scaler").validate_cluster(conf.cluster)
-    if out.cluster == nil then
-        return nil, err
-    end
+    out.cluster = check(require("resty.autoscale.scaler").validate_cluster(conf.cluster))
     local w = conf.window or {}
-    if type(w) ~= "table" then
-        return fail("window", "must be a table (got %s)", type(w))
-    end
-    ok, err = known("window", w, { buckets = true, bucket = true })
-    if not ok then
-        return nil, err
-    end
     out.window = {}
-    out.window.buckets, err = number("window.buckets", w.buckets or d.window.buckets, 1, 600, true)
-    if not out.window.buckets then
-        return nil, err
-    end
-    out.window.bucket, err = number("window.bucket", w.bucket or d.window.bucket, 0.01, 60)
-    if not out.window.bucket then
-        return nil, err
+    if type(w) ~= "table" then
+        check(fail("window", "must be a table (got %s)", type(w)))
+    elseif check(known("window", w, { buckets = true, bucket = true })) then
+        out.window.buckets = check(number("window.buckets", w.buckets or d.window.buckets, 1, 600, true))
+        out.window.bucket = check(number("window.bucket", w.bucket or d.window.bucket, 0.01, 60))
     end
     if type(conf.upstreams) ~= "table" or next(conf.upstreams) == nil then
-        return fail("upstreams", "must be a table of at least one upstream, keyed by name")
+        check(fail("upstreams", "must be a table of at least one upstream, keyed by name"))
+    else
+        out.upstreams = {}
+        local names = {}
+        for name in pairs(conf.upstreams) do
+            names[#names + 1] = name
+        end
+        sort(names, function(a, b) return tostring(a) < tostring(b) end)
+        local valid = true
+        for _, name in ipairs(names) do
+            local u = conf.upstreams[name]
+            if type(name) ~= "string" or #name == 0 or #name > 63 or name:find("[^%w_%-%.]") then
+                check(fail("upstreams." .. tostring(name),
+                           "upstream names are 1 to 63 characters of letters, digits, '_', '-' and '.'"))
+                valid = false
+            else
+                out.upstreams[name] = check(upstream("upstreams." .. name, u))
+                valid = valid and out.upstreams[name] ~= nil
+            end
+        end
+        if valid then
+            for _, name in ipairs(names) do
+                local fb = out.upstreams[name].fallback.upstream
+                if fb ~= nil and (fb == name or not out.upstreams[fb]) then
+                    check(fail("upstreams." .. name .. ".fallback.upstream",
+                               "must name another configured upstream (got %s)", show(fb)))
+                end
+            end
+        end
     end
-    out.upstreams = {}
-    for name, u in pairs(conf.upstreams) do
-        if type(name) ~= "string" or #name == 0 or #name > 63 or name:find("[^%w_%-%.]") then
-            return fail("upstreams." .. tostring(name),
-                        "upstream names are 1 to 63 characters of letters, digits, '_', '-' and '.'")
-        end
-        out.upstreams[name], err = upstream("upstreams." .. name, u)
-        if not out.upstreams[name] then
-            return nil, err
-        end
-    end
-    for name, u in pairs(out.upstreams) do
-        local fb = u.fallback.upstream
-        if fb ~= nil and (fb == name or not out.upstreams[fb]) then
-            return fail("upstreams." .. name .. ".fallback.upstream", "must name another configured upstream (got %s)",
-                        show(fb))
-        end
+    if #errs > 0 then
+        return nil, concat(errs, "\n")
     end
     return out
 end
