@@ -604,10 +604,9 @@ impl Region {
         let peer = self.peer(slot);
         let h = peer.head;
         h.gen.fetch_add(1, AcqRel); // from here on, writers of the previous occupant are ignored
-        h.inflight.store(0, Relaxed);
-        for c in peer.inflight_by_worker {
-            c.store(0, Relaxed);
-        }
+        // The in-flight counts (total and per worker) are not reset: they belong to the record, not to its occupant.
+        // An attempt begun on the previous occupant still ends here (see `end_inflight`), and a reset would race with
+        // the owners' increments and leave the count off by one for good.
         for t in &h.totals {
             t.store(0, Relaxed);
         }
@@ -718,6 +717,7 @@ impl Region {
             let excluded = |slot: u32| tried(slot) || (skip[0] != u32::MAX && skip.contains(&slot));
             let view = ShmView {
                 region: self,
+                idx,
                 up,
                 n: up.head.npeers.load(Relaxed).min(self.params().max_peers),
                 params,
@@ -740,6 +740,10 @@ impl Region {
                 continue; // the peer list changed while we read it
             }
             let slot = slot.ok_or(PickError::NoPeer)?;
+            let peer = self.peer(slot);
+            // The generation is read before the claim: if the record is handed to another peer after this point,
+            // the check below sees it, and the claim is undone rather than counted on the new occupant's generation.
+            let gen = peer.head.gen.load(Acquire);
             if !self.claim(slot, &params, view.panic, now_us) {
                 // A half-open peer whose probe slots were taken meanwhile: choose again without it.
                 if let Some(free) = skip.iter_mut().find(|s| **s == u32::MAX) {
@@ -747,14 +751,19 @@ impl Region {
                 }
                 continue;
             }
-            let peer = self.peer(slot);
             if let Some(c) = col.and_then(|c| peer.inflight_by_worker.get(c as usize)) {
                 // The column is written by its worker only (one thread), so no read-modify-write is needed.
                 c.store(c.load(Relaxed) + 1, Release);
             }
+            if peer.head.gen.load(Acquire) != gen || !owned_by(peer.head, idx) {
+                // The record was retired or reused (by another upstream, or for another peer) between the choice and
+                // the claim: undo the claim and choose again from the current peer list.
+                self.end_inflight(&peer, col);
+                continue;
+            }
             return Ok(Pick {
                 slot,
-                gen: peer.head.gen.load(Acquire),
+                gen,
                 more_tries: params.retries.min(view.n.saturating_sub(1)),
             });
         }
@@ -804,9 +813,21 @@ impl Region {
         latency_us: u64,
         now_us: u64,
     ) {
-        if let Some(peer) = self.peer_of(slot, gen) {
-            self.end_attempt_of(&peer, slot, col, outcome, latency_us, now_us);
+        if let Some(peer) = self.release_attempt(slot, gen, col) {
+            self.observe_latency(&peer, slot, outcome, latency_us, now_us);
         }
+    }
+
+    /// Ends the in-flight count of an attempt on record `slot` (see `end_inflight`) and returns the record
+    /// while it still has generation `gen` (the rest of an attempt on a record reused since is dropped).
+    #[inline(always)]
+    fn release_attempt(&self, slot: u32, gen: u32, col: Option<u32>) -> Option<Peer<'_>> {
+        if slot >= self.params().max_peers {
+            return None;
+        }
+        let peer = self.peer(slot);
+        self.end_inflight(&peer, col);
+        (peer.head.gen.load(Acquire) == gen).then_some(peer)
     }
 
     /// The peer record of `slot` while it still has generation `gen` (an attempt on a record reused since is dropped).
@@ -829,19 +850,26 @@ impl Region {
         now_us: u64,
         rng: &mut R,
     ) {
-        if let Some(peer) = self.peer_of(slot, gen) {
-            self.end_attempt_of(&peer, slot, col, outcome, latency_us, now_us);
+        if let Some(peer) = self.release_attempt(slot, gen, col) {
+            self.observe_latency(&peer, slot, outcome, latency_us, now_us);
             self.record_of(&peer, slot, outcome, latency_us, now_us, rng);
         }
     }
 
-    /// [`Region::end_attempt`] on a peer record whose generation was checked.
+    /// Ends the in-flight count of an attempt on record `peer`, whatever its generation now: the counts belong to the
+    /// record (see `init_peer`), so an attempt begun before the record was reused ends exactly, and it is not left
+    /// counted for good.
     #[inline]
-    fn end_attempt_of(&self, peer: &Peer<'_>, slot: u32, col: Option<u32>, outcome: Outcome, latency_us: u64, now_us: u64) {
+    fn end_inflight(&self, peer: &Peer<'_>, col: Option<u32>) {
         peer.head.inflight.fetch_sub(1, AcqRel);
         if let Some(c) = col.and_then(|c| peer.inflight_by_worker.get(c as usize)) {
             c.store(c.load(Relaxed) - 1, Release); // written by its worker only, as in `pick`
         }
+    }
+
+    /// Feeds an ended attempt's latency to the peak-EWMA estimate of a peer record whose generation was checked.
+    #[inline]
+    fn observe_latency(&self, peer: &Peer<'_>, slot: u32, outcome: Outcome, latency_us: u64, now_us: u64) {
         if outcome == Outcome::Aborted {
             return;
         }
@@ -1100,6 +1128,8 @@ struct SelectParams {
 /// An upstream's peers in shared memory, as the selection algorithms see them.
 struct ShmView<'a, T: Fn(u32) -> bool> {
     region: &'a Region,
+    /// Index of the upstream: a peer record is eligible only while it belongs to it (see [`owned_by`]).
+    idx: u32,
     up: Upstream<'a>,
     n: u32,
     params: SelectParams,
@@ -1147,7 +1177,7 @@ impl<T: Fn(u32) -> bool> PeerView for ShmView<'_, T> {
     #[inline]
     fn eligible(&self, i: u32) -> bool {
         let h = self.head(i);
-        if h.state.load(Relaxed) != state::ACTIVE {
+        if !owned_by(h, self.idx) {
             return false;
         }
         match h.health.load(Relaxed) {
@@ -1201,6 +1231,14 @@ impl<T: Fn(u32) -> bool> PeerView for ShmView<'_, T> {
     fn static_weight(&self, i: u32) -> u32 {
         self.head(i).weight.load(Relaxed)
     }
+}
+
+/// Whether peer record `h` serves upstream `idx` now: active and given to that upstream. A slot list read under the
+/// seqlock can still name a record that was retired and reused by another upstream since (an old worker's retry
+/// during a reload, or a configure between retiring peers and rewriting slot lists).
+#[inline(always)]
+fn owned_by(h: &PeerHead, idx: u32) -> bool {
+    h.state.load(Acquire) == state::ACTIVE && h.upstream.load(Relaxed) == idx
 }
 
 /// Runs `read` until it saw the upstream's seqlock-protected fields unchanged (no writer in between).
