@@ -189,6 +189,8 @@ pub struct PeerSnapshot {
     pub addr: String,
     pub host_len: usize,
     pub inflight: i32,
+    /// Half-open probes in flight.
+    pub probes: u32,
     /// Over the rolling window.
     pub window: WindowSum,
     /// Length of time the window covers so far (µs).
@@ -250,6 +252,7 @@ impl Region {
             },
             decay_us: h.decay_ms.load(Relaxed) as u64 * 1000,
             half_open_probes: h.outlier[14].load(Relaxed) as u32,
+            probe_timeout_us: health::probe_timeout_us(h.outlier[3].load(Relaxed)),
             slow_factor: h.slow_factor_milli.load(Relaxed) as f64 / 1000.0,
             slow_penalty: h.slow_penalty_milli.load(Relaxed).max(1000) as f64 / 1000.0,
         }
@@ -633,6 +636,9 @@ impl Region {
         h.ejected_until_us.store(0, Relaxed);
         h.last_ejected_us.store(0, Relaxed);
         h.ejections_total.store(0, Relaxed);
+        h.probes.store(0, Relaxed);
+        h.probe_us.store(0, Relaxed);
+        h.half_open_us.store(0, Relaxed);
         h.state.store(state::ACTIVE, Release);
     }
 
@@ -744,13 +750,13 @@ impl Region {
             // The generation is read before the claim: if the record is handed to another peer after this point,
             // the check below sees it, and the claim is undone rather than counted on the new occupant's generation.
             let gen = peer.head.gen.load(Acquire);
-            if !self.claim(slot, &params, view.panic, now_us) {
+            let Some(probe) = self.claim(slot, &params, view.panic, now_us) else {
                 // A half-open peer whose probe slots were taken meanwhile: choose again without it.
                 if let Some(free) = skip.iter_mut().find(|s| **s == u32::MAX) {
                     *free = slot;
                 }
                 continue;
-            }
+            };
             if let Some(c) = col.and_then(|c| peer.inflight_by_worker.get(c as usize)) {
                 // The column is written by its worker only (one thread), so no read-modify-write is needed.
                 c.store(c.load(Relaxed) + 1, Release);
@@ -759,6 +765,9 @@ impl Region {
                 // The record was retired or reused (by another upstream, or for another peer) between the choice and
                 // the claim: undo the claim and choose again from the current peer list.
                 self.end_inflight(&peer, col);
+                if probe {
+                    release_probe(peer.head);
+                }
                 continue;
             }
             return Ok(Pick {
@@ -770,36 +779,31 @@ impl Region {
         Err(PickError::NoPeer)
     }
 
-    /// Counts an attempt as in flight on `slot`; for a half-open peer only while a probe slot is free. An ejected
-    /// peer whose time is up becomes half-open here.
+    /// Counts an attempt as in flight on `slot`; for a half-open peer only while a probe place is free (see
+    /// [`claim_probe`]). An ejected peer whose time is up becomes half-open here. `None` when refused, else whether
+    /// the attempt took a probe place.
     #[inline(always)]
-    fn claim(&self, slot: u32, params: &SelectParams, panic: bool, now_us: u64) -> bool {
+    fn claim(&self, slot: u32, params: &SelectParams, panic: bool, now_us: u64) -> Option<bool> {
         let h = self.peer_head(slot);
+        let mut probe = false;
         if !panic {
             let mut health = h.health.load(Acquire);
             if health == health::state::EJECTED {
                 if h.ejected_until_us.load(Acquire) > now_us {
-                    return false;
+                    return None;
                 }
                 self.to_half_open(slot, now_us);
                 health = h.health.load(Acquire);
             }
             if health == health::state::HALF_OPEN {
-                let limit = params.half_open_probes.max(1) as i32;
-                let mut cur = h.inflight.load(Acquire);
-                loop {
-                    if cur >= limit {
-                        return false;
-                    }
-                    match h.inflight.compare_exchange_weak(cur, cur + 1, AcqRel, Acquire) {
-                        Ok(_) => return true,
-                        Err(v) => cur = v,
-                    }
+                if !claim_probe(h, params, now_us) {
+                    return None;
                 }
+                probe = true;
             }
         }
         h.inflight.fetch_add(1, AcqRel);
-        true
+        Some(probe)
     }
 
     /// Ends an in-flight attempt and feeds its latency to the peak-EWMA estimate (a failure as a penalty).
@@ -827,7 +831,16 @@ impl Region {
         }
         let peer = self.peer(slot);
         self.end_inflight(&peer, col);
-        (peer.head.gen.load(Acquire) == gen).then_some(peer)
+        if peer.head.gen.load(Acquire) != gen {
+            return None;
+        }
+        if peer.head.health.load(Acquire) == health::state::HALF_OPEN {
+            // Which attempts were probes is not remembered: any attempt ending while the peer is half-open gives a
+            // probe place back (at worst one more probe than configured, once, for an attempt begun before the
+            // ejection).
+            release_probe(peer.head);
+        }
+        Some(peer)
     }
 
     /// The peer record of `slot` while it still has generation `gen` (an attempt on a record reused since is dropped).
@@ -1092,6 +1105,7 @@ impl Region {
             addr: self.peer_addr(slot),
             host_len: h.host_len.load(Relaxed) as usize,
             inflight: h.inflight.load(Relaxed),
+            probes: h.probes.load(Relaxed),
             window,
             window_us: span.min(age.max(1)),
             totals,
@@ -1121,6 +1135,7 @@ struct SelectParams {
     slow_start: SlowStart,
     decay_us: u64,
     half_open_probes: u32,
+    probe_timeout_us: u64,
     slow_factor: f64,
     slow_penalty: f64,
 }
@@ -1184,7 +1199,7 @@ impl<T: Fn(u32) -> bool> PeerView for ShmView<'_, T> {
             health::state::HEALTHY => true,
             health::state::DRAINING => false,
             _ if self.panic => true,
-            health::state::HALF_OPEN => h.inflight.load(Relaxed) < self.params.half_open_probes.max(1) as i32,
+            health::state::HALF_OPEN => probe_free(h, &self.params, self.now_us),
             health::state::EJECTED => h.ejected_until_us.load(Relaxed) <= self.now_us,
             _ => false,
         }
@@ -1230,6 +1245,54 @@ impl<T: Fn(u32) -> bool> PeerView for ShmView<'_, T> {
     #[inline]
     fn static_weight(&self, i: u32) -> u32 {
         self.head(i).weight.load(Relaxed)
+    }
+}
+
+/// Whether a half-open peer has a probe place free: fewer probes in flight than allowed, or none claimed for a
+/// probe timeout (those in flight are then taken as lost: a request without a log phase, a killed worker).
+#[inline]
+fn probe_free(h: &PeerHead, params: &SelectParams, now_us: u64) -> bool {
+    h.probes.load(Relaxed) < params.half_open_probes.max(1)
+        || now_us.saturating_sub(h.probe_us.load(Relaxed)) >= params.probe_timeout_us
+}
+
+/// Takes a probe place of a half-open peer (see [`probe_free`]); lost probes' places are taken back all at once.
+#[inline]
+fn claim_probe(h: &PeerHead, params: &SelectParams, now_us: u64) -> bool {
+    let limit = params.half_open_probes.max(1);
+    let mut cur = h.probes.load(Acquire);
+    // Bounded: each failed exchange means another worker changed the count; a few tries are plenty.
+    for _ in 0..64 {
+        let next = if cur < limit {
+            cur + 1
+        } else if now_us.saturating_sub(h.probe_us.load(Acquire)) >= params.probe_timeout_us {
+            1
+        } else {
+            return false;
+        };
+        match h.probes.compare_exchange(cur, next, AcqRel, Acquire) {
+            Ok(_) => {
+                h.probe_us.store(now_us, Release);
+                return true;
+            }
+            Err(v) => cur = v,
+        }
+    }
+    false
+}
+
+/// Gives a probe place back (never below zero).
+#[inline]
+fn release_probe(h: &PeerHead) {
+    let mut cur = h.probes.load(Acquire);
+    for _ in 0..64 {
+        if cur == 0 {
+            return;
+        }
+        match h.probes.compare_exchange(cur, cur - 1, AcqRel, Acquire) {
+            Ok(_) => return,
+            Err(v) => cur = v,
+        }
     }
 }
 
