@@ -569,7 +569,9 @@ pub extern "C" fn autoscale_worker_attach() -> c_int {
             return AUTOSCALE_ERR_NO_REGION;
         };
         IS_WORKER.store(true, Relaxed);
-        match region.attach_worker(pid(), &alive) {
+        // The first attach of this process: a column holding its pid is a dead predecessor's with a reused pid.
+        let attach = if COLUMN.load(Relaxed) < 0 { Region::attach_new_worker } else { Region::attach_worker };
+        match attach(region, pid(), &alive) {
             Some(c) => {
                 COLUMN.store(c as i64, Relaxed);
                 c as c_int

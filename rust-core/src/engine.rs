@@ -677,6 +677,20 @@ impl Region {
         })
     }
 
+    /// [`Region::attach_worker`] for a process attaching for the first time. A column that already holds `pid`
+    /// belonged to an earlier process with the same pid (pids are reused), which is dead: its in-flight counts are
+    /// reclaimed instead of being inherited by the new worker. While they are, the column still holds `pid`, a live
+    /// pid, so no other worker touches it.
+    pub fn attach_new_worker(&self, pid: u32, alive: &dyn Fn(u32) -> bool) -> Option<u32> {
+        for (col, p) in self.worker_pids().iter().enumerate() {
+            if p.load(Acquire) == pid {
+                self.reclaim_column(col);
+                let _ = p.compare_exchange(pid, 0, AcqRel, Relaxed);
+            }
+        }
+        self.attach_worker(pid, alive)
+    }
+
     fn reclaim_column(&self, col: usize) {
         for slot in 0..self.params().max_peers {
             let peer = self.peer(slot);

@@ -401,6 +401,26 @@ fn a_dead_workers_in_flight_counts_are_reclaimed() {
 }
 
 #[test]
+fn a_new_worker_with_a_dead_workers_pid_does_not_inherit_its_counts() {
+    let r = region();
+    let up = r.configure(&[conf("api", &[1, 2])], 1, &yes, 0).unwrap()[0];
+    let col = r.attach_new_worker(100, &yes).unwrap();
+    let mut rng = XorShift64::new(1);
+    for _ in 0..3 {
+        r.pick(up, &|_| false, 0, &mut rng, Some(col)).unwrap();
+    }
+    // Worker 100 is killed; a new worker process is started and gets pid 100 again.
+    let col2 = r.attach_new_worker(100, &yes).unwrap();
+    assert_eq!(col2, col);
+    let inflight: i32 = r.upstream_slots(up).iter().map(|&s| r.snapshot(s, 0).unwrap().inflight).sum();
+    assert_eq!(inflight, 0, "the new worker inherited the dead one's in-flight counts");
+    // Attaching again from the same process keeps its counts.
+    let p = r.pick(up, &|_| false, 0, &mut rng, Some(col2)).unwrap();
+    assert_eq!(r.attach_worker(100, &yes), Some(col2));
+    assert_eq!(r.snapshot(p.slot, 0).unwrap().inflight, 1);
+}
+
+#[test]
 fn the_window_forgets_old_slices_and_reports_percentiles() {
     let r = region();
     let up = r.configure(&[conf("api", &[1])], 1, &yes, 0).unwrap()[0];
