@@ -59,6 +59,10 @@ pub const AUTOSCALE_ABI_VERSION: u32 = 1;
 
 /// Requests tracked per worker between balancer and log phases.
 const REQUEST_TABLE_SIZE: usize = 16384;
+/// A request tracked longer than this is taken as one that will never reach its log phase, and released by the
+/// upkeep: a request still running then (a WebSocket, a long poll) stops counting as in flight and its outcome is
+/// not recorded.
+const REQUEST_MAX_AGE_US: u64 = 600_000_000;
 
 /// Sizes of the shared region.
 #[repr(C)]
@@ -565,7 +569,9 @@ pub extern "C" fn autoscale_worker_attach() -> c_int {
             return AUTOSCALE_ERR_NO_REGION;
         };
         IS_WORKER.store(true, Relaxed);
-        match region.attach_worker(pid(), &alive) {
+        // The first attach of this process: a column holding its pid is a dead predecessor's with a reused pid.
+        let attach = if COLUMN.load(Relaxed) < 0 { Region::attach_new_worker } else { Region::attach_worker };
+        match attach(region, pid(), &alive) {
             Some(c) => {
                 COLUMN.store(c as i64, Relaxed);
                 c as c_int
@@ -796,8 +802,10 @@ pub extern "C" fn autoscale_region_tick() -> c_int {
         let col = column();
         with_worker(|w| {
             region.tick(now, &mut w.rng);
-            // Requests reused without a log phase leave stale entries behind; their in-flight counts go back here.
-            w.requests.sweep(|stale| release(region, stale, col, now));
+            // Requests reused without a log phase leave stale entries behind, and requests that never reach one (a
+            // subrequest, `auth_request`) leave entries that may never be needed again; their in-flight counts go
+            // back here.
+            w.requests.sweep(now.saturating_sub(REQUEST_MAX_AGE_US), |stale| release(region, stale, col, now));
         });
         AUTOSCALE_OK
     })

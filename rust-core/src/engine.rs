@@ -189,6 +189,8 @@ pub struct PeerSnapshot {
     pub addr: String,
     pub host_len: usize,
     pub inflight: i32,
+    /// Half-open probes in flight.
+    pub probes: u32,
     /// Over the rolling window.
     pub window: WindowSum,
     /// Length of time the window covers so far (µs).
@@ -250,6 +252,7 @@ impl Region {
             },
             decay_us: h.decay_ms.load(Relaxed) as u64 * 1000,
             half_open_probes: h.outlier[14].load(Relaxed) as u32,
+            probe_timeout_us: health::probe_timeout_us(h.outlier[3].load(Relaxed)),
             slow_factor: h.slow_factor_milli.load(Relaxed) as f64 / 1000.0,
             slow_penalty: h.slow_penalty_milli.load(Relaxed).max(1000) as f64 / 1000.0,
         }
@@ -604,10 +607,9 @@ impl Region {
         let peer = self.peer(slot);
         let h = peer.head;
         h.gen.fetch_add(1, AcqRel); // from here on, writers of the previous occupant are ignored
-        h.inflight.store(0, Relaxed);
-        for c in peer.inflight_by_worker {
-            c.store(0, Relaxed);
-        }
+        // The in-flight counts (total and per worker) are not reset: they belong to the record, not to its occupant.
+        // An attempt begun on the previous occupant still ends here (see `end_inflight`), and a reset would race with
+        // the owners' increments and leave the count off by one for good.
         for t in &h.totals {
             t.store(0, Relaxed);
         }
@@ -634,6 +636,9 @@ impl Region {
         h.ejected_until_us.store(0, Relaxed);
         h.last_ejected_us.store(0, Relaxed);
         h.ejections_total.store(0, Relaxed);
+        h.probes.store(0, Relaxed);
+        h.probe_us.store(0, Relaxed);
+        h.half_open_us.store(0, Relaxed);
         h.state.store(state::ACTIVE, Release);
     }
 
@@ -670,6 +675,20 @@ impl Region {
                 .position(|p| p.compare_exchange(0, pid, AcqRel, Acquire).is_ok())
                 .map(|i| i as u32)
         })
+    }
+
+    /// [`Region::attach_worker`] for a process attaching for the first time. A column that already holds `pid`
+    /// belonged to an earlier process with the same pid (pids are reused), which is dead: its in-flight counts are
+    /// reclaimed instead of being inherited by the new worker. While they are, the column still holds `pid`, a live
+    /// pid, so no other worker touches it.
+    pub fn attach_new_worker(&self, pid: u32, alive: &dyn Fn(u32) -> bool) -> Option<u32> {
+        for (col, p) in self.worker_pids().iter().enumerate() {
+            if p.load(Acquire) == pid {
+                self.reclaim_column(col);
+                let _ = p.compare_exchange(pid, 0, AcqRel, Relaxed);
+            }
+        }
+        self.attach_worker(pid, alive)
     }
 
     fn reclaim_column(&self, col: usize) {
@@ -718,6 +737,7 @@ impl Region {
             let excluded = |slot: u32| tried(slot) || (skip[0] != u32::MAX && skip.contains(&slot));
             let view = ShmView {
                 region: self,
+                idx,
                 up,
                 n: up.head.npeers.load(Relaxed).min(self.params().max_peers),
                 params,
@@ -740,57 +760,64 @@ impl Region {
                 continue; // the peer list changed while we read it
             }
             let slot = slot.ok_or(PickError::NoPeer)?;
-            if !self.claim(slot, &params, view.panic, now_us) {
+            let peer = self.peer(slot);
+            // The generation is read before the claim: if the record is handed to another peer after this point,
+            // the check below sees it, and the claim is undone rather than counted on the new occupant's generation.
+            let gen = peer.head.gen.load(Acquire);
+            let Some(probe) = self.claim(slot, &params, view.panic, now_us) else {
                 // A half-open peer whose probe slots were taken meanwhile: choose again without it.
                 if let Some(free) = skip.iter_mut().find(|s| **s == u32::MAX) {
                     *free = slot;
                 }
                 continue;
-            }
-            let peer = self.peer(slot);
+            };
             if let Some(c) = col.and_then(|c| peer.inflight_by_worker.get(c as usize)) {
                 // The column is written by its worker only (one thread), so no read-modify-write is needed.
                 c.store(c.load(Relaxed) + 1, Release);
             }
+            if peer.head.gen.load(Acquire) != gen || !owned_by(peer.head, idx) {
+                // The record was retired or reused (by another upstream, or for another peer) between the choice and
+                // the claim: undo the claim and choose again from the current peer list.
+                self.end_inflight(&peer, col);
+                if probe {
+                    release_probe(peer.head);
+                }
+                continue;
+            }
             return Ok(Pick {
                 slot,
-                gen: peer.head.gen.load(Acquire),
+                gen,
                 more_tries: params.retries.min(view.n.saturating_sub(1)),
             });
         }
         Err(PickError::NoPeer)
     }
 
-    /// Counts an attempt as in flight on `slot`; for a half-open peer only while a probe slot is free. An ejected
-    /// peer whose time is up becomes half-open here.
+    /// Counts an attempt as in flight on `slot`; for a half-open peer only while a probe place is free (see
+    /// [`claim_probe`]). An ejected peer whose time is up becomes half-open here. `None` when refused, else whether
+    /// the attempt took a probe place.
     #[inline(always)]
-    fn claim(&self, slot: u32, params: &SelectParams, panic: bool, now_us: u64) -> bool {
+    fn claim(&self, slot: u32, params: &SelectParams, panic: bool, now_us: u64) -> Option<bool> {
         let h = self.peer_head(slot);
+        let mut probe = false;
         if !panic {
             let mut health = h.health.load(Acquire);
             if health == health::state::EJECTED {
                 if h.ejected_until_us.load(Acquire) > now_us {
-                    return false;
+                    return None;
                 }
                 self.to_half_open(slot, now_us);
                 health = h.health.load(Acquire);
             }
             if health == health::state::HALF_OPEN {
-                let limit = params.half_open_probes.max(1) as i32;
-                let mut cur = h.inflight.load(Acquire);
-                loop {
-                    if cur >= limit {
-                        return false;
-                    }
-                    match h.inflight.compare_exchange_weak(cur, cur + 1, AcqRel, Acquire) {
-                        Ok(_) => return true,
-                        Err(v) => cur = v,
-                    }
+                if !claim_probe(h, params, now_us) {
+                    return None;
                 }
+                probe = true;
             }
         }
         h.inflight.fetch_add(1, AcqRel);
-        true
+        Some(probe)
     }
 
     /// Ends an in-flight attempt and feeds its latency to the peak-EWMA estimate (a failure as a penalty).
@@ -804,9 +831,30 @@ impl Region {
         latency_us: u64,
         now_us: u64,
     ) {
-        if let Some(peer) = self.peer_of(slot, gen) {
-            self.end_attempt_of(&peer, slot, col, outcome, latency_us, now_us);
+        if let Some(peer) = self.release_attempt(slot, gen, col) {
+            self.observe_latency(&peer, slot, outcome, latency_us, now_us);
         }
+    }
+
+    /// Ends the in-flight count of an attempt on record `slot` (see `end_inflight`) and returns the record
+    /// while it still has generation `gen` (the rest of an attempt on a record reused since is dropped).
+    #[inline(always)]
+    fn release_attempt(&self, slot: u32, gen: u32, col: Option<u32>) -> Option<Peer<'_>> {
+        if slot >= self.params().max_peers {
+            return None;
+        }
+        let peer = self.peer(slot);
+        self.end_inflight(&peer, col);
+        if peer.head.gen.load(Acquire) != gen {
+            return None;
+        }
+        if peer.head.health.load(Acquire) == health::state::HALF_OPEN {
+            // Which attempts were probes is not remembered: any attempt ending while the peer is half-open gives a
+            // probe place back (at worst one more probe than configured, once, for an attempt begun before the
+            // ejection).
+            release_probe(peer.head);
+        }
+        Some(peer)
     }
 
     /// The peer record of `slot` while it still has generation `gen` (an attempt on a record reused since is dropped).
@@ -829,19 +877,26 @@ impl Region {
         now_us: u64,
         rng: &mut R,
     ) {
-        if let Some(peer) = self.peer_of(slot, gen) {
-            self.end_attempt_of(&peer, slot, col, outcome, latency_us, now_us);
+        if let Some(peer) = self.release_attempt(slot, gen, col) {
+            self.observe_latency(&peer, slot, outcome, latency_us, now_us);
             self.record_of(&peer, slot, outcome, latency_us, now_us, rng);
         }
     }
 
-    /// [`Region::end_attempt`] on a peer record whose generation was checked.
+    /// Ends the in-flight count of an attempt on record `peer`, whatever its generation now: the counts belong to the
+    /// record (see `init_peer`), so an attempt begun before the record was reused ends exactly, and it is not left
+    /// counted for good.
     #[inline]
-    fn end_attempt_of(&self, peer: &Peer<'_>, slot: u32, col: Option<u32>, outcome: Outcome, latency_us: u64, now_us: u64) {
+    fn end_inflight(&self, peer: &Peer<'_>, col: Option<u32>) {
         peer.head.inflight.fetch_sub(1, AcqRel);
         if let Some(c) = col.and_then(|c| peer.inflight_by_worker.get(c as usize)) {
             c.store(c.load(Relaxed) - 1, Release); // written by its worker only, as in `pick`
         }
+    }
+
+    /// Feeds an ended attempt's latency to the peak-EWMA estimate of a peer record whose generation was checked.
+    #[inline]
+    fn observe_latency(&self, peer: &Peer<'_>, slot: u32, outcome: Outcome, latency_us: u64, now_us: u64) {
         if outcome == Outcome::Aborted {
             return;
         }
@@ -1064,6 +1119,7 @@ impl Region {
             addr: self.peer_addr(slot),
             host_len: h.host_len.load(Relaxed) as usize,
             inflight: h.inflight.load(Relaxed),
+            probes: h.probes.load(Relaxed),
             window,
             window_us: span.min(age.max(1)),
             totals,
@@ -1093,6 +1149,7 @@ struct SelectParams {
     slow_start: SlowStart,
     decay_us: u64,
     half_open_probes: u32,
+    probe_timeout_us: u64,
     slow_factor: f64,
     slow_penalty: f64,
 }
@@ -1100,6 +1157,8 @@ struct SelectParams {
 /// An upstream's peers in shared memory, as the selection algorithms see them.
 struct ShmView<'a, T: Fn(u32) -> bool> {
     region: &'a Region,
+    /// Index of the upstream: a peer record is eligible only while it belongs to it (see [`owned_by`]).
+    idx: u32,
     up: Upstream<'a>,
     n: u32,
     params: SelectParams,
@@ -1147,14 +1206,14 @@ impl<T: Fn(u32) -> bool> PeerView for ShmView<'_, T> {
     #[inline]
     fn eligible(&self, i: u32) -> bool {
         let h = self.head(i);
-        if h.state.load(Relaxed) != state::ACTIVE {
+        if !owned_by(h, self.idx) {
             return false;
         }
         match h.health.load(Relaxed) {
             health::state::HEALTHY => true,
             health::state::DRAINING => false,
             _ if self.panic => true,
-            health::state::HALF_OPEN => h.inflight.load(Relaxed) < self.params.half_open_probes.max(1) as i32,
+            health::state::HALF_OPEN => probe_free(h, &self.params, self.now_us),
             health::state::EJECTED => h.ejected_until_us.load(Relaxed) <= self.now_us,
             _ => false,
         }
@@ -1201,6 +1260,62 @@ impl<T: Fn(u32) -> bool> PeerView for ShmView<'_, T> {
     fn static_weight(&self, i: u32) -> u32 {
         self.head(i).weight.load(Relaxed)
     }
+}
+
+/// Whether a half-open peer has a probe place free: fewer probes in flight than allowed, or none claimed for a
+/// probe timeout (those in flight are then taken as lost: a request without a log phase, a killed worker).
+#[inline]
+fn probe_free(h: &PeerHead, params: &SelectParams, now_us: u64) -> bool {
+    h.probes.load(Relaxed) < params.half_open_probes.max(1)
+        || now_us.saturating_sub(h.probe_us.load(Relaxed)) >= params.probe_timeout_us
+}
+
+/// Takes a probe place of a half-open peer (see [`probe_free`]); lost probes' places are taken back all at once.
+#[inline]
+fn claim_probe(h: &PeerHead, params: &SelectParams, now_us: u64) -> bool {
+    let limit = params.half_open_probes.max(1);
+    let mut cur = h.probes.load(Acquire);
+    // Bounded: each failed exchange means another worker changed the count; a few tries are plenty.
+    for _ in 0..64 {
+        let next = if cur < limit {
+            cur + 1
+        } else if now_us.saturating_sub(h.probe_us.load(Acquire)) >= params.probe_timeout_us {
+            1
+        } else {
+            return false;
+        };
+        match h.probes.compare_exchange(cur, next, AcqRel, Acquire) {
+            Ok(_) => {
+                h.probe_us.store(now_us, Release);
+                return true;
+            }
+            Err(v) => cur = v,
+        }
+    }
+    false
+}
+
+/// Gives a probe place back (never below zero).
+#[inline]
+fn release_probe(h: &PeerHead) {
+    let mut cur = h.probes.load(Acquire);
+    for _ in 0..64 {
+        if cur == 0 {
+            return;
+        }
+        match h.probes.compare_exchange(cur, cur - 1, AcqRel, Acquire) {
+            Ok(_) => return,
+            Err(v) => cur = v,
+        }
+    }
+}
+
+/// Whether peer record `h` serves upstream `idx` now: active and given to that upstream. A slot list read under the
+/// seqlock can still name a record that was retired and reused by another upstream since (an old worker's retry
+/// during a reload, or a configure between retiring peers and rewriting slot lists).
+#[inline(always)]
+fn owned_by(h: &PeerHead, idx: u32) -> bool {
+    h.state.load(Acquire) == state::ACTIVE && h.upstream.load(Relaxed) == idx
 }
 
 /// Runs `read` until it saw the upstream's seqlock-protected fields unchanged (no writer in between).

@@ -201,6 +201,7 @@ impl Region {
             kind::EJECTED => match Reason::from_u32(e.reason) {
                 Some(Reason::SuccessRate) => &[("ejection_time", v[0]), ("times_ejected", v[1]), ("success_rate", v[2]), ("threshold", v[3])],
                 Some(Reason::FailurePercentage) => &[("ejection_time", v[0]), ("times_ejected", v[1]), ("failure_percentage", v[2]), ("requests", v[3])],
+                Some(Reason::HalfOpenTimeout) => &[("ejection_time", v[0]), ("times_ejected", v[1]), ("half_open_for", v[2])],
                 _ => &[("ejection_time", v[0]), ("times_ejected", v[1]), ("consecutive", v[2])],
             },
             kind::HALF_OPEN => &[("times_ejected", v[0])],

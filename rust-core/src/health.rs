@@ -54,6 +54,7 @@ pub enum Reason {
     ActiveCheckFailed = 9,
     ActiveCheckPassed = 10,
     Operator = 11,
+    HalfOpenTimeout = 12,
 }
 
 impl Reason {
@@ -71,6 +72,7 @@ impl Reason {
             Reason::ActiveCheckFailed => "active_check_failed",
             Reason::ActiveCheckPassed => "active_check_passed",
             Reason::Operator => "operator",
+            Reason::HalfOpenTimeout => "half_open_timeout",
         }
     }
 
@@ -89,10 +91,17 @@ impl Reason {
             ActiveCheckFailed,
             ActiveCheckPassed,
             Operator,
+            HalfOpenTimeout,
         ]
         .into_iter()
         .find(|r| *r as u32 == v)
     }
+}
+
+/// [`OutlierParams::probe_timeout_us`] of a base ejection time.
+#[inline]
+pub fn probe_timeout_us(base_ejection_us: u64) -> u64 {
+    base_ejection_us.max(1_000_000)
 }
 
 /// Outlier-detection parameters of an upstream. A threshold of 0 switches its trigger off.
@@ -147,6 +156,13 @@ impl Default for OutlierParams {
 }
 
 impl OutlierParams {
+    /// How long a half-open probe may take: one still in flight after this is taken as lost (a request that never
+    /// reached its log phase, a killed worker) and its place is given to a new probe. The base ejection time, at
+    /// least a second.
+    pub fn probe_timeout_us(&self) -> u64 {
+        probe_timeout_us(self.base_ejection_us)
+    }
+
     /// How long the `times`-th ejection lasts (times ≥ 1): `base × times`, capped, plus uniform jitter.
     pub fn ejection_duration<R: Rng>(&self, times: u32, rng: &mut R) -> u64 {
         let d = self.base_ejection_us.saturating_mul(times.max(1) as u64).min(self.max_ejection_us.max(self.base_ejection_us));

@@ -24,7 +24,7 @@ use std::sync::atomic::{AtomicI32, AtomicU32, AtomicU64, Ordering::*};
 /// "ASCALE" and a format number.
 pub const MAGIC: u64 = u64::from_le_bytes(*b"ASCALE\x00\x01");
 /// Bumped whenever any record changes shape.
-pub const LAYOUT_VERSION: u32 = 7;
+pub const LAYOUT_VERSION: u32 = 8;
 /// Events kept in the ring (the most recent ones).
 pub const EVENT_RING: usize = 1024;
 /// Event kinds counted in [`Header::event_totals`] (kinds at or above it count in the last one).
@@ -284,7 +284,8 @@ pub struct PeerHead {
     pub port: AtomicU32,
     pub host_len: AtomicU32,
     pub inflight: AtomicI32,
-    pub _pad: u32,
+    /// Half-open probes in flight, counted apart from `inflight` (which may hold counts a lost request leaked).
+    pub probes: AtomicU32,
     pub added_us: AtomicU64,
     pub retired_us: AtomicU64,
     /// Packed peak-EWMA estimate and time stamp (see `ewma`).
@@ -304,6 +305,10 @@ pub struct PeerHead {
     pub ejected_until_us: AtomicU64,
     pub last_ejected_us: AtomicU64,
     pub ejections_total: AtomicU64,
+    /// When the last half-open probe was claimed: probes not ended a probe timeout later are taken as lost.
+    pub probe_us: AtomicU64,
+    /// When the peer last made progress while half-open (became half-open, or a probe succeeded).
+    pub half_open_us: AtomicU64,
     /// All-time latency counts per range, added from the window buckets as they are cleared.
     pub latency: crate::window::LatencyTotals,
 }

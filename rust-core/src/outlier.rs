@@ -47,6 +47,7 @@ impl Region {
         let h = self.peer_head(slot);
         let up = h.upstream.load(Relaxed);
         let ok = h.half_open_ok.fetch_add(1, AcqRel) + 1;
+        h.half_open_us.store(now_us, Relaxed); // progress: a probe completed
         if ok >= self.outlier(up).half_open_successes.max(1) {
             self.restore(slot, &[HALF_OPEN], Reason::HalfOpenSuccesses, ok, now_us);
         }
@@ -192,6 +193,10 @@ impl Region {
             return false;
         }
         h.half_open_ok.store(0, Relaxed);
+        // Probes of an earlier half-open spell that never ended are not carried over.
+        h.probes.store(0, Relaxed);
+        h.probe_us.store(0, Relaxed);
+        h.half_open_us.store(now_us, Relaxed);
         let up = h.upstream.load(Relaxed);
         self.emit(now_us, kind::HALF_OPEN, Some(Reason::EjectionTimeUp), up, slot, [
             h.times_ejected.load(Relaxed) as f64,
@@ -199,6 +204,32 @@ impl Region {
             0.0,
             0.0,
         ]);
+        true
+    }
+
+    /// A half-open peer that took probes but saw none of them complete for two probe timeouts (see
+    /// [`OutlierParams::probe_timeout_us`]) goes back to ejected, for its current ejection time, and is half-open again
+    /// after it, with its probe count cleared: nothing a lost request leaked keeps it out of service for good.
+    fn half_open_timeout<R: Rng>(&self, up: u32, slot: u32, p: &OutlierParams, now_us: u64, rng: &mut R) -> bool {
+        let h = self.peer_head(slot);
+        let since = h.half_open_us.load(Relaxed);
+        if h.probes.load(Acquire) == 0 || now_us.saturating_sub(since) < 2 * p.probe_timeout_us() {
+            return false;
+        }
+        if h.health.compare_exchange(HALF_OPEN, EJECTED, AcqRel, Acquire).is_err() {
+            return false;
+        }
+        let times = h.times_ejected.load(Relaxed);
+        let d = p.ejection_duration(times, rng);
+        h.ejected_until_us.store(now_us.saturating_add(d), Release);
+        h.half_open_ok.store(0, Relaxed);
+        self.emit(now_us, kind::EJECTED, Some(Reason::HalfOpenTimeout), up, slot, [
+            d as f64 / 1e6,
+            times as f64,
+            now_us.saturating_sub(since) as f64 / 1e6,
+            0.0,
+        ]);
+        self.update_panic(up, p, now_us);
         true
     }
 
@@ -239,6 +270,9 @@ impl Region {
             match h.health.load(Acquire) {
                 EJECTED => {
                     self.to_half_open(slot, now_us);
+                }
+                HALF_OPEN => {
+                    self.half_open_timeout(up, slot, &p, now_us, rng);
                 }
                 HEALTHY => {
                     let t = h.times_ejected.load(Acquire);

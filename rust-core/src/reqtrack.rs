@@ -147,13 +147,16 @@ impl Table {
     }
 
     /// Removes the stale entries [`Table::insert`] left behind (a key present twice: all but its first place, and
-    /// those [`Table::remove_with`] marked) and shows each to `evicted`. For the upkeep timer: O(entries × PROBE), off
-    /// the request path.
-    pub fn sweep(&mut self, mut evicted: impl FnMut(&Entry)) -> usize {
+    /// those [`Table::remove_with`] marked) and the entries born before `born_before_us` (requests that never reached
+    /// a log phase: a subrequest, an `auth_request`), and shows each to `evicted`. For the upkeep timer:
+    /// O(entries × PROBE), off the request path.
+    pub fn sweep(&mut self, born_before_us: u64, mut evicted: impl FnMut(&Entry)) -> usize {
         let mut n = 0;
         for i in 0..self.keys.len() {
             let key = self.keys[i];
-            if key != 0 && (key & 1 == 1 || self.position(key) != Some(i)) {
+            if key != 0
+                && (key & 1 == 1 || self.entries[i].born_us < born_before_us || self.position(key) != Some(i))
+            {
                 evicted(&self.entries[i]);
                 self.keys[i] = 0;
                 self.entries[i].key = 0;
@@ -267,11 +270,26 @@ mod tests {
         t.insert(a, 0, 3, |o| evicted.push(o.born_us)); // goes into b's free place, before the stale entry
         assert!(evicted.is_empty());
         assert_eq!(t.find(a).map(|e| e.born_us), Some(3));
-        assert_eq!(t.sweep(|o| evicted.push(o.born_us)), 1);
+        assert_eq!(t.sweep(0, |o| evicted.push(o.born_us)), 1);
         assert_eq!(evicted, vec![2]);
         assert_eq!(t.len(), 1);
         assert_eq!(t.remove(a).map(|e| e.born_us), Some(3));
         assert!(t.is_empty());
+    }
+
+    /// A request that never reaches its log phase (a subrequest, `auth_request`) and whose place is never needed
+    /// again is released by age; younger ones stay.
+    #[test]
+    fn entries_older_than_the_age_limit_are_swept() {
+        let mut t = Table::new(64);
+        t.insert(0x10, 0, 1_000, |_| panic!("nothing to evict")).push(Attempt { slot: 3, ..Attempt::default() });
+        t.insert(0x20, 0, 5_000, |_| panic!("nothing to evict"));
+        let mut evicted = Vec::new();
+        assert_eq!(t.sweep(1_000, |o| evicted.push(o.key)), 0);
+        assert_eq!(t.sweep(1_001, |o| evicted.push(o.key)), 1);
+        assert_eq!(evicted, vec![0x10]);
+        assert!(t.find(0x10).is_none());
+        assert_eq!(t.find(0x20).map(|e| e.born_us), Some(5_000));
     }
 
     #[test]
@@ -316,7 +334,7 @@ mod tests {
                 assert_eq!(t.remove(key).map(|e| e.born_us), Some(born));
             }
             if step % 1000 == 0 {
-                t.sweep(|o| assert!(stale.remove(&(o.key, o.born_us)), "swept a live entry"));
+                t.sweep(0, |o| assert!(stale.remove(&(o.key, o.born_us)), "swept a live entry"));
                 assert!(stale.is_empty(), "stale entries left after the sweep: {stale:?}");
                 for (&k, &born) in &live {
                     assert_eq!(t.find(k).map(|e| e.born_us), Some(born));

@@ -1,6 +1,6 @@
 //! The engine over a private region, with a simulated clock and a seeded RNG: deterministic.
 
-use autoscale_core::engine::{ConfigError, PeerConf, UpstreamConf, UpstreamParams};
+use autoscale_core::engine::{ConfigError, PeerConf, PickError, UpstreamConf, UpstreamParams};
 use autoscale_core::layout::state;
 use autoscale_core::rng::XorShift64;
 use autoscale_core::{histogram, Outcome, Params, Region};
@@ -216,6 +216,9 @@ fn reconfiguration_keeps_stats_of_kept_peers_and_ignores_stale_writers() {
     };
     let (s1, s3) = (slot_of(1).unwrap(), slot_of(3).unwrap());
     let gen3 = r.snapshot(s3, SEC).unwrap().gen;
+    let up0 = r.find_upstream("api").unwrap();
+    let held = r.pick(up0, &|s| s != s3, SEC, &mut XorShift64::new(1), None).unwrap(); // an attempt on peer 3, open
+    assert_eq!((held.slot, held.gen), (s3, gen3));
     for _ in 0..10 {
         r.record(
             s1,
@@ -246,9 +249,13 @@ fn reconfiguration_keeps_stats_of_kept_peers_and_ignores_stale_writers() {
     assert_ne!(r.snapshot(s3, 3 * SEC).unwrap().gen, gen3);
     let before = r.snapshot(s3, 3 * SEC).unwrap().totals[0];
     r.record(s3, gen3, Outcome::Success, 1, 3 * SEC, &mut XorShift64::new(1));
-    r.end_attempt(s3, gen3, None, Outcome::Success, 1, 3 * SEC);
     assert_eq!(r.snapshot(s3, 3 * SEC).unwrap().totals[0], before);
+    // The attempt begun on peer 3 before its record was reused still ends: its in-flight count, not its latency.
+    let ewma = r.snapshot(s3, 3 * SEC).unwrap().ewma_us;
+    assert_eq!(r.snapshot(s3, 3 * SEC).unwrap().inflight, 1);
+    r.end_attempt(s3, gen3, None, Outcome::Success, 1, 3 * SEC);
     assert_eq!(r.snapshot(s3, 3 * SEC).unwrap().inflight, 0);
+    assert_eq!(r.snapshot(s3, 3 * SEC).unwrap().ewma_us, ewma);
     let _ = s4;
 }
 
@@ -394,6 +401,26 @@ fn a_dead_workers_in_flight_counts_are_reclaimed() {
 }
 
 #[test]
+fn a_new_worker_with_a_dead_workers_pid_does_not_inherit_its_counts() {
+    let r = region();
+    let up = r.configure(&[conf("api", &[1, 2])], 1, &yes, 0).unwrap()[0];
+    let col = r.attach_new_worker(100, &yes).unwrap();
+    let mut rng = XorShift64::new(1);
+    for _ in 0..3 {
+        r.pick(up, &|_| false, 0, &mut rng, Some(col)).unwrap();
+    }
+    // Worker 100 is killed; a new worker process is started and gets pid 100 again.
+    let col2 = r.attach_new_worker(100, &yes).unwrap();
+    assert_eq!(col2, col);
+    let inflight: i32 = r.upstream_slots(up).iter().map(|&s| r.snapshot(s, 0).unwrap().inflight).sum();
+    assert_eq!(inflight, 0, "the new worker inherited the dead one's in-flight counts");
+    // Attaching again from the same process keeps its counts.
+    let p = r.pick(up, &|_| false, 0, &mut rng, Some(col2)).unwrap();
+    assert_eq!(r.attach_worker(100, &yes), Some(col2));
+    assert_eq!(r.snapshot(p.slot, 0).unwrap().inflight, 1);
+}
+
+#[test]
 fn the_window_forgets_old_slices_and_reports_percentiles() {
     let r = region();
     let up = r.configure(&[conf("api", &[1])], 1, &yes, 0).unwrap()[0];
@@ -451,4 +478,127 @@ fn concurrent_workers_count_exactly() {
         .sum();
     assert_eq!(total, 80_000);
     assert_eq!(inflight, 0);
+}
+
+/// A region with few records, so that a reconfiguration must reuse the records of the peers it removes.
+fn tiny(max_peers: u32) -> Region {
+    Region::new_heap(Params { max_upstreams: 4, max_peers, max_workers: 8, ..Params::default() }, 0).unwrap()
+}
+
+#[test]
+fn pick_never_returns_another_upstreams_peer_after_its_record_is_reused() {
+    let r = tiny(2);
+    let ids = r.configure(&[conf("a", &[1]), conf("b", &[2])], 1, &yes, 0).unwrap();
+    let (a, b) = (ids[0], ids[1]);
+    // `a` goes and `b` grows: the record of a's peer is reused for b's new peer, while a's record still lists it
+    // (an old worker during a reload still picks with a's index).
+    assert_eq!(r.configure(&[conf("b", &[2, 3])], 1, &yes, SEC).unwrap(), vec![b]);
+    let mut rng = XorShift64::new(1);
+    for i in 0..100 {
+        match r.pick(a, &|_| false, SEC + i, &mut rng, None) {
+            Ok(p) => {
+                let snap = r.snapshot(p.slot, SEC).unwrap();
+                panic!("upstream a got peer {} of upstream {}", snap.port, snap.upstream);
+            }
+            Err(e) => assert!(matches!(e, PickError::NoPeer | PickError::UnknownUpstream)),
+        }
+    }
+    // b itself is served by both of its peers (once the newcomer's slow start is over).
+    let later = 100 * SEC;
+    let mut ports: Vec<u32> = (0..50).map(|i| {
+        let p = r.pick(b, &|_| false, later + i, &mut rng, None).unwrap();
+        r.end_attempt(p.slot, p.gen, None, Outcome::Success, 100, later + i);
+        r.snapshot(p.slot, SEC).unwrap().port
+    }).collect();
+    ports.sort_unstable();
+    ports.dedup();
+    assert_eq!(ports, vec![2, 3]);
+}
+
+#[test]
+fn an_attempt_begun_before_its_record_was_reused_ends_exactly() {
+    let r = tiny(2);
+    let up = r.configure(&[conf("a", &[1, 2])], 1, &yes, 0).unwrap()[0];
+    let col = r.attach_worker(100, &yes).unwrap();
+    let mut rng = XorShift64::new(1);
+    let s1 = r.find_peer(up, "127.0.0.1:1").unwrap();
+    let old = r.pick(up, &|s| s != s1, 1, &mut rng, Some(col)).unwrap();
+    assert_eq!(old.slot, s1);
+    // Peer 1 goes, peer 3 comes and takes its record: the attempt on peer 1 is still open.
+    r.configure(&[conf("a", &[2, 3])], 1, &yes, SEC).unwrap();
+    assert_eq!(r.find_peer(up, "127.0.0.1:3"), Some(s1));
+    let snap = r.snapshot(s1, SEC).unwrap();
+    assert_ne!(snap.gen, old.gen);
+    assert_eq!(snap.inflight, 1, "the open attempt still counts on its record");
+    let new = r.pick(up, &|s| s != s1, SEC, &mut rng, Some(col)).unwrap();
+    assert_eq!(r.snapshot(s1, SEC).unwrap().inflight, 2);
+    r.end_attempt(old.slot, old.gen, Some(col), Outcome::Success, 100, 2 * SEC);
+    assert_eq!(r.snapshot(s1, SEC).unwrap().inflight, 1);
+    r.end_attempt(new.slot, new.gen, Some(col), Outcome::Success, 100, 2 * SEC);
+    assert_eq!(r.snapshot(s1, SEC).unwrap().inflight, 0);
+    // The worker's column is exact too: reclaiming it after a kill -9 leaves nothing negative behind.
+    let dead = |pid: u32| pid != 100;
+    r.attach_worker(200, &dead).unwrap();
+    for s in 0..2 {
+        assert_eq!(r.snapshot(s, SEC).unwrap().inflight, 0);
+    }
+}
+
+#[test]
+fn in_flight_counts_stay_exact_while_records_are_reused_under_traffic() {
+    // A race: each round gives it a few hundred thousand chances (the old code failed about 1 round in 4).
+    for round in 0..8 {
+        reuse_under_traffic(round);
+    }
+}
+
+fn reuse_under_traffic(round: u64) {
+    use std::sync::atomic::{AtomicBool, AtomicI32};
+    use std::sync::Arc;
+    const PICKERS: usize = 4;
+    let r = Arc::new(tiny(2));
+    let up = r.configure(&[conf("a", &[1, 2])], 1, &yes, 0).unwrap()[0];
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let (r, stop) = (r.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut n = 0u64;
+            while !stop.load(Relaxed) {
+                // Alternate between two disjoint peer sets: every configure reuses both records.
+                let ports: &[u16] = if n % 2 == 0 { &[3, 4] } else { &[1, 2] };
+                let _ = r.configure(&[conf("a", ports)], 1, &yes, SEC + n);
+                n += 1;
+            }
+            n
+        })
+    };
+    let (lo, hi) = (Arc::new(AtomicI32::new(0)), Arc::new(AtomicI32::new(0)));
+    let pickers: Vec<_> = (0..PICKERS)
+        .map(|t| {
+            let (r, lo, hi) = (r.clone(), lo.clone(), hi.clone());
+            std::thread::spawn(move || {
+                let mut rng = XorShift64::new(round * 16 + t as u64 + 1);
+                let col = r.attach_worker(1000 + t as u32, &yes);
+                for i in 0..200_000u64 {
+                    let now = SEC + i;
+                    let Ok(p) = r.pick(up, &|_| false, now, &mut rng, col) else { continue };
+                    let n = r.snapshot(p.slot, now).unwrap().inflight;
+                    lo.fetch_min(n, Relaxed);
+                    hi.fetch_max(n, Relaxed);
+                    r.end_attempt(p.slot, p.gen, col, Outcome::Success, 100, now);
+                }
+            })
+        })
+        .collect();
+    for t in pickers {
+        t.join().unwrap();
+    }
+    stop.store(true, Relaxed);
+    let configures = writer.join().unwrap();
+    assert!(configures > 10, "{configures} reconfigurations only");
+    let (lo, hi) = (lo.load(Relaxed), hi.load(Relaxed));
+    assert!(lo >= 0 && hi <= PICKERS as i32, "round {round}: in flight ranged over {lo}..={hi}");
+    for s in 0..2 {
+        assert_eq!(r.snapshot(s, SEC).unwrap().inflight, 0, "round {round}: record {s} after all attempts ended");
+    }
 }

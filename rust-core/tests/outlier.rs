@@ -2,7 +2,7 @@
 
 use autoscale_core::engine::{PeerConf, UpstreamConf, UpstreamParams};
 use autoscale_core::events::{kind, EventRecord};
-use autoscale_core::health::{state, OutlierParams};
+use autoscale_core::health::{self, state, OutlierParams};
 use autoscale_core::rng::XorShift64;
 use autoscale_core::{Outcome, Params, Region};
 
@@ -40,11 +40,15 @@ fn events(r: &Region) -> Vec<EventRecord> {
     out
 }
 
+/// Three peers, of which up to half may be ejected, and the first of them (the one the tests make fail).
+fn one_of_three() -> (Region, u32, u32, XorShift64) {
+    let (r, up, slots) = setup(3, OutlierParams { max_ejection_percent: 50, ..OutlierParams::default() });
+    (r, up, slots[0], XorShift64::new(1))
+}
+
 #[test]
 fn consecutive_failures_eject_then_half_open_probes_close_or_reeject_for_longer() {
-    let (r, up, slots) = setup(3, OutlierParams { max_ejection_percent: 50, ..OutlierParams::default() });
-    let mut rng = XorShift64::new(1);
-    let bad = slots[0];
+    let (r, up, bad, mut rng) = one_of_three();
     // Make its estimate huge, as slow failures do: once half-open it must still be probed.
     for i in 0..3 {
         let p = r.pick(up, &|s| s != bad, i, &mut rng, None).unwrap();
@@ -204,4 +208,86 @@ fn a_draining_peer_takes_no_new_requests() {
     }
     assert!(r.set_draining(slots[0], false, 2 * SEC));
     assert_eq!(health(&r, slots[0], 2 * SEC), state::HEALTHY);
+}
+
+/// Traffic of `clients` sequential clients, one request every `step` µs each, every peer answering `outcome_of(slot)`
+/// after 1 ms, with the upkeep every 0.5 s, over `[from, until)`. Returns the attempts each slot got.
+fn traffic(r: &Region, up: u32, from: u64, until: u64, step: u64, rng: &mut XorShift64) -> std::collections::HashMap<u32, u64> {
+    let mut hits = std::collections::HashMap::new();
+    let mut next_tick = from;
+    let mut now = from;
+    while now < until {
+        if now >= next_tick {
+            r.tick(now, rng);
+            next_tick += SEC / 2;
+        }
+        let p = r.pick(up, &|_| false, now, rng, None).unwrap();
+        *hits.entry(p.slot).or_insert(0) += 1;
+        r.finish_attempt(p.slot, p.gen, None, Outcome::Success, 1000, now + 1000, rng);
+        now += step;
+    }
+    hits
+}
+
+#[test]
+fn a_leaked_in_flight_count_does_not_keep_a_half_open_peer_out_of_service() {
+    let (r, up, bad, mut rng) = one_of_three();
+    // One attempt on it never ends (a subrequest without a log phase, a worker killed without a column)...
+    let leaked = r.pick(up, &|s| s != bad, SEC, &mut rng, None).unwrap();
+    assert_eq!(leaked.slot, bad);
+    // ...and it fails until it is ejected.
+    for i in 0..5 {
+        outcome(&r, bad, Outcome::Gateway, SEC + i, &mut rng);
+    }
+    assert_eq!(health(&r, bad, SEC), state::EJECTED);
+    // An hour of traffic: once its ejection time is up it is probed, and the probes bring it back.
+    let hits = traffic(&r, up, 2 * SEC, 3600 * SEC, 10_000, &mut rng);
+    let s = r.snapshot(bad, 3600 * SEC).unwrap();
+    assert_eq!(s.health, state::HEALTHY, "still {} after an hour", health::state::name(s.health));
+    assert!(hits.get(&bad).copied().unwrap_or(0) >= 100, "{hits:?}");
+    assert_eq!(s.inflight, 1, "the leaked attempt is still counted (until its request entry is swept)");
+}
+
+#[test]
+fn a_probe_that_never_ends_is_given_back_and_a_stuck_half_open_peer_is_ejected_again() {
+    let (r, up, bad, mut rng) = one_of_three();
+    let timeout = OutlierParams::default().probe_timeout_us();
+    for i in 0..5 {
+        outcome(&r, bad, Outcome::Gateway, SEC + i, &mut rng);
+    }
+    // Its time is up: it takes one probe, which never ends.
+    let t = 32 * SEC;
+    let probe = (0..400)
+        .map(|i| r.pick(up, &|_| false, t + i, &mut rng, None).unwrap())
+        .find(|p| p.slot == bad)
+        .expect("the half-open peer gets a probe");
+    assert_eq!(r.snapshot(bad, t).unwrap().probes, 1);
+    // No second probe within the probe timeout...
+    let hits = traffic(&r, up, t + 1000, t + timeout - SEC, 10_000, &mut rng);
+    assert_eq!(hits.get(&bad), None);
+    // ...but after it the lost probe's place is given back, and the next probe can close the peer.
+    let t2 = t + timeout + SEC;
+    let second = (0..400)
+        .map(|i| r.pick(up, &|_| false, t2 + i, &mut rng, None).unwrap())
+        .find(|p| p.slot == bad)
+        .expect("a new probe once the first is taken as lost");
+    assert_eq!((health(&r, bad, t2), r.snapshot(bad, t2).unwrap().probes), (state::HALF_OPEN, 1));
+    // That one is lost too, and no probe completes for two probe timeouts: the sweep ejects the peer again.
+    let t3 = t + 2 * timeout + 11 * SEC;
+    r.tick(t3, &mut rng);
+    let s = r.snapshot(bad, t3).unwrap();
+    assert_eq!(s.health, state::EJECTED);
+    let last = events(&r).into_iter().rfind(|e| e.kind == kind::EJECTED).unwrap();
+    assert_eq!(health::Reason::from_u32(last.reason), Some(health::Reason::HalfOpenTimeout));
+    assert!(r.event_json(&last, 0).contains("\"reason\":\"half_open_timeout\""), "{}", r.event_json(&last, 0));
+    // After its ejection time it is half-open with no probe counted, and probes bring it back.
+    let t4 = t3 + s.ejected_for_us + SEC;
+    traffic(&r, up, t4, t4 + 10 * SEC, 10_000, &mut rng);
+    let s = r.snapshot(bad, t4 + 10 * SEC).unwrap();
+    assert_eq!(s.health, state::HEALTHY);
+    // The lost probes end at last: nothing goes negative.
+    r.end_attempt(probe.slot, probe.gen, None, Outcome::Success, 1000, t4 + 10 * SEC);
+    r.end_attempt(second.slot, second.gen, None, Outcome::Success, 1000, t4 + 10 * SEC);
+    let s = r.snapshot(bad, t4 + 10 * SEC).unwrap();
+    assert_eq!((s.inflight, s.probes), (0, 0));
 }
