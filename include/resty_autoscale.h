@@ -179,6 +179,10 @@ typedef struct autoscale_pick_t {
    * 1 for the first attempt of the request.
    */
   uint32_t attempt;
+  /**
+   * The balancer's cost of the peer when it was chosen (lower is preferred; 0 for a half-open probe).
+   */
+  double cost;
 } autoscale_pick_t;
 
 /**

@@ -140,6 +140,8 @@ pub struct autoscale_pick_t {
     pub more_tries: u32,
     /// 1 for the first attempt of the request.
     pub attempt: u32,
+    /// The balancer's cost of the peer when it was chosen (lower is preferred; 0 for a half-open probe).
+    pub cost: f64,
 }
 
 /// Statistics of one peer record. Window fields cover the rolling window; `total_*` are all-time.
@@ -680,6 +682,7 @@ pub unsafe extern "C" fn autoscale_balancer_pick(
                         gen: p.gen,
                         more_tries: p.more_tries,
                         attempt: entry.count,
+                        cost: p.cost,
                     };
                     AUTOSCALE_OK
                 }
