@@ -169,8 +169,10 @@ impl WindowBucket {
     /// Clears the bucket, claimed (tag [`CLEARING`]) from tag `held`, for tag `want`; a slice it held (`held` > 0,
     /// not forgotten) is first added to `totals`.
     fn turn_over(&self, held: u64, want: u64, totals: &LatencyTotals) {
+        fence(Release); // after the caller's CLEARING (the odd mark): a reader seeing a store below sees it too
         if held != 0 {
             totals.seq.fetch_add(1, AcqRel); // odd: readers retry
+            fence(Release); // the same for the odd totals.seq
             let mut add = [0u64; LE_RANGES];
             self.sum_ranges(&mut add);
             for (t, a) in totals.counts.iter().zip(add) {
