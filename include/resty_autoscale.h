@@ -179,6 +179,10 @@ typedef struct autoscale_pick_t {
    * 1 for the first attempt of the request.
    */
   uint32_t attempt;
+  /**
+   * The balancer's cost of the peer when it was chosen (lower is preferred; 0 for a half-open probe).
+   */
+  double cost;
 } autoscale_pick_t;
 
 /**
@@ -595,8 +599,9 @@ int autoscale_events_read(uint64_t since,
                           uint64_t *next);
 
 /**
- * Claims the events no worker has logged yet: writes `[from, to)` (empty when another worker claimed them).
- * Used so that each event is written to the error log exactly once.
+ * Claims the events no worker has logged yet: writes `[from, to)` (empty when there are none or another worker
+ * claimed them). Used so that each event is written to the error log exactly once. The range stops before an
+ * event still being written (a later call claims it once complete, or after a second if its writer died).
  *
  * # Safety
  * `from` and `to` must point to writable u64.

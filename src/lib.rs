@@ -144,6 +144,8 @@ pub struct autoscale_pick_t {
     pub more_tries: u32,
     /// 1 for the first attempt of the request.
     pub attempt: u32,
+    /// The balancer's cost of the peer when it was chosen (lower is preferred; 0 for a half-open probe).
+    pub cost: f64,
 }
 
 /// Statistics of one peer record. Window fields cover the rolling window; `total_*` are all-time.
@@ -686,6 +688,7 @@ pub unsafe extern "C" fn autoscale_balancer_pick(
                         gen: p.gen,
                         more_tries: p.more_tries,
                         attempt: entry.count,
+                        cost: p.cost,
                     };
                     AUTOSCALE_OK
                 }
@@ -1028,8 +1031,14 @@ pub unsafe extern "C" fn autoscale_events_read(since: u64, out: *mut autoscale_e
     })
 }
 
-/// Claims the events no worker has logged yet: writes `[from, to)` (empty when another worker claimed them).
-/// Used so that each event is written to the error log exactly once.
+thread_local! {
+    /// The event this worker's last claim stopped at because it was still being written, and since when.
+    static EVENT_WAIT: std::cell::Cell<autoscale_core::events::ClaimWait> = Default::default();
+}
+
+/// Claims the events no worker has logged yet: writes `[from, to)` (empty when there are none or another worker
+/// claimed them). Used so that each event is written to the error log exactly once. The range stops before an
+/// event still being written (a later call claims it once complete, or after a second if its writer died).
 ///
 /// # Safety
 /// `from` and `to` must point to writable u64.
@@ -1040,7 +1049,12 @@ pub unsafe extern "C" fn autoscale_events_claim(from: *mut u64, to: *mut u64) ->
         if from.is_null() || to.is_null() {
             return AUTOSCALE_ERR_ARG;
         }
-        let (a, b) = region.claim_events();
+        let (a, b) = EVENT_WAIT.with(|w| {
+            let mut wait = w.get();
+            let claimed = region.claim_events(now_us(), &mut wait);
+            w.set(wait);
+            claimed
+        });
         *from = a;
         *to = b;
         AUTOSCALE_OK

@@ -37,13 +37,9 @@ our $Init = <<'_EOC_';
     init_worker_by_lua_block { autoscale.init_worker() }
 _EOC_
 
-sub init { my $trace = shift; (my $s = $::Init) =~ s/TRACE/$trace/; $s }
+sub init { with_trace($::Init, shift) }
 
-our $Config = <<'_EOC_';
-    set $autoscale_peer "";
-    set $autoscale_attempt "";
-    set $autoscale_cost "";
-    set $autoscale_trace "";
+our $Config = trace_variables() . <<'_EOC_';
     location /p {
         proxy_pass http://backend;
         proxy_http_version 1.1;
@@ -182,7 +178,29 @@ connect() failed (111: Connection refused)
 
 
 
-=== TEST 4: wrong use is a programming error
+=== TEST 4: $autoscale_cost is the cost the choice was made on (nothing in flight yet), handed over by the pick
+--- http_config eval: $::HttpConfig . ::init('autoscale.trace()')
+--- config eval
+$::Config . "location = /t { content_by_lua_block { $::Helpers " . <<'_EOC_';
+    -- A new peer's cost is its seed estimate (default_rtt, 30 ms, decayed a little since configure) times
+    -- (in flight + 1) / weight: about 30000 with nothing in flight; read after the pick, with its own attempt in
+    -- flight, it would be twice that.
+    local code = t.get(port, "/p")
+    local cost = tonumber(lines(1)[1][3])
+    local ok = cost and cost > 20000 and cost <= 30000
+    ngx.say(code, ", cost of the first choice in (20000, 30000]: ", ok, ok and "" or " (" .. tostring(cost) .. ")")
+} }
+_EOC_
+--- request
+GET /t
+--- response_body
+200, cost of the first choice in (20000, 30000]: true
+--- no_error_log
+[error]
+
+
+
+=== TEST 5: wrong use is a programming error
 --- http_config eval: $::HttpConfig . ::init('local ok, err = pcall(autoscale.trace, { variables = { "peer", "why" } }) TRACE_ERR = err')
 --- config eval
 $::Config . <<'_EOC_';

@@ -94,12 +94,24 @@ sub gateway_upstream {
 _EOC_
 }
 
+# trace_variables(): the `set` lines that declare the four $autoscale_* variables autoscale.trace() fills.
+sub trace_variables {
+    return join '', map { qq{    set \$autoscale_$_ "";\n} } qw(peer attempt cost trace);
+}
+
+# with_trace($text, $lua): $text with its TRACE placeholder replaced by the Lua code $lua (e.g. 'autoscale.trace()').
+sub with_trace {
+    my ($text, $lua) = @_;
+    $text =~ s/TRACE/$lua/;
+    return $text;
+}
+
 sub import {
     my ($class, @args) = @_;
     my $caller = caller;
     my $base = $Backend;
     no strict 'refs';
-    *{"${caller}::gateway_upstream"} = \&gateway_upstream;
+    *{"${caller}::$_"} = \&{"Autoscale::$_"} for qw(gateway_upstream trace_variables with_trace);
     if ($Backend eq 'Autoscale::Runner') {
         *{"${caller}::$_"} = \&{"Autoscale::Runner::$_"}
             for grep { $_ ne 'run_tests' } @Autoscale::Runner::EXPORT;

@@ -41,7 +41,7 @@ fn the_request_path_allocates_nothing() {
     let mut idx = [0u32; 1];
     assert_eq!(unsafe { autoscale_config_apply(&spec, 1, idx.as_mut_ptr(), err.as_mut_ptr(), err.len()) }, AUTOSCALE_OK);
     autoscale_worker_attach();
-    let mut pick = autoscale_pick_t { slot: 0, gen: 0, more_tries: 0, attempt: 0 };
+    let mut pick = autoscale_pick_t { slot: 0, gen: 0, more_tries: 0, attempt: 0, cost: 0.0 };
     let kinds = [2u32, 0];
     let statuses = [502u32, 200];
     let mut run = |n: usize| {

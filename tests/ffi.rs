@@ -103,6 +103,7 @@ fn every_export_survives_null_and_out_of_range() {
             gen: 0,
             more_tries: 0,
             attempt: 0,
+            cost: 0.0,
         };
         assert_eq!(
             autoscale_balancer_pick(null(), 0, 0, &mut pick),
@@ -248,6 +249,7 @@ fn a_request_is_accounted_from_pick_to_log() {
         gen: 0,
         more_tries: 0,
         attempt: 0,
+        cost: 0.0,
     };
     unsafe {
         assert_eq!(
@@ -255,6 +257,8 @@ fn a_request_is_accounted_from_pick_to_log() {
             AUTOSCALE_OK
         );
         assert_eq!((pick.attempt, pick.more_tries), (1, 1));
+        // A new peer's cost is its seed estimate (default_rtt 30 ms, barely decayed) with nothing in flight yet.
+        assert!(pick.cost > 25_000.0 && pick.cost <= 30_000.0, "cost of the choice: {}", pick.cost);
         let first = pick.slot;
         // Retry after a 502: the other peer, attempt 2.
         assert_eq!(

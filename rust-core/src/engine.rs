@@ -169,12 +169,15 @@ pub enum PickError {
 }
 
 /// A chosen peer.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Pick {
     pub slot: u32,
     pub gen: u32,
     /// Extra attempts nginx should allow this request (meaningful on the first attempt).
     pub more_tries: u32,
+    /// The balancer's cost of the peer when it was chosen (peak-EWMA latency × (in flight + 1) / weight; 0 for a
+    /// probe of a half-open peer), read in the same consistent view as the choice.
+    pub cost: f64,
 }
 
 /// Statistics of one peer at one moment.
@@ -755,6 +758,7 @@ impl Region {
             };
             let choice = params.algorithm.select(&view, rng, ticket);
             let slot = choice.map(|i| view.slot(i));
+            let cost = choice.map_or(0.0, |i| view.cost(i));
             fence(Acquire);
             if up.head.seq.load(Relaxed) != s1 {
                 continue; // the peer list changed while we read it
@@ -788,6 +792,7 @@ impl Region {
                 slot,
                 gen,
                 more_tries: params.retries.min(view.n.saturating_sub(1)),
+                cost,
             });
         }
         Err(PickError::NoPeer)

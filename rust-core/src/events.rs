@@ -1,14 +1,17 @@
 //! A ring of the most recent state changes and decisions in shared memory, written by any worker, read by all.
 //!
-//! Writers take a sequence number with one atomic add and publish the record by storing `seq + 1` last; readers
-//! copy a record and keep it only if its sequence number is the one they expected before and after the copy, so a
-//! record overwritten meanwhile is skipped, never torn. The core also formats events as JSON, so the names of kinds
-//! and reasons exist in one place.
+//! Writers take a sequence number with one atomic add; each record is a seqlock over its fields: the writer stores
+//! `2·seq + 1` (odd: being written), `fence(Release)`, the fields, then `2·seq + 2` with Release; a reader loads the
+//! word with Acquire, copies the fields, `fence(Acquire)` and loads it again, and keeps the copy only if both loads
+//! read `2·seq + 2`, so a record overwritten meanwhile is skipped, never torn. Logging claims events in order and
+//! never past one still being written: it waits for it (its writer is between two stores) and gives it up only after
+//! [`ABANDON_US`], when its writer must have died. The core also formats events as JSON, so the names of kinds and
+//! reasons exist in one place.
 
 use crate::health::{self, Reason};
 use crate::layout::{Region, EVENT_KINDS, EVENT_RING};
 use std::fmt::Write;
-use std::sync::atomic::Ordering::*;
+use std::sync::atomic::{fence, Ordering::*};
 
 /// Kinds of event.
 pub mod kind {
@@ -79,13 +82,40 @@ pub struct EventRecord {
 /// No peer: an upstream-wide event.
 pub const NO_PEER: u32 = u32::MAX;
 
+/// How long an event may stay unpublished before logging gives it up and goes on (µs). A writer publishes within
+/// nanoseconds of taking its number; one that has not after a second was killed in between (or will publish into a
+/// record readers of the ring still see, just not in the log).
+pub const ABANDON_US: u64 = 1_000_000;
+
+/// The seqlock word of a record while event `seq` is being written into it (odd).
+#[inline]
+fn writing(seq: u64) -> u64 {
+    seq.wrapping_mul(2).wrapping_add(1)
+}
+
+/// The seqlock word of a record holding event `seq`, complete (even, never 0).
+#[inline]
+fn published(seq: u64) -> u64 {
+    seq.wrapping_mul(2).wrapping_add(2)
+}
+
+/// What one claimer remembers between calls of [`Region::claim_events`]: the oldest event it found still being
+/// written, and when it first saw it so. One per worker (a worker's own memory, nothing shared).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct ClaimWait {
+    seq: u64,
+    since_us: u64,
+    waiting: bool,
+}
+
 impl Region {
     /// Appends an event to the ring.
     pub fn emit(&self, now_us: u64, kind: u32, reason: Option<Reason>, upstream: u32, slot: u32, values: [f64; 4]) {
         let seq = self.header().event_seq.fetch_add(1, AcqRel);
         self.header().event_totals[(kind as usize).min(EVENT_KINDS - 1)].fetch_add(1, Relaxed);
         let e = &self.events()[(seq % EVENT_RING as u64) as usize];
-        e.seq.store(0, Release);
+        e.seq.store(writing(seq), Relaxed);
+        fence(Release); // readers that see any field below see the odd word too
         e.time_us.store(now_us, Relaxed);
         e.kind.store(kind, Relaxed);
         e.reason.store(reason.map_or(0, |r| r as u32), Relaxed);
@@ -94,7 +124,7 @@ impl Region {
         for (d, v) in e.values.iter().zip(values) {
             d.store(v.to_bits(), Relaxed);
         }
-        e.seq.store(seq + 1, Release);
+        e.seq.store(published(seq), Release);
     }
 
     /// Events written since the region was created, per kind (index = kind), including those the ring no longer holds.
@@ -115,7 +145,8 @@ impl Region {
         let mut n = 0;
         while seq < head && n < out.len() {
             let e = &self.events()[(seq % EVENT_RING as u64) as usize];
-            if e.seq.load(Acquire) == seq + 1 {
+            let word = published(seq);
+            if e.seq.load(Acquire) == word {
                 let rec = EventRecord {
                     seq,
                     time_us: e.time_us.load(Relaxed),
@@ -125,7 +156,8 @@ impl Region {
                     slot: e.slot.load(Relaxed),
                     values: std::array::from_fn(|i| f64::from_bits(e.values[i].load(Relaxed))),
                 };
-                if e.seq.load(Acquire) == seq + 1 {
+                fence(Acquire); // the copy above is ordered before the second load
+                if e.seq.load(Relaxed) == word {
                     out[n] = rec;
                     n += 1;
                 }
@@ -135,16 +167,39 @@ impl Region {
         (n, seq)
     }
 
-    /// Claims the events not yet logged by any worker: returns `[from, to)`, empty when another worker claimed
-    /// them first. Lets exactly one worker write each event to the error log.
-    pub fn claim_events(&self) -> (u64, u64) {
+    /// Claims the events not yet logged by any worker: returns `[from, to)`, empty when there are none or another
+    /// worker claimed them first. Lets exactly one worker write each event to the error log. The range stops before
+    /// the first event still being written, so that it is logged by a later call once complete; `wait` (the
+    /// caller's, kept between calls) notes since when, and after [`ABANDON_US`] that event is given up (claimed
+    /// and so skipped by the reader) so that a writer killed mid-event cannot stop the log. Events the ring no
+    /// longer holds are claimed at once (the reader skips them).
+    pub fn claim_events(&self, now_us: u64, wait: &mut ClaimWait) -> (u64, u64) {
         let logged = &self.header().events_logged;
         let head = self.event_head();
         let from = logged.load(Acquire);
-        if from >= head || logged.compare_exchange(from, head, AcqRel, Acquire).is_err() {
+        if from >= head {
             return (head, head);
         }
-        (from, head)
+        let mut to = from.max(head.saturating_sub(EVENT_RING as u64));
+        while to < head {
+            let word = self.events()[(to % EVENT_RING as u64) as usize].seq.load(Acquire);
+            // Below `published(to)`: its writer has the number but has not published yet (a word above it means
+            // the record was overwritten by a later event: gone, nothing to wait for).
+            if word < published(to) {
+                if !wait.waiting || wait.seq != to {
+                    *wait = ClaimWait { seq: to, since_us: now_us, waiting: true };
+                    break;
+                }
+                if now_us.saturating_sub(wait.since_us) < ABANDON_US {
+                    break;
+                }
+            }
+            to += 1;
+        }
+        if to == from || logged.compare_exchange(from, to, AcqRel, Acquire).is_err() {
+            return (from, from);
+        }
+        (from, to)
     }
 
     /// Notes that upstream `up` served a fallback response: emits a `fallback` event when none was served in the
@@ -255,9 +310,11 @@ mod tests {
         assert_eq!(n, 20);
         assert_eq!(out[0].seq, 10, "the oldest 10 were overwritten");
         assert_eq!(next, 30);
-        let (from, to) = r.claim_events();
+        let mut wait = ClaimWait::default();
+        let (from, to) = r.claim_events(0, &mut wait);
         assert_eq!((from, to), (0, EVENT_RING as u64 + 10));
-        assert_eq!(r.claim_events().0, r.claim_events().1, "nothing left to claim");
+        let again = r.claim_events(0, &mut wait);
+        assert_eq!(again.0, again.1, "nothing left to claim");
         assert_eq!(r.event_totals()[kind::CONFIG as usize], EVENT_RING as u64 + 10, "totals outlive the ring");
         r.emit(0, kind::EJECTED, None, NO_PEER, NO_PEER, [0.0; 4]);
         r.emit(0, 99, None, NO_PEER, NO_PEER, [0.0; 4]);
@@ -265,5 +322,41 @@ mod tests {
         assert_eq!((totals[kind::EJECTED as usize], totals[EVENT_KINDS - 1], totals.iter().sum::<u64>()), (1, 1, EVENT_RING as u64 + 12));
         let json = r.event_json(&out[0], 0);
         assert_eq!(json, "{\"seq\":10,\"time\":0.010,\"event\":\"config\",\"epoch\":10,\"upstreams\":1,\"peers\":2}");
+    }
+
+    /// A writer that took its number and has not published (preempted, or killed between its stores): logging
+    /// stops before its event until it is complete, and gives it up after ABANDON_US so that the log goes on.
+    #[test]
+    fn an_event_still_being_written_is_claimed_once_complete_or_given_up() {
+        let r = Region::new_heap(Params { max_upstreams: 2, max_peers: 2, max_workers: 2, ..Params::default() }, 0).unwrap();
+        let stalled = |r: &Region| {
+            let seq = r.header().event_seq.fetch_add(1, AcqRel);
+            r.events()[(seq % EVENT_RING as u64) as usize].seq.store(writing(seq), Relaxed);
+            seq
+        };
+        r.emit(0, kind::CONFIG, None, NO_PEER, NO_PEER, [0.0; 4]); // 0
+        let one = stalled(&r); // 1
+        r.emit(0, kind::CONFIG, None, NO_PEER, NO_PEER, [2.0; 4]); // 2
+        let mut wait = ClaimWait::default();
+        assert_eq!(r.claim_events(1_000, &mut wait), (0, 1), "stops before the event being written");
+        assert_eq!(r.claim_events(2_000, &mut wait), (1, 1), "and waits for it");
+        let mut other = ClaimWait::default(); // another worker: its own wait starts now
+        assert_eq!(r.claim_events(ABANDON_US + 1_500, &mut other), (1, 1));
+        // the writer completes: claimed and read
+        r.events()[one as usize].seq.store(published(one), Release);
+        assert_eq!(r.claim_events(3_000, &mut wait), (1, 3));
+        let mut out = vec![EventRecord::default(); 4];
+        assert_eq!(r.read_events(1, &mut out).0, 2);
+        // a writer that never completes: given up after ABANDON_US, and the reader skips its record
+        let four = {
+            r.emit(0, kind::CONFIG, None, NO_PEER, NO_PEER, [3.0; 4]); // 3
+            stalled(&r) // 4
+        };
+        r.emit(0, kind::CONFIG, None, NO_PEER, NO_PEER, [5.0; 4]); // 5
+        assert_eq!(r.claim_events(10_000, &mut wait), (3, 4));
+        assert_eq!(r.claim_events(10_000 + ABANDON_US - 1, &mut wait), (4, 4));
+        assert_eq!(r.claim_events(10_000 + ABANDON_US, &mut wait), (4, 6), "given up after ABANDON_US");
+        let (n, next) = r.read_events(four, &mut out);
+        assert_eq!((n, out[0].seq, next), (1, 5, 6), "the abandoned record is skipped");
     }
 }

@@ -209,7 +209,8 @@ pub struct Header {
 /// One state change or decision, in a ring of the most recent [`EVENT_RING`].
 #[repr(C)]
 pub struct Event {
-    /// Sequence number + 1 once complete; 0 while being written or never written.
+    /// Seqlock word of the record: 2·seq + 1 while event `seq` is being written, 2·seq + 2 once complete, 0 never
+    /// written (see `events`).
     pub seq: AtomicU64,
     /// Monotonic clock (µs) when it happened.
     pub time_us: AtomicU64,

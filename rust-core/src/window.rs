@@ -8,7 +8,7 @@
 //! bucket only when its slice is inside the window, checked before and after reading.
 
 use crate::histogram::{bucket_index_us, bucket_value, BUCKETS};
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering::*};
+use std::sync::atomic::{fence, AtomicU32, AtomicU64, Ordering::*};
 
 /// Marks a bucket being cleared.
 const CLEARING: u64 = u64::MAX;
@@ -169,8 +169,10 @@ impl WindowBucket {
     /// Clears the bucket, claimed (tag [`CLEARING`]) from tag `held`, for tag `want`; a slice it held (`held` > 0,
     /// not forgotten) is first added to `totals`.
     fn turn_over(&self, held: u64, want: u64, totals: &LatencyTotals) {
+        fence(Release); // after the caller's CLEARING (the odd mark): a reader seeing a store below sees it too
         if held != 0 {
             totals.seq.fetch_add(1, AcqRel); // odd: readers retry
+            fence(Release); // the same for the odd totals.seq
             let mut add = [0u64; LE_RANGES];
             self.sum_ranges(&mut add);
             for (t, a) in totals.counts.iter().zip(add) {
@@ -259,6 +261,10 @@ impl WindowBucket {
     }
 
     /// Adds this bucket into `sum` if it holds a slice in `[first, last]`. Returns whether it was added.
+    ///
+    /// The slice tag is the bucket's seqlock word (a clear turns it to [`CLEARING`] first): the tag is loaded with
+    /// Acquire, the counters with Relaxed, then `fence(Acquire)` and the tag again, Relaxed; a copy is kept only if
+    /// the tag did not move, so counters of two slices are never mixed.
     pub fn add_to(&self, first: u64, last: u64, sum: &mut WindowSum) -> bool {
         let tag = self.slice.load(Acquire);
         if tag == 0 || tag == CLEARING || tag - 1 < first || tag - 1 > last {
@@ -274,7 +280,8 @@ impl WindowBucket {
         for (d, s) in part.hist.iter_mut().zip(&self.hist) {
             *d = s.load(Relaxed) as u64;
         }
-        if self.slice.load(Acquire) != tag {
+        fence(Acquire); // the counter loads above are ordered before the second tag load
+        if self.slice.load(Relaxed) != tag {
             return false; // cleared while we read: the slice left the window
         }
         for (d, s) in sum.counts.iter_mut().zip(part.counts) {
@@ -305,6 +312,61 @@ mod tests {
 
     fn totals() -> LatencyTotals {
         LatencyTotals { seq: AtomicU64::new(0), counts: std::array::from_fn(|_| AtomicU64::new(0)) }
+    }
+
+    /// The bucket's seqlock under contention: writers move it from slice to slice (each turn over clears it) while
+    /// readers sum it; a sum kept for slice `s` holds samples of slice `s` only. A stress test of the protocol, not a
+    /// model check of the orderings (see `tests/seqlock_stress.rs`).
+    #[test]
+    fn readers_never_mix_two_slices() {
+        // Odd and even slices get latencies in different sketch buckets and with no common multiple in range.
+        let latency = |slice: u64| if slice % 2 == 1 { 1_009 } else { 700_001 };
+        let (b, t) = (zeroed(), totals());
+        let current = AtomicU64::new(1);
+        let done = std::sync::atomic::AtomicBool::new(false);
+        let (writers, slices, per_slice) = (2u64, 20_000u64, 20u64);
+        let checked = std::thread::scope(|s| {
+            let readers: Vec<_> = (0..2)
+                .map(|_| {
+                    s.spawn(|| {
+                        let mut checked = 0u64;
+                        while !done.load(Acquire) {
+                            let slice = current.load(Acquire);
+                            let mut sum = WindowSum::default();
+                            if !b.add_to(slice, slice, &mut sum) {
+                                continue;
+                            }
+                            let (mine, other) = (latency(slice), latency(slice + 1));
+                            let n = sum.counts[counter::REQUESTS];
+                            assert_eq!(sum.hist[bucket_index_us(other)], 0, "slice {slice}: another slice's samples");
+                            assert!(n <= writers * per_slice, "slice {slice}: {n} requests");
+                            assert!(sum.latency_sum_us % mine == 0 && sum.latency_sum_us / mine <= writers * per_slice,
+                                    "slice {slice}: latency sum {}", sum.latency_sum_us);
+                            checked += 1;
+                        }
+                        checked
+                    })
+                })
+                .collect();
+            let ws: Vec<_> = (0..writers)
+                .map(|_| {
+                    s.spawn(|| {
+                        for slice in 1..=slices {
+                            current.fetch_max(slice, AcqRel);
+                            for _ in 0..per_slice {
+                                b.record(slice, Outcome::Success, latency(slice), &t);
+                            }
+                        }
+                    })
+                })
+                .collect();
+            for w in ws {
+                w.join().unwrap();
+            }
+            done.store(true, Release);
+            readers.into_iter().map(|h| h.join().unwrap()).sum::<u64>()
+        });
+        assert!(checked > 0, "the readers kept some sums");
     }
 
     fn ranges(t: &LatencyTotals, buckets: &[&WindowBucket]) -> [u64; LE_RANGES] {

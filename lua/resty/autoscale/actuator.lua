@@ -24,6 +24,10 @@ local setmetatable = setmetatable
 
 local _M = {}
 
+-- The largest answer read from each endpoint (a webhook's body is only quoted in errors; a scale object is small).
+local MAX_WEBHOOK_BODY = 64 * 1024
+local MAX_KUBERNETES_BODY = 256 * 1024
+
 _M.defaults = { timeout = 2, retries = 3, backoff = 0.2, max_backoff = 5, jitter = 0.2 }
 
 -- Secrets are kept out of the configuration tables (which the status shows), keyed by the actuator's table.
@@ -196,7 +200,7 @@ function webhook.once(a, d, body)
         return nil, err, false
     end
     local status, resp = http.request {
-        url = a.url, method = "POST", body = body, timeout = a.timeout,
+        url = a.url, method = "POST", body = body, timeout = a.timeout, max_body = MAX_WEBHOOK_BODY,
         headers = { ["Content-Type"] = "application/json", ["X-Autoscale-Signature"] = "sha256=" .. sig,
                     ["Idempotency-Key"] = d.idempotency_key },
     }
@@ -217,7 +221,7 @@ function kubernetes.once(a, d)
     local url = format("%s/apis/apps/v1/namespaces/%s/%ss/%s/scale", a.api, a.namespace, a.kind, a.name)
     local auth = "Bearer " .. token:gsub("%s+$", "")
     local status, body = http.request { url = url, method = "GET", timeout = a.timeout, server_name = a.server_name,
-                                        headers = { Authorization = auth, Accept = "application/json" } }
+                                        max_body = MAX_KUBERNETES_BODY, headers = { Authorization = auth, Accept = "application/json" } }
     if status ~= 200 then
         return nil, status and ("GET scale answered " .. status .. ": " .. tostring(body):sub(1, 200)) or body,
                retryable(status)
@@ -228,7 +232,7 @@ function kubernetes.once(a, d)
         return true -- already there (an earlier attempt went through): nothing to do
     end
     status, body = http.request {
-        url = url, method = "PATCH", timeout = a.timeout, server_name = a.server_name,
+        url = url, method = "PATCH", timeout = a.timeout, server_name = a.server_name, max_body = MAX_KUBERNETES_BODY,
         body = format('{"spec":{"replicas":%d}}', d.desired),
         headers = { Authorization = auth, Accept = "application/json",
                     ["Content-Type"] = "application/merge-patch+json" },

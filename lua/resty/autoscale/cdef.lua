@@ -72,6 +72,7 @@ typedef struct autoscale_pick_t {
   uint32_t gen;
   uint32_t more_tries;
   uint32_t attempt;
+  double cost;
 } autoscale_pick_t;
 typedef struct autoscale_peer_stats_t {
   uint32_t slot;

@@ -32,6 +32,7 @@ local sort = table.sort
 local _M = {}
 
 local DICT = "autoscale_scaling"
+local MAX_PROMETHEUS_BODY = 1024 * 1024 -- the largest query answer read; a larger one is a failed query
 local NAN = 0 / 0
 local SIGNAL_NAMES = { [0] = "utilization", "rps", "latency", "error_rate", "external" }
 local REASONS = { [0] = "steady", "scale_up", "scale_down", "holding", "up_window", "stabilizing", "cooldown", "panic",
@@ -533,7 +534,7 @@ local function fetch_external(name, s, svc)
     end
     local e = s.external
     local status, body = http.request { url = e.url .. "/api/v1/query?query=" .. ngx.escape_uri(e.query),
-                                        timeout = e.timeout }
+                                        timeout = e.timeout, max_body = MAX_PROMETHEUS_BODY }
     local data = status == 200 and cjson.decode(body)
     local result = type(data) == "table" and type(data.data) == "table" and data.data.result
     local v = type(result) == "table" and type(result[1]) == "table" and type(result[1].value) == "table"

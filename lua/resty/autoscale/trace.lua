@@ -9,17 +9,87 @@
 --     $autoscale_cost      the balancer's cost of that peer when it was chosen (lower is preferred)
 --     $autoscale_trace     every attempt of the request: "10.0.0.1:80 attempt=1 cost=812, 10.0.0.2:80 attempt=2 ..."
 
+--
+-- The traced path allocates no Lua memory: the cost comes with the pick (autoscale_pick_t.cost), each value is
+-- formatted into a buffer allocated once (the cost by snprintf's "%.6g") and handed to lua-nginx-module's variable setter (the C function
+-- behind ngx.var, which copies it into the request's pool), the previous attempts are read the same way, and the
+-- peer's address is cached per peer record.
+
 local ffi = require "ffi"
+local base = require "resty.core.base"
+require "resty.core.var" -- declares ngx_http_lua_ffi_var_get/set
 
 local ngx = ngx
-local var = ngx.var
+local C = ffi.C
 local type = type
 local error = error
 local pairs = pairs
 local ipairs = ipairs
 local tostring = tostring
-local format = string.format
+local tonumber = tonumber
 local ffi_string = ffi.string
+local ffi_copy = ffi.copy
+local floor = math.floor
+local get_request = base.get_request
+
+pcall(ffi.cdef, "int snprintf(char *str, size_t size, const char *format, ...);")
+
+local TRACE_MAX = 4096 -- $autoscale_trace is cut at this length (about 60 attempts)
+local ERR_MAX = 256
+local trace_buf = ffi.new("char[?]", TRACE_MAX)
+local attempt_buf = ffi.new("char[16]")
+local cost_buf = ffi.new("char[32]")
+local lowcase_buf = ffi.new("char[32]")
+local err_buf = ffi.new("unsigned char[?]", ERR_MAX)
+local err_len = ffi.new("size_t[1]")
+local value_ptr = ffi.new("char *[1]")
+local value_len = ffi.new("size_t[1]")
+local err_ptr = ffi.new("char *[1]")
+
+-- set(r, name, ptr, len): sets nginx variable `name` (declared with `set`) to len bytes at ptr, raising nginx's
+-- error (such as "variable not found") as ngx.var would
+local function set(r, name, ptr, len)
+    err_len[0] = ERR_MAX
+    if C.ngx_http_lua_ffi_var_set(r, name, #name, lowcase_buf, ptr, len, err_buf, err_len) ~= 0 then
+        error(ffi_string(err_buf, err_len[0]), 3)
+    end
+end
+
+-- n = put_uint(buf, v): writes the decimal digits of `v` (an integer >= 0) at `buf`; returns how many. No loop
+-- below 100 (attempt numbers), so that the JIT compiles it into the caller's trace.
+local function put_uint(buf, v)
+    if v < 10 then
+        buf[0] = 48 + v
+        return 1
+    end
+    if v < 100 then
+        buf[0], buf[1] = 48 + floor(v / 10), 48 + v % 10
+        return 2
+    end
+    local n, x = 1, v
+    while x >= 10 do
+        x = floor(x / 10)
+        n = n + 1
+    end
+    for i = n - 1, 0, -1 do
+        buf[i] = 48 + v % 10
+        v = floor(v / 10)
+    end
+    return n
+end
+
+-- n = previous_trace(r): copies the value of $autoscale_trace into trace_buf; its length (0 when empty)
+local function previous_trace(r)
+    if C.ngx_http_lua_ffi_var_get(r, "autoscale_trace", 15, lowcase_buf, 0, value_ptr, value_len, err_ptr) ~= 0 then
+        return 0
+    end
+    local n = tonumber(value_len[0])
+    if n > TRACE_MAX - 128 then
+        n = TRACE_MAX - 128
+    end
+    ffi_copy(trace_buf, value_ptr[0], n)
+    return n
+end
 
 local _M = {}
 
@@ -60,9 +130,6 @@ function _M.enable(opts, lib, balancer)
     local need_addr, need_cost = set_peer or set_trace, set_cost or set_trace
 
     local balance = balancer.balance
-    -- the cost the core used for the choice when autoscale_pick_t carries it, else the peer's cost right after
-    local pick_has_cost = ffi.offsetof("autoscale_pick_t", "cost") ~= nil
-    local stats = ffi.new("autoscale_peer_stats_t")
     local addr_buf = ffi.new("uint8_t[64]")
     local addrs, gens = {}, {} -- per peer record (slot + 1), as in the balancer
 
@@ -71,7 +138,7 @@ function _M.enable(opts, lib, balancer)
         if not p then -- no peer: the balancer answered 502
             return
         end
-        local addr, cost
+        local addr, cost_len
         local attempt = p.attempt
         if need_addr then
             local i = p.slot + 1
@@ -82,25 +149,41 @@ function _M.enable(opts, lib, balancer)
             addr = addrs[i]
         end
         if need_cost then
-            if pick_has_cost then
-                cost = p.cost
-            elseif lib.autoscale_peer_stats(p.slot, stats) == 0 then
-                cost = stats.cost
+            cost_len = C.snprintf(cost_buf, 32, "%.6g", p.cost)
+            if cost_len < 0 or cost_len > 31 then
+                cost_len = 0
             end
-            cost = cost and format("%.6g", cost) or "-"
         end
+        local r = get_request()
         if set_peer then
-            var.autoscale_peer = addr
+            set(r, "autoscale_peer", addr, #addr)
         end
         if set_attempt then
-            var.autoscale_attempt = attempt
+            set(r, "autoscale_attempt", attempt_buf, put_uint(attempt_buf, attempt))
         end
         if set_cost then
-            var.autoscale_cost = cost
+            set(r, "autoscale_cost", cost_buf, cost_len)
         end
         if set_trace then
-            local entry = addr .. " attempt=" .. attempt .. " cost=" .. cost
-            var.autoscale_trace = attempt > 1 and (var.autoscale_trace or "") .. ", " .. entry or entry
+            local n = 0
+            if attempt > 1 then
+                n = previous_trace(r)
+                if n > 0 then
+                    trace_buf[n], trace_buf[n + 1] = 44, 32 -- ", "
+                    n = n + 2
+                end
+            end
+            -- at most 64 + 9 + 10 + 6 + 31 bytes after the 128 previous_trace leaves free
+            ffi_copy(trace_buf + n, addr, #addr)
+            n = n + #addr
+            ffi_copy(trace_buf + n, " attempt=", 9)
+            n = n + 9
+            n = n + put_uint(trace_buf + n, attempt)
+            ffi_copy(trace_buf + n, " cost=", 6)
+            n = n + 6
+            ffi_copy(trace_buf + n, cost_buf, cost_len)
+            n = n + cost_len
+            set(r, "autoscale_trace", trace_buf, n)
         end
         return p
     end

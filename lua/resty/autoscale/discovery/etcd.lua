@@ -21,6 +21,9 @@ local fail, number, known, show = config.fail, config.number, config.known, conf
 
 local _M = {}
 
+-- The largest range answer read (about 10,000 peers' keys and values in base64); a larger one is an error.
+local MAX_BODY = 8 * 1024 * 1024
+
 _M.defaults = {
     interval = 0.5,
     timeout = 2,
@@ -109,7 +112,7 @@ function _M.fetch(c, last_revision)
     local status, body, err
     for i, ep in ipairs(c.endpoints) do
         status, body = http.request { url = ep .. "/v3/kv/range", method = "POST", body = c.body, timeout = c.timeout,
-                                      headers = { ["Content-Type"] = "application/json" } }
+                                      max_body = MAX_BODY, headers = { ["Content-Type"] = "application/json" } }
         if status == 200 then
             if i > 1 then -- the endpoint that answered goes first
                 table.remove(c.endpoints, i)
