@@ -305,12 +305,12 @@ fn start_time(pid: u32) -> u64 {
     rest.split_ascii_whitespace().nth(19).and_then(|f| f.parse().ok()).unwrap_or(0)
 }
 
-/// `AUTOSCALE_TEST_WRITER_PAUSE`: a file name, read once. While that file exists, a configuration writer pauses in
-/// its critical section (up to 30 s) after writing its pid into `<file>.held`: a test arms it to kill a writer at
-/// the worst moment. Unset (always, outside tests), the hook costs one load per configuration change.
-fn writer_pause_file() -> Option<&'static str> {
-    static FILE: OnceLock<Option<String>> = OnceLock::new();
-    FILE.get_or_init(|| std::env::var("AUTOSCALE_TEST_WRITER_PAUSE").ok().filter(|f| !f.is_empty())).as_deref()
+/// `AUTOSCALE_TEST_WRITER_PAUSE`: a file name (nginx passes it to workers with `env AUTOSCALE_TEST_WRITER_PAUSE;`).
+/// While that file exists, a configuration writer pauses in its critical section (up to 30 s) after writing its pid
+/// into `<file>.held`: a test arms it to kill a writer at the worst moment. Read on each configuration change only
+/// (never on the request path); unset, as always outside tests, it costs one environment lookup per change.
+fn writer_pause_file() -> Option<String> {
+    std::env::var("AUTOSCALE_TEST_WRITER_PAUSE").ok().filter(|f| !f.is_empty())
 }
 
 impl autoscale_core::owner::Processes for Os {
@@ -324,7 +324,7 @@ impl autoscale_core::owner::Processes for Os {
 
     fn in_critical_section(&self) {
         let Some(file) = writer_pause_file() else { return };
-        let path = std::path::Path::new(file);
+        let path = std::path::Path::new(&file);
         if !path.exists() {
             return;
         }

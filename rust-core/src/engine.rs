@@ -355,6 +355,8 @@ impl Region {
     pub(crate) fn lock_writer(&self, me: u64, procs: &dyn Processes, now_us: u64) -> Result<(), ConfigError> {
         let h = self.header();
         let w = &h.writer;
+        // The owner last found running: asked about once, not on every spin (a `kill` and a `/proc` read each).
+        let mut live_owner = 0;
         for _ in 0..WRITER_SPINS {
             match w.compare_exchange(0, me, AcqRel, Acquire) {
                 Ok(_) => {
@@ -362,7 +364,7 @@ impl Region {
                     return Ok(());
                 }
                 Err(owner) if owner == me => return Ok(()),
-                Err(owner) if !owner::running(procs, owner) => {
+                Err(owner) if owner != live_owner && !owner::running(procs, owner) => {
                     if w.compare_exchange(owner, me, AcqRel, Acquire).is_ok() {
                         h.writer_since_us.store(now_us, Relaxed);
                         h.writer_takeovers.fetch_add(1, Relaxed);
@@ -370,7 +372,10 @@ impl Region {
                         return Ok(());
                     }
                 }
-                Err(_) => std::hint::spin_loop(),
+                Err(owner) => {
+                    live_owner = owner;
+                    std::hint::spin_loop();
+                }
             }
         }
         Err(ConfigError::Busy(owner::pid_of(w.load(Relaxed))))

@@ -203,3 +203,17 @@ fn a_column_left_being_reclaimed_by_a_killed_worker_is_not_lost() {
     r.worker_pids()[other].store(RECLAIMING | ME, Relaxed);
     assert_eq!(r.attach_worker(3, &|_| true), None);
 }
+
+#[test]
+fn a_writer_asks_once_whether_a_live_owner_runs_not_on_every_spin() {
+    let r = region();
+    r.configure(&[conf("api", &[1])], ME, &HOST, 0).unwrap();
+    r.header().writer.store(owner::word(4242, 0), Relaxed);
+    let asked = std::sync::atomic::AtomicU32::new(0);
+    let live = |_: u32| {
+        asked.fetch_add(1, Relaxed);
+        true
+    };
+    assert_eq!(r.configure(&[conf("api", &[1, 2])], ME, &live, SEC), Err(ConfigError::Busy(4242)));
+    assert_eq!(asked.load(Relaxed), 1, "a kill(2) and a /proc read per spin would block a worker for milliseconds");
+}

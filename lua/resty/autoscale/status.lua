@@ -141,6 +141,9 @@ function _M.upstream(name)
         return nil, "unknown upstream " .. tostring(name)
     end
     local count = lib.autoscale_upstream_peers(idx, nil, 0)
+    if count == lib.AUTOSCALE_ERR_BUSY then
+        return nil, "upstream " .. name .. " is being changed by another process; retry"
+    end
     if count < 0 then
         return nil, "cannot read upstream " .. name .. " (code " .. count .. ")"
     end
