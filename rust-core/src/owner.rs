@@ -33,7 +33,7 @@ impl<F: Fn(u32) -> bool> Processes for F {
 /// An owner word: pid in the low 32 bits, the low 32 bits of the start time above.
 #[inline]
 pub fn word(pid: u32, start: u64) -> u64 {
-    (start & 0xffff_ffff) << 32 | pid as u64
+    ((start & 0xffff_ffff) << 32) | pid as u64
 }
 
 /// The pid of an owner word.

@@ -28,7 +28,7 @@ pub const CLEARING_TIMEOUT_SLICES: u64 = 2;
 /// The clearing mark of this process for tag `want`.
 #[inline]
 fn clearing_mark(want: u64) -> u64 {
-    CLEARING | (std::process::id() as u64 & 0x7f_ffff) << 40 | (want & SLICE_BITS)
+    CLEARING | ((std::process::id() as u64 & 0x7f_ffff) << 40) | (want & SLICE_BITS)
 }
 
 #[inline]
@@ -282,7 +282,7 @@ impl WindowBucket {
             if cur == want {
                 break;
             }
-            if is_clearing(cur) && !abandoned(cur, want) || !is_clearing(cur) && cur > want {
+            if (is_clearing(cur) && !abandoned(cur, want)) || (!is_clearing(cur) && cur > want) {
                 return false; // being cleared (drop rather than wait), or a newer slice already: a late sample
             }
             if self.claim(cur, want) {
@@ -458,7 +458,7 @@ mod tests {
         let mut child = std::process::Command::new("true").spawn().unwrap();
         let pid = child.id();
         child.wait().unwrap();
-        b.slice.store(CLEARING | (pid as u64) << 40 | want, Release);
+        b.slice.store(CLEARING | ((pid as u64) << 40) | want, Release);
         if seq_odd {
             t.seq.fetch_add(1, Relaxed);
         }
