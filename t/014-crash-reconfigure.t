@@ -141,6 +141,7 @@ location = /t {
         -- The next change succeeds (no writer left in the way) and its peer serves.
         local ok, err = autoscale.control.add_peer("backend", "127.0.0.1:$TEST_NGINX_RAND_PORT_4", 1)
         local last = t.load { port = reuse, concurrency = 4, requests = 400 }
+        os.remove(held)
         ngx.log(ngx.NOTICE, "crash test: victim ", victim, ", during the pause ", pause_load.total, " requests, ",
             pause_load.errors, " errors (", pause_load.first_error, "); through the kill ", res.total, ", ",
             res.errors, " errors (", res.first_error, "); repaired markers ", region.repaired_markers)
