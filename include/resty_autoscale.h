@@ -256,6 +256,19 @@ typedef struct autoscale_region_info_t {
   uint64_t config_epoch;
   uint64_t dropped_samples;
   uint64_t evicted_requests;
+  /**
+   * Pid of the process holding the writer lock (0: free) and for how long it has held it (ms).
+   */
+  uint32_t writer_pid;
+  uint32_t writer_held_ms;
+  /**
+   * Times the writer lock was taken over from a dead owner.
+   */
+  uint64_t writer_takeovers;
+  /**
+   * Markers left by killed processes and repaired (see `Header::repaired_markers`).
+   */
+  uint64_t repaired_markers;
 } autoscale_region_info_t;
 
 /**
@@ -546,6 +559,9 @@ int autoscale_region_tick(void);
  *
  * # Safety
  * `slots` must point to `cap` writable u32 (or be NULL with `cap` = 0).
+ *
+ * # Errors
+ * `AUTOSCALE_ERR_ARG`; `AUTOSCALE_ERR_BUSY` when a writer kept the peer list changing for the whole bounded read.
  */
 int autoscale_upstream_peers(uint32_t upstream,
                              uint32_t *slots,
@@ -583,8 +599,12 @@ int autoscale_region_info(struct autoscale_region_info_t *out);
  *
  * # Safety
  * `out` must point to a writable struct.
+ *
+ * # Errors
+ * `AUTOSCALE_ERR_UPSTREAM` for an index that is no upstream; `AUTOSCALE_ERR_BUSY` as `autoscale_upstream_peers`.
  */
-int autoscale_upstream_info(uint32_t upstream, struct autoscale_upstream_info_t *out);
+int autoscale_upstream_info(uint32_t upstream,
+                            struct autoscale_upstream_info_t *out);
 
 /**
  * Copies up to `cap` events with sequence numbers from `since` on into `out`, writes the sequence number to ask
@@ -750,7 +770,8 @@ int autoscale_admin_upstream_tune(uint32_t upstream,
  *
  * # Errors
  * `AUTOSCALE_ERR_NO_REGION` before `autoscale_region_init`; `AUTOSCALE_ERR_ARG` for NULL; `AUTOSCALE_ERR_UPSTREAM`
- * for an index that is not an upstream.
+ * for an index that is not an upstream; `AUTOSCALE_ERR_BUSY` when a writer kept the upstream changing for the whole
+ * bounded read (retry).
  */
 int autoscale_upstream_config(uint32_t upstream,
                               struct autoscale_upstream_config_t *out);

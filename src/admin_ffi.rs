@@ -2,7 +2,7 @@
 //! after a run-time change (`control.tune`, an admin `PATCH`), read from shared memory rather than from the Lua table
 //! of `init_by_lua`, so every worker shows the same, current values; and the totals of events per kind.
 
-use crate::{autoscale_outlier_spec_t, guard, AUTOSCALE_ERR_ARG, AUTOSCALE_ERR_NO_REGION, AUTOSCALE_ERR_UPSTREAM, AUTOSCALE_OK, REGION};
+use crate::{autoscale_outlier_spec_t, guard, AUTOSCALE_ERR_ARG, AUTOSCALE_ERR_BUSY, AUTOSCALE_ERR_NO_REGION, AUTOSCALE_ERR_UPSTREAM, AUTOSCALE_OK, REGION};
 use autoscale_core::engine::UpstreamParams;
 use autoscale_core::health::OutlierParams;
 use autoscale_core::layout::EVENT_KINDS;
@@ -81,14 +81,20 @@ fn config_of(p: &UpstreamParams) -> autoscale_upstream_config_t {
 ///
 /// # Errors
 /// `AUTOSCALE_ERR_NO_REGION` before `autoscale_region_init`; `AUTOSCALE_ERR_ARG` for NULL; `AUTOSCALE_ERR_UPSTREAM`
-/// for an index that is not an upstream.
+/// for an index that is not an upstream; `AUTOSCALE_ERR_BUSY` when a writer kept the upstream changing for the whole
+/// bounded read (retry).
 #[no_mangle]
 pub unsafe extern "C" fn autoscale_upstream_config(upstream: u32, out: *mut autoscale_upstream_config_t) -> c_int {
     guard(|| {
         let Some(region) = REGION.get() else { return AUTOSCALE_ERR_NO_REGION };
         // SAFETY: the caller passes NULL or a pointer to a writable struct.
         let Some(out) = (unsafe { out.as_mut() }) else { return AUTOSCALE_ERR_ARG };
-        let Some((params, _, _)) = region.read_upstream(upstream) else { return AUTOSCALE_ERR_UPSTREAM };
+        let Some((params, _, _)) = (match region.try_read_upstream(upstream) {
+            Ok(r) => r,
+            Err(_) => return AUTOSCALE_ERR_BUSY,
+        }) else {
+            return AUTOSCALE_ERR_UPSTREAM;
+        };
         *out = config_of(&params);
         AUTOSCALE_OK
     })

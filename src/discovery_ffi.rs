@@ -3,7 +3,7 @@
 //! configuration, with their statistics, instead of dropping them until the first refresh.
 
 use crate::{
-    admin_code, alive, autoscale_peer_spec_t, guard, now_us, peer_confs, pid, write_err, AUTOSCALE_ERR_ARG, AUTOSCALE_ERR_CONFIG,
+    admin_code, autoscale_peer_spec_t, guard, now_us, peer_confs, pid, write_err, OS, AUTOSCALE_ERR_ARG, AUTOSCALE_ERR_CONFIG,
     AUTOSCALE_ERR_NO_REGION, AUTOSCALE_ERR_UPSTREAM, REGION,
 };
 use std::ffi::{c_char, c_int};
@@ -60,7 +60,7 @@ pub unsafe extern "C" fn autoscale_admin_peers_change(
                 return AUTOSCALE_ERR_CONFIG;
             }
         };
-        match region.change_peers(upstream, &set, pid(), &alive, now_us()) {
+        match region.change_peers(upstream, &set, pid(), &OS, now_us()) {
             Ok((a, r, w)) => c_int::try_from(a + r + w).unwrap_or(c_int::MAX),
             Err(e) => {
                 write_err(err, err_len, &e.to_string());

@@ -235,6 +235,13 @@ pub struct autoscale_region_info_t {
     pub config_epoch: u64,
     pub dropped_samples: u64,
     pub evicted_requests: u64,
+    /// Pid of the process holding the writer lock (0: free) and for how long it has held it (ms).
+    pub writer_pid: u32,
+    pub writer_held_ms: u32,
+    /// Times the writer lock was taken over from a dead owner.
+    pub writer_takeovers: u64,
+    /// Markers left by killed processes and repaired (see `Header::repaired_markers`).
+    pub repaired_markers: u64,
 }
 
 static REGION: OnceLock<Region> = OnceLock::new();
@@ -288,6 +295,53 @@ fn alive(pid: u32) -> bool {
     // SAFETY: signal 0 only checks for existence and permission; it sends nothing.
     let rc = unsafe { libc::kill(pid as libc::pid_t, 0) };
     rc == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
+}
+
+/// The processes of this machine, for the owners of the region's locks and markers (see `autoscale_core::owner`).
+pub(crate) struct Os;
+
+/// The one [`Os`].
+pub(crate) const OS: Os = Os;
+
+/// The start time of process `pid` (`/proc/PID/stat` field 22, clock ticks since boot), 0 when unknown.
+fn start_time(pid: u32) -> u64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { return 0 };
+    // The command name (field 2) is in parentheses and may hold spaces: count fields after the last ')'.
+    let Some((_, rest)) = stat.rsplit_once(')') else { return 0 };
+    rest.split_ascii_whitespace().nth(19).and_then(|f| f.parse().ok()).unwrap_or(0)
+}
+
+/// `AUTOSCALE_TEST_WRITER_PAUSE`: a file name (nginx passes it to workers with `env AUTOSCALE_TEST_WRITER_PAUSE;`).
+/// While that file exists, a configuration writer pauses in its critical section (up to 30 s) after writing its pid
+/// into `<file>.held`: a test arms it to kill a writer at the worst moment. Read on each configuration change only
+/// (never on the request path); unset, as always outside tests, it costs one environment lookup per change.
+fn writer_pause_file() -> Option<String> {
+    std::env::var("AUTOSCALE_TEST_WRITER_PAUSE").ok().filter(|f| !f.is_empty())
+}
+
+impl autoscale_core::owner::Processes for Os {
+    fn alive(&self, pid: u32) -> bool {
+        alive(pid)
+    }
+
+    fn start_time(&self, pid: u32) -> u64 {
+        start_time(pid)
+    }
+
+    fn in_critical_section(&self) {
+        let Some(file) = writer_pause_file() else { return };
+        let path = std::path::Path::new(&file);
+        if !path.exists() {
+            return;
+        }
+        let _ = std::fs::write(format!("{file}.held"), pid().to_string());
+        for _ in 0..3000 {
+            if !path.exists() {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+    }
 }
 
 fn column() -> Option<u32> {
@@ -431,7 +485,7 @@ fn configure_waiting(region: &Region, ups: &[UpstreamConf]) -> Result<Vec<u32>, 
     let mut tries = if IS_WORKER.load(Relaxed) { 1 } else { 1000 };
     loop {
         tries -= 1;
-        match region.configure(ups, pid(), &alive, now_us()) {
+        match region.configure(ups, pid(), &OS, now_us()) {
             Err(ConfigError::Busy(_)) if tries > 0 => std::thread::sleep(std::time::Duration::from_millis(1)),
             other => return other,
         }
@@ -573,7 +627,7 @@ pub extern "C" fn autoscale_worker_attach() -> c_int {
         IS_WORKER.store(true, Relaxed);
         // The first attach of this process: a column holding its pid is a dead predecessor's with a reused pid.
         let attach = if COLUMN.load(Relaxed) < 0 { Region::attach_new_worker } else { Region::attach_worker };
-        match attach(region, pid(), &alive) {
+        match attach(region, pid(), &OS) {
             Some(c) => {
                 COLUMN.store(c as i64, Relaxed);
                 c as c_int
@@ -803,6 +857,8 @@ pub extern "C" fn autoscale_region_tick() -> c_int {
         };
         let now = now_us();
         let col = column();
+        // A writer killed in its critical section left the writer lock held and an upstream half-written: repaired here.
+        region.recover(pid(), &OS, now);
         with_worker(|w| {
             region.tick(now, &mut w.rng);
             // Requests reused without a log phase leave stale entries behind, and requests that never reach one (a
@@ -819,6 +875,9 @@ pub extern "C" fn autoscale_region_tick() -> c_int {
 ///
 /// # Safety
 /// `slots` must point to `cap` writable u32 (or be NULL with `cap` = 0).
+///
+/// # Errors
+/// `AUTOSCALE_ERR_ARG`; `AUTOSCALE_ERR_BUSY` when a writer kept the peer list changing for the whole bounded read.
 #[no_mangle]
 pub unsafe extern "C" fn autoscale_upstream_peers(
     upstream: u32,
@@ -832,7 +891,7 @@ pub unsafe extern "C" fn autoscale_upstream_peers(
         if upstream >= region.params().max_upstreams || (slots.is_null() && cap > 0) {
             return AUTOSCALE_ERR_ARG;
         }
-        let v = region.upstream_slots(upstream);
+        let Ok(v) = region.try_upstream_slots(upstream) else { return AUTOSCALE_ERR_BUSY };
         for (i, s) in v.iter().take(cap).enumerate() {
             *slots.add(i) = *s;
         }
@@ -962,6 +1021,12 @@ pub unsafe extern "C" fn autoscale_region_info(out: *mut autoscale_region_info_t
             config_epoch: h.config_epoch.load(Relaxed),
             dropped_samples: h.dropped_samples.load(Relaxed),
             evicted_requests: h.evicted_requests.load(Relaxed),
+            writer_pid: region.writer().map_or(0, |(pid, _)| pid),
+            writer_held_ms: region
+                .writer()
+                .map_or(0, |(_, since)| (now_us().saturating_sub(since) / 1000).min(u32::MAX as u64) as u32),
+            writer_takeovers: h.writer_takeovers.load(Relaxed),
+            repaired_markers: h.repaired_markers.load(Relaxed),
         };
         AUTOSCALE_OK
     })
@@ -976,12 +1041,20 @@ fn wall_offset_us() -> i64 {
 ///
 /// # Safety
 /// `out` must point to a writable struct.
+///
+/// # Errors
+/// `AUTOSCALE_ERR_UPSTREAM` for an index that is no upstream; `AUTOSCALE_ERR_BUSY` as `autoscale_upstream_peers`.
 #[no_mangle]
 pub unsafe extern "C" fn autoscale_upstream_info(upstream: u32, out: *mut autoscale_upstream_info_t) -> c_int {
     guard(|| {
         let Some(region) = REGION.get() else { return AUTOSCALE_ERR_NO_REGION };
         let Some(out) = out.as_mut() else { return AUTOSCALE_ERR_ARG };
-        let Some((params, _, _)) = region.read_upstream(upstream) else { return AUTOSCALE_ERR_UPSTREAM };
+        let Some((params, _, _)) = (match region.try_read_upstream(upstream) {
+            Ok(r) => r,
+            Err(_) => return AUTOSCALE_ERR_BUSY,
+        }) else {
+            return AUTOSCALE_ERR_UPSTREAM;
+        };
         let now = now_us();
         let mut info = autoscale_upstream_info_t { npeers: 0, healthy: 0, ejected: 0, draining: 0, panic: 0, algorithm: params.algorithm as u32 };
         for slot in region.upstream_slots(upstream) {
@@ -1197,7 +1270,7 @@ pub unsafe extern "C" fn autoscale_admin_peer_add(
     err: *mut c_char,
     err_len: usize,
 ) -> c_int {
-    admin(addr, addr_len, err, err_len, |r, a| r.add_peer(upstream, a, weight, pid(), &alive, now_us()))
+    admin(addr, addr_len, err, err_len, |r, a| r.add_peer(upstream, a, weight, pid(), &OS, now_us()))
 }
 
 /// Removes peer `addr` from upstream `upstream` (its in-flight requests finish).
@@ -1215,7 +1288,7 @@ pub unsafe extern "C" fn autoscale_admin_peer_remove(
     err: *mut c_char,
     err_len: usize,
 ) -> c_int {
-    admin(addr, addr_len, err, err_len, |r, a| r.remove_peer(upstream, a, pid(), &alive, now_us()))
+    admin(addr, addr_len, err, err_len, |r, a| r.remove_peer(upstream, a, pid(), &OS, now_us()))
 }
 
 /// Sets the weight of peer `addr` of upstream `upstream`.
@@ -1234,7 +1307,7 @@ pub unsafe extern "C" fn autoscale_admin_peer_weight(
     err: *mut c_char,
     err_len: usize,
 ) -> c_int {
-    admin(addr, addr_len, err, err_len, |r, a| r.set_weight(upstream, a, weight, pid(), &alive, now_us()))
+    admin(addr, addr_len, err, err_len, |r, a| r.set_weight(upstream, a, weight, pid(), &OS, now_us()))
 }
 
 /// Drains (`draining` = 1) or re-enables (0) peer `addr` of upstream `upstream`. Returns 1 when its state changed,
@@ -1294,7 +1367,7 @@ pub unsafe extern "C" fn autoscale_admin_upstream_tune(
                 return AUTOSCALE_ERR_CONFIG;
             }
         };
-        match region.tune(upstream, conf.params, pid(), &alive, now_us()) {
+        match region.tune(upstream, conf.params, pid(), &OS, now_us()) {
             Ok(()) => AUTOSCALE_OK,
             Err(e) => {
                 write_err(err, err_len, &e.to_string());

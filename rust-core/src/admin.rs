@@ -8,6 +8,7 @@ use crate::engine::{ConfigError, PeerConf, UpstreamConf, UpstreamParams};
 use crate::events::kind;
 use crate::health::Reason;
 use crate::layout::{state, Region};
+use crate::owner::{self, Processes};
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering::*;
@@ -55,23 +56,31 @@ impl Region {
         &self,
         idx: u32,
         pid: u32,
-        alive: &dyn Fn(u32) -> bool,
+        alive: &dyn Processes,
         now_us: u64,
         f: impl FnOnce(&mut UpstreamConf) -> Result<(), AdminError>,
     ) -> Result<(), AdminError> {
         if idx >= self.params().max_upstreams || self.upstream(idx).head.state.load(Acquire) != state::ACTIVE {
             return Err(AdminError::UnknownUpstream);
         }
-        let name = self.upstream_name(idx);
-        let mut all = self.current_config();
-        let u = all.iter_mut().find(|u| u.name == name).ok_or(AdminError::UnknownUpstream)?;
-        f(u)?;
-        self.configure(&all, pid, alive, now_us)?;
-        Ok(())
+        // The writer lock is held from reading the configuration in force to applying the changed one, so no other
+        // change lands in between (and a dead writer's half-written upstream is repaired before it is read).
+        let me = owner::word_of(alive, pid);
+        self.lock_writer(me, alive, now_us)?;
+        let result = (|| {
+            let name = self.upstream_name(idx);
+            let mut all = self.current_config();
+            let u = all.iter_mut().find(|u| u.name == name).ok_or(AdminError::UnknownUpstream)?;
+            f(u)?;
+            self.configure(&all, pid, alive, now_us)?;
+            Ok(())
+        })();
+        self.unlock_writer(me);
+        result
     }
 
     /// Adds peer `text` with `weight` to upstream `idx` (it enters with slow start, seeded like any new peer).
-    pub fn add_peer(&self, idx: u32, text: &str, weight: u32, pid: u32, alive: &dyn Fn(u32) -> bool, now_us: u64) -> Result<(), AdminError> {
+    pub fn add_peer(&self, idx: u32, text: &str, weight: u32, pid: u32, alive: &dyn Processes, now_us: u64) -> Result<(), AdminError> {
         let a = addr::parse(text).map_err(|e| AdminError::BadAddress(text.into(), e))?;
         if weight == 0 || weight > 10_000 {
             return Err(AdminError::BadWeight(weight));
@@ -91,7 +100,7 @@ impl Region {
 
     /// Removes peer `text` from upstream `idx`: it takes no new requests, its in-flight ones finish, its record keeps
     /// its statistics until reused.
-    pub fn remove_peer(&self, idx: u32, text: &str, pid: u32, alive: &dyn Fn(u32) -> bool, now_us: u64) -> Result<(), AdminError> {
+    pub fn remove_peer(&self, idx: u32, text: &str, pid: u32, alive: &dyn Processes, now_us: u64) -> Result<(), AdminError> {
         let a = addr::parse(text).map_err(|e| AdminError::BadAddress(text.into(), e))?;
         let slot = self.find_peer(idx, text).ok_or_else(|| AdminError::UnknownPeer(a.to_string()))?;
         self.change(idx, pid, alive, now_us, |u| {
@@ -106,7 +115,7 @@ impl Region {
     }
 
     /// Sets the weight of peer `text` of upstream `idx`.
-    pub fn set_weight(&self, idx: u32, text: &str, weight: u32, pid: u32, alive: &dyn Fn(u32) -> bool, now_us: u64) -> Result<(), AdminError> {
+    pub fn set_weight(&self, idx: u32, text: &str, weight: u32, pid: u32, alive: &dyn Processes, now_us: u64) -> Result<(), AdminError> {
         let a = addr::parse(text).map_err(|e| AdminError::BadAddress(text.into(), e))?;
         if weight == 0 || weight > 10_000 {
             return Err(AdminError::BadWeight(weight));
@@ -132,7 +141,7 @@ impl Region {
         idx: u32,
         changes: &[PeerConf],
         pid: u32,
-        alive: &dyn Fn(u32) -> bool,
+        alive: &dyn Processes,
         now_us: u64,
     ) -> Result<(usize, usize, usize), AdminError> {
         if changes.is_empty() && idx < self.params().max_upstreams {
@@ -205,7 +214,7 @@ impl Region {
     }
 
     /// Replaces the tunables of upstream `idx` (its peers stay as they are).
-    pub fn tune(&self, idx: u32, params: UpstreamParams, pid: u32, alive: &dyn Fn(u32) -> bool, now_us: u64) -> Result<(), AdminError> {
+    pub fn tune(&self, idx: u32, params: UpstreamParams, pid: u32, alive: &dyn Processes, now_us: u64) -> Result<(), AdminError> {
         self.change(idx, pid, alive, now_us, |u| {
             u.params = params;
             Ok(())

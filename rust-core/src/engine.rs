@@ -3,8 +3,13 @@
 //! Concurrency rules:
 //! - The request path (pick, begin/end of attempts, recording) takes no lock: it uses atomics only, and reads an
 //!   upstream's peer list and tunables under a seqlock (it retries when a writer changed them meanwhile).
-//! - Configuration changes are serialised by a writer word in the header holding the writer's pid; a writer that died
-//!   holding it is detected and replaced.
+//! - Configuration changes are serialised by a writer lock in the header holding its owner (pid and start time, see
+//!   [`crate::owner`]) and since when. A writer that finds the lock held by a dead owner (the pid is gone, or was given
+//!   to another process) takes it over and first repairs what the dead one left half-written: every upstream whose
+//!   seqlock is odd gets its peer list rebuilt from the peer records and its seqlock made even
+//!   ([`Region::recover`]; every worker's periodic upkeep runs it too, so the repair needs no configuration change).
+//! - Every seqlock read is bounded ([`SEQLOCK_READ_TRIES`]): a reader never waits for a writer, dead or alive. Status
+//!   reads then answer [`SeqBusy`]; `pick` and the upkeep read the fields as they are (each one valid on its own).
 //! - A peer record handed to another peer gets a new generation; every writer on the request path carries the
 //!   generation it started with, and is ignored when it no longer matches. Records are never freed while in use.
 
@@ -12,6 +17,7 @@ use crate::addr;
 use crate::ewma;
 use crate::health::{self, OutlierParams};
 use crate::layout::{state, LayoutError, Peer, PeerHead, Region, Upstream, UpstreamHead};
+use crate::owner::{self, Processes};
 use std::sync::atomic::AtomicU64;
 use crate::rng::Rng;
 use crate::select::{Algorithm, PeerView};
@@ -117,6 +123,19 @@ pub enum ConfigError {
 /// Spins of [`Region::lock_writer`] before it reports the lock busy (a few microseconds).
 const WRITER_SPINS: u32 = 4096;
 
+/// Tries of a seqlock read before it gives up on a writer (each try that finds the seqlock odd spins once): some tens
+/// of microseconds at most. A live writer keeps an upstream's seqlock odd for the few hundred stores of its tunables
+/// and peer list only.
+pub const SEQLOCK_READ_TRIES: u32 = 1024;
+
+/// Tries of `pick` to read an upstream's peer list unchanged before it picks from the list as it is.
+const PICK_TRIES: u32 = 8;
+
+/// A seqlock read gave up: the upstream's seqlock stayed odd (or kept changing) for [`SEQLOCK_READ_TRIES`] tries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("the upstream is being changed by another process; retry")]
+pub struct SeqBusy;
+
 /// The peer records of one `configure`, indexed in one pass: non-free records by (upstream, canonical address), the
 /// first in record order for each; and the records to reuse for new peers, free ones first, then retired ones, the
 /// longest retired first, leaving out those the new configuration keeps or brings back.
@@ -158,6 +177,9 @@ impl Records {
         None
     }
 }
+
+/// The mark of an in-flight column being reclaimed, or'ed with the reclaiming worker's pid (pids are below 2^22).
+pub const RECLAIMING: u32 = 1 << 31;
 
 /// Why no peer could be chosen.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -271,30 +293,54 @@ impl Region {
         word & (1 << (status % 64)) != 0
     }
 
-    /// Reads an upstream's tunables and peer count consistently.
-    pub fn read_upstream(&self, idx: u32) -> Option<(UpstreamParams, u32, u32)> {
+    /// Reads an upstream's tunables and peer count consistently; `Ok(None)` for an index that is no upstream.
+    ///
+    /// # Errors
+    /// [`SeqBusy`] when a writer kept the upstream's seqlock odd for [`SEQLOCK_READ_TRIES`] tries.
+    pub fn try_read_upstream(&self, idx: u32) -> Result<Option<(UpstreamParams, u32, u32)>, SeqBusy> {
         if idx >= self.params().max_upstreams {
-            return None;
+            return Ok(None);
         }
         let up = self.upstream(idx);
-        let (st, params, n, gen) = read_stable(&up, || {
-            (
-                up.head.state.load(Relaxed),
-                self.upstream_params(&up),
-                up.head.npeers.load(Relaxed).min(self.params().max_peers),
-                up.head.gen.load(Relaxed),
-            )
-        });
-        (st != state::FREE).then_some((params, n, gen))
+        let (st, params, n, gen) = read_stable(&up, || self.read_upstream_fields(&up))?;
+        Ok((st != state::FREE).then_some((params, n, gen)))
+    }
+
+    fn read_upstream_fields(&self, up: &Upstream<'_>) -> (u32, UpstreamParams, u32, u32) {
+        (
+            up.head.state.load(Relaxed),
+            self.upstream_params(up),
+            up.head.npeers.load(Relaxed).min(self.params().max_peers),
+            up.head.gen.load(Relaxed),
+        )
+    }
+
+    /// [`Region::try_read_upstream`], or when a writer is in the way, the fields as they are (each a value some
+    /// configuration had): for the upkeep and the statistics, which must never wait.
+    pub fn read_upstream(&self, idx: u32) -> Option<(UpstreamParams, u32, u32)> {
+        self.try_read_upstream(idx).unwrap_or_else(|SeqBusy| {
+            let (st, params, n, gen) = self.read_upstream_fields(&self.upstream(idx));
+            (st != state::FREE).then_some((params, n, gen))
+        })
     }
 
     /// The peer slots of an upstream, consistently.
-    pub fn upstream_slots(&self, idx: u32) -> Vec<u32> {
+    ///
+    /// # Errors
+    /// [`SeqBusy`] as [`Region::try_read_upstream`].
+    pub fn try_upstream_slots(&self, idx: u32) -> Result<Vec<u32>, SeqBusy> {
         let up = self.upstream(idx);
-        read_stable(&up, || {
-            let n = up.head.npeers.load(Relaxed).min(self.params().max_peers) as usize;
-            up.slots[..n].iter().map(|s| s.load(Relaxed)).collect()
-        })
+        read_stable(&up, || self.slots_now(&up))
+    }
+
+    fn slots_now(&self, up: &Upstream<'_>) -> Vec<u32> {
+        let n = up.head.npeers.load(Relaxed).min(self.params().max_peers) as usize;
+        up.slots[..n].iter().map(|s| s.load(Relaxed)).collect()
+    }
+
+    /// [`Region::try_upstream_slots`], or the list as it is when a writer is in the way (as [`Region::read_upstream`]).
+    pub fn upstream_slots(&self, idx: u32) -> Vec<u32> {
+        self.try_upstream_slots(idx).unwrap_or_else(|SeqBusy| self.slots_now(&self.upstream(idx)))
     }
 
     /// Finds an upstream by name (not on the request path: Lua keeps the index).
@@ -307,30 +353,100 @@ impl Region {
 
     // ----- configuration -----
 
-    /// Takes the writer lock, waiting at most a bounded spin of a few microseconds: a worker's event loop must never
-    /// block, so a lock held by a live writer is reported as [`ConfigError::Busy`] and the caller retries later.
-    fn lock_writer(&self, pid: u32, alive: &dyn Fn(u32) -> bool) -> Result<(), ConfigError> {
-        let w = &self.header().writer;
+    /// Takes the writer lock for `me` (an owner word, see [`crate::owner`]), waiting at most a bounded spin of a few
+    /// microseconds: a worker's event loop must never block, so a lock held by a live writer is reported as
+    /// [`ConfigError::Busy`] and the caller retries later. A lock held by a dead owner (its pid gone, or given to
+    /// another process since) is taken over, and what that owner left half-written is repaired first (see
+    /// [`Region::repair_after_writer`]).
+    pub(crate) fn lock_writer(&self, me: u64, procs: &dyn Processes, now_us: u64) -> Result<(), ConfigError> {
+        let h = self.header();
+        let w = &h.writer;
+        // The owner last found running: asked about once, not on every spin (a `kill` and a `/proc` read each).
+        let mut live_owner = 0;
         for _ in 0..WRITER_SPINS {
-            match w.compare_exchange(0, pid, AcqRel, Acquire) {
-                Ok(_) => return Ok(()),
-                Err(owner) if owner == pid => return Ok(()),
-                Err(owner) if !alive(owner) => {
-                    if w.compare_exchange(owner, pid, AcqRel, Acquire).is_ok() {
+            match w.compare_exchange(0, me, AcqRel, Acquire) {
+                Ok(_) => {
+                    h.writer_since_us.store(now_us, Relaxed);
+                    return Ok(());
+                }
+                Err(owner) if owner == me => return Ok(()),
+                Err(owner) if owner != live_owner && !owner::running(procs, owner) => {
+                    if w.compare_exchange(owner, me, AcqRel, Acquire).is_ok() {
+                        h.writer_since_us.store(now_us, Relaxed);
+                        h.writer_takeovers.fetch_add(1, Relaxed);
+                        self.repair_after_writer();
                         return Ok(());
                     }
                 }
-                Err(_) => std::hint::spin_loop(),
+                Err(owner) => {
+                    live_owner = owner;
+                    std::hint::spin_loop();
+                }
             }
         }
-        Err(ConfigError::Busy(w.load(Relaxed)))
+        Err(ConfigError::Busy(owner::pid_of(w.load(Relaxed))))
     }
 
-    fn unlock_writer(&self, pid: u32) {
-        let _ = self
-            .header()
-            .writer
-            .compare_exchange(pid, 0, AcqRel, Relaxed);
+    pub(crate) fn unlock_writer(&self, me: u64) {
+        let _ = self.header().writer.compare_exchange(me, 0, AcqRel, Relaxed);
+    }
+
+    /// The writer lock's owner now: `(pid, held since µs)`, `None` while it is free.
+    pub fn writer(&self) -> Option<(u32, u64)> {
+        let h = self.header();
+        let w = h.writer.load(Acquire);
+        (w != 0).then(|| (owner::pid_of(w), h.writer_since_us.load(Relaxed)))
+    }
+
+    /// Repairs what a writer killed inside its critical section left behind; the caller holds the writer lock, so no
+    /// writer runs. A writer makes an upstream's seqlock odd only while it stores that upstream's tunables and peer
+    /// list, so an odd seqlock marks the one upstream it was rewriting: its peer list is rebuilt from the peer records
+    /// (the active ones that belong to it, in record order) and its seqlock made even. Its tunables are each a value
+    /// of the old or of the new configuration; the next configuration change rewrites them all. Peer records it was
+    /// (re)initialising are whole once active: `init_peer` makes a record active last. Returns the upstreams repaired.
+    fn repair_after_writer(&self) -> u32 {
+        let p = *self.params();
+        let mut repaired = 0;
+        for idx in 0..p.max_upstreams {
+            let up = self.upstream(idx);
+            let s = up.head.seq.load(Acquire);
+            if s & 1 == 0 {
+                continue;
+            }
+            let mut n = 0usize;
+            let mut max_weight = 1;
+            for slot in 0..p.max_peers {
+                let h = self.peer_head(slot);
+                if h.state.load(Acquire) == state::ACTIVE && h.upstream.load(Relaxed) == idx {
+                    up.slots[n].store(slot, Relaxed);
+                    max_weight = max_weight.max(h.weight.load(Relaxed));
+                    n += 1;
+                }
+            }
+            up.head.npeers.store(n as u32, Relaxed);
+            up.head.max_weight.store(max_weight, Relaxed);
+            up.head.seq.store(s.wrapping_add(1), Release);
+            repaired += 1;
+        }
+        self.header().repaired_markers.fetch_add(repaired as u64, Relaxed);
+        repaired
+    }
+
+    /// Takes over the writer lock from a dead owner, if a dead owner holds it, repairs what it left half-written (see
+    /// [`Region::repair_after_writer`]) and releases the lock. Cheap when the lock is free (one load); every worker's
+    /// periodic upkeep calls it, so a writer killed in its critical section is repaired within one upkeep interval
+    /// even when no configuration change follows. Returns whether it took over a lock.
+    pub fn recover(&self, pid: u32, procs: &dyn Processes, now_us: u64) -> bool {
+        let held = self.header().writer.load(Acquire);
+        if held == 0 || owner::running(procs, held) {
+            return false;
+        }
+        let me = owner::word_of(procs, pid);
+        if held == me || self.lock_writer(me, procs, now_us).is_err() {
+            return false;
+        }
+        self.unlock_writer(me);
+        true
     }
 
     fn validate(&self, ups: &[UpstreamConf]) -> Result<(), ConfigError> {
@@ -385,11 +501,12 @@ impl Region {
         &self,
         ups: &[UpstreamConf],
         pid: u32,
-        alive: &dyn Fn(u32) -> bool,
+        procs: &dyn Processes,
         now_us: u64,
     ) -> Result<Vec<u32>, ConfigError> {
         self.validate(ups)?;
-        self.lock_writer(pid, alive)?;
+        let me = owner::word_of(procs, pid);
+        self.lock_writer(me, procs, now_us)?;
         let epoch = self.header().config_epoch.fetch_add(1, AcqRel) + 1;
         let p = *self.params();
 
@@ -427,7 +544,7 @@ impl Region {
         records.collect_retired(ups, &names);
         let mut indices = Vec::with_capacity(ups.len());
         for u in ups {
-            indices.push(self.apply_upstream(u, epoch, now_us, &mut records));
+            indices.push(self.apply_upstream(u, epoch, now_us, &mut records, procs));
         }
         for i in 0..p.max_upstreams {
             let h = self.upstream(i).head;
@@ -436,7 +553,7 @@ impl Region {
                 h.state.store(state::RETIRED, Release);
             }
         }
-        self.unlock_writer(pid);
+        self.unlock_writer(me);
         let peers: usize = ups.iter().map(|u| u.peers.len()).sum();
         self.emit(now_us, crate::events::kind::CONFIG, None, crate::events::NO_PEER, crate::events::NO_PEER, [
             epoch as f64,
@@ -483,7 +600,7 @@ impl Region {
         best.map(|(i, _)| i)
     }
 
-    fn apply_upstream(&self, u: &UpstreamConf, epoch: u64, now_us: u64, records: &mut Records) -> u32 {
+    fn apply_upstream(&self, u: &UpstreamConf, epoch: u64, now_us: u64, records: &mut Records, procs: &dyn Processes) -> u32 {
         let p = *self.params();
         let existing = (0..p.max_upstreams).find(|&i| {
             let h = self.upstream(i).head;
@@ -562,6 +679,7 @@ impl Region {
         let s = h.seq.load(Relaxed);
         h.seq.store(s.wrapping_add(1) | 1, Relaxed);
         fence(Release);
+        procs.in_critical_section();
         let q = &u.params;
         h.algorithm.store(q.algorithm as u32, Relaxed);
         h.retries.store(q.retries, Relaxed);
@@ -650,8 +768,11 @@ impl Region {
     /// Gives the calling worker (`pid`) a column for its in-flight counts. Columns of workers that died (`alive`
     /// says no) are reclaimed first: their in-flight counts are subtracted from the peers' totals, so a worker killed
     /// with requests in flight leaves no phantom load behind. Returns `None` when every column is in use.
-    pub fn attach_worker(&self, pid: u32, alive: &dyn Fn(u32) -> bool) -> Option<u32> {
-        const RECLAIMING: u32 = u32::MAX;
+    ///
+    /// A column this worker reclaims without taking it is marked [`RECLAIMING`] with its pid meanwhile; a marker whose
+    /// owner is gone (dead, holding no column any more, or the caller itself: a previous process with its pid) is
+    /// reclaimed again, so a worker killed while reclaiming loses no column.
+    pub fn attach_worker(&self, pid: u32, alive: &dyn Processes) -> Option<u32> {
         let pids = self.worker_pids();
         let mut mine = pids
             .iter()
@@ -659,12 +780,24 @@ impl Region {
             .map(|i| i as u32);
         for (col, p) in pids.iter().enumerate() {
             let owner = p.load(Acquire);
-            if owner == 0 || owner == pid || owner == RECLAIMING || alive(owner) {
+            if owner == 0 || owner == pid {
+                continue;
+            }
+            let marker = owner & RECLAIMING != 0;
+            if marker {
+                let by = owner & !RECLAIMING;
+                if by != pid && alive.alive(by) && pids.iter().any(|q| q.load(Acquire) == by) {
+                    continue;
+                }
+            } else if alive.alive(owner) {
                 continue;
             }
             let take = mine.is_none();
-            let new = if take { pid } else { RECLAIMING };
+            let new = if take { pid } else { RECLAIMING | pid };
             if p.compare_exchange(owner, new, AcqRel, Acquire).is_ok() {
+                if marker {
+                    self.header().repaired_markers.fetch_add(1, Relaxed);
+                }
                 self.reclaim_column(col);
                 if take {
                     mine = Some(col as u32);
@@ -684,7 +817,7 @@ impl Region {
     /// belonged to an earlier process with the same pid (pids are reused), which is dead: its in-flight counts are
     /// reclaimed instead of being inherited by the new worker. While they are, the column still holds `pid`, a live
     /// pid, so no other worker touches it.
-    pub fn attach_new_worker(&self, pid: u32, alive: &dyn Fn(u32) -> bool) -> Option<u32> {
+    pub fn attach_new_worker(&self, pid: u32, alive: &dyn Processes) -> Option<u32> {
         for (col, p) in self.worker_pids().iter().enumerate() {
             if p.load(Acquire) == pid {
                 self.reclaim_column(col);
@@ -694,6 +827,7 @@ impl Region {
         self.attach_worker(pid, alive)
     }
 
+    /// Reclaims in-flight column `col`: idempotent, so a reclaim interrupted by a kill can be done again.
     fn reclaim_column(&self, col: usize) {
         for slot in 0..self.params().max_peers {
             let peer = self.peer(slot);
@@ -726,9 +860,13 @@ impl Region {
         }
         let up = self.upstream(idx);
         let mut skip = [u32::MAX; 4];
-        for _ in 0..8 {
+        for attempt in 0..PICK_TRIES {
+            // The last try takes the peer list as it is: a writer keeping the seqlock odd (one killed in its critical
+            // section, until the upkeep repairs it) must not turn requests away. Each slot it reads is a peer record,
+            // and only active ones are eligible.
+            let last = attempt + 1 == PICK_TRIES;
             let s1 = up.head.seq.load(Acquire);
-            if s1 & 1 == 1 {
+            if s1 & 1 == 1 && !last {
                 std::hint::spin_loop();
                 continue;
             }
@@ -760,7 +898,7 @@ impl Region {
             let slot = choice.map(|i| view.slot(i));
             let cost = choice.map_or(0.0, |i| view.cost(i));
             fence(Acquire);
-            if up.head.seq.load(Relaxed) != s1 {
+            if up.head.seq.load(Relaxed) != s1 && !last {
                 continue; // the peer list changed while we read it
             }
             let slot = slot.ok_or(PickError::NoPeer)?;
@@ -1030,7 +1168,8 @@ impl Region {
     }
 
     /// Periodic upkeep, called by every worker about twice per window bucket: clears ahead of time the window
-    /// bucket the next time slice will use, and runs each upstream's outlier sweep once per interval (whichever
+    /// bucket the next time slice will use (taking over one a killed worker left marked), makes even a latency-total
+    /// seqlock a killed worker left odd (see [`crate::window::LatencyTotals::repair`]), and runs each upstream's outlier sweep once per interval (whichever
     /// worker comes first does it).
     pub fn tick<R: Rng>(&self, now_us: u64, rng: &mut R) {
         let next = self.slice(now_us) + 1;
@@ -1038,6 +1177,9 @@ impl Region {
             let peer = self.peer(slot);
             if peer.head.state.load(Acquire) == state::ACTIVE {
                 peer.window[(next % peer.window.len() as u64) as usize].preclear(next, &peer.head.latency);
+                if peer.head.latency.repair(peer.window) {
+                    self.header().repaired_markers.fetch_add(1, Relaxed);
+                }
             }
         }
         for idx in 0..self.params().max_upstreams {
@@ -1323,9 +1465,10 @@ fn owned_by(h: &PeerHead, idx: u32) -> bool {
     h.state.load(Acquire) == state::ACTIVE && h.upstream.load(Relaxed) == idx
 }
 
-/// Runs `read` until it saw the upstream's seqlock-protected fields unchanged (no writer in between).
-fn read_stable<T>(up: &Upstream<'_>, mut read: impl FnMut() -> T) -> T {
-    loop {
+/// Runs `read` until it saw the upstream's seqlock-protected fields unchanged (no writer in between), at most
+/// [`SEQLOCK_READ_TRIES`] times.
+fn read_stable<T>(up: &Upstream<'_>, mut read: impl FnMut() -> T) -> Result<T, SeqBusy> {
+    for _ in 0..SEQLOCK_READ_TRIES {
         let s1 = up.head.seq.load(Acquire);
         if s1 & 1 == 1 {
             std::hint::spin_loop();
@@ -1334,9 +1477,10 @@ fn read_stable<T>(up: &Upstream<'_>, mut read: impl FnMut() -> T) -> T {
         let v = read();
         fence(Acquire);
         if up.head.seq.load(Relaxed) == s1 {
-            return v;
+            return Ok(v);
         }
     }
+    Err(SeqBusy)
 }
 
 /// `(threshold µs, multiplier)` of the slow-peer rule of an upstream: infinite while the rule is off or the baseline

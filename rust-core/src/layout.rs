@@ -187,9 +187,9 @@ pub struct Header {
     pub created_us: AtomicU64,
     /// Incremented by every configuration change.
     pub config_epoch: AtomicU64,
-    /// Pid of the process changing the configuration, 0 when none.
-    pub writer: AtomicU32,
-    pub _pad: u32,
+    /// Owner of the writer lock (see `owner::word`: pid and start time of the process changing the configuration),
+    /// 0 when none.
+    pub writer: AtomicU64,
     /// Samples dropped because their bucket was being cleared or they came late.
     pub dropped_samples: AtomicU64,
     /// Requests whose tracking entry was evicted before their log phase.
@@ -204,6 +204,13 @@ pub struct Header {
     pub cost_ns: [AtomicU64; 2],
     /// Calls timed, balancer (0) and log (1): one in a few (the FFI layer decides).
     pub cost_calls: [AtomicU64; 2],
+    /// When the writer lock was taken (µs, monotonic clock).
+    pub writer_since_us: AtomicU64,
+    /// Times the writer lock was taken over from a dead owner.
+    pub writer_takeovers: AtomicU64,
+    /// Markers left behind by killed processes and repaired since: odd upstream seqlocks, window buckets left being
+    /// cleared, odd latency-total seqlocks, in-flight columns left being reclaimed.
+    pub repaired_markers: AtomicU64,
 }
 
 /// One state change or decision, in a ring of the most recent [`EVENT_RING`].

@@ -8,6 +8,7 @@
 //! - [`select`]: peer selection (power of two choices, round robin, weighted random) behind one trait;
 //! - [`layout`]: the shared-memory region (the only `unsafe` of this crate);
 //! - [`engine`]: configuration, peer choice and accounting over a region;
+//! - [`owner`]: owners (pid + start time) of the locks and markers in shared memory, for crash repair;
 //! - [`reqtrack`]: per-worker tracking of requests between balancer and log phases;
 //! - [`admission`]: adaptive concurrency limits, token-bucket rate limits and priority classes;
 //! - [`addr`]: strict parsing of peer addresses;
@@ -26,6 +27,7 @@ pub mod health;
 pub mod hmac;
 pub mod histogram;
 pub mod layout;
+pub mod owner;
 mod outlier;
 pub mod reqtrack;
 pub mod rng;

@@ -6,12 +6,46 @@
 //! period) claims it with a compare-and-swap, clears it and publishes the new slice; a concurrent writer that meets
 //! the bucket while it is being cleared drops its sample and counts the drop, rather than wait. Readers include a
 //! bucket only when its slice is inside the window, checked before and after reading.
+//!
+//! Crash safety: the mark of a bucket being cleared names its owner (pid) and the slice it is cleared for. A process
+//! killed while clearing leaves the mark behind; the first writer or upkeep that needs the bucket for a slice at
+//! least [`CLEARING_TIMEOUT_SLICES`] later (in practice the next time round the ring, `n + 1` slices later) takes the
+//! bucket over and clears it again, so at most the one slice the killed process was clearing for is lost. The
+//! latency totals' seqlock is made even again by [`LatencyTotals::repair`] once no bucket of the peer is marked.
 
 use crate::histogram::{bucket_index_us, bucket_value, BUCKETS};
 use std::sync::atomic::{fence, AtomicU32, AtomicU64, Ordering::*};
 
-/// Marks a bucket being cleared.
-const CLEARING: u64 = u64::MAX;
+/// The mark of a bucket being cleared: this bit, the owner's pid (23 bits, from bit 40) and the slice + 1 it is
+/// cleared for (40 bits).
+const CLEARING: u64 = 1 << 63;
+const SLICE_BITS: u64 = (1 << 40) - 1;
+
+/// A clearing mark at least this many slices older than the slice a writer wants is taken over (its owner was killed
+/// or stalled that long).
+pub const CLEARING_TIMEOUT_SLICES: u64 = 2;
+
+/// The clearing mark of this process for tag `want`.
+#[inline]
+fn clearing_mark(want: u64) -> u64 {
+    CLEARING | ((std::process::id() as u64 & 0x7f_ffff) << 40) | (want & SLICE_BITS)
+}
+
+#[inline]
+fn is_clearing(tag: u64) -> bool {
+    tag & CLEARING != 0
+}
+
+/// Whether clearing mark `tag` was left long enough before tag `want` to be taken over.
+#[inline]
+fn abandoned(tag: u64, want: u64) -> bool {
+    (tag & SLICE_BITS).saturating_add(CLEARING_TIMEOUT_SLICES) <= want
+}
+
+/// The pid of the process clearing a bucket marked `tag`, `None` when it is not marked.
+pub fn clearing_owner(tag: u64) -> Option<u32> {
+    is_clearing(tag).then_some(((tag >> 40) & 0x7f_ffff) as u32)
+}
 
 /// Kinds of attempt outcome. The failure kinds are disjoint: a failed attempt has exactly one.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -107,12 +141,24 @@ impl LatencyTotals {
             c.store(0, Relaxed);
         }
     }
+
+    /// Makes `seq` even again when a process killed while turning a bucket over left it odd: odd with no bucket of
+    /// the peer (`buckets`) marked as being cleared, since a clearer makes it even before it unmarks its bucket.
+    /// Compare-and-swap from the value read before looking at the buckets, so a clearer that started meanwhile is
+    /// never disturbed. One load when nothing is wrong. Returns whether it repaired.
+    pub fn repair(&self, buckets: &[WindowBucket]) -> bool {
+        let s = self.seq.load(Acquire);
+        if s & 1 == 0 || buckets.iter().any(|b| is_clearing(b.slice.load(Acquire))) {
+            return false;
+        }
+        self.seq.compare_exchange(s, s.wrapping_add(1), AcqRel, Relaxed).is_ok()
+    }
 }
 
 /// A time slice of one peer's statistics. Plain atomics, valid for any bit pattern, so it can live in shared memory.
 #[repr(C)]
 pub struct WindowBucket {
-    /// Slice number + 1 (0: never used), or [`CLEARING`].
+    /// Slice number + 1 (0: never used), or a clearing mark (see [`CLEARING`]).
     slice: AtomicU64,
     latency_sum_us: AtomicU64,
     counts: [AtomicU32; counter::N],
@@ -166,10 +212,11 @@ impl WindowBucket {
         self.slice.store(0, Release);
     }
 
-    /// Clears the bucket, claimed (tag [`CLEARING`]) from tag `held`, for tag `want`; a slice it held (`held` > 0,
-    /// not forgotten) is first added to `totals`.
+    /// Clears the bucket, claimed (a clearing mark) from tag `held`, for tag `want`; a slice it held (`held` > 0,
+    /// not forgotten, not a mark left by a killed clearer) is first added to `totals`.
     fn turn_over(&self, held: u64, want: u64, totals: &LatencyTotals) {
         fence(Release); // after the caller's CLEARING (the odd mark): a reader seeing a store below sees it too
+        let held = if is_clearing(held) { 0 } else { held }; // half cleared: its counts are not worth adding
         if held != 0 {
             totals.seq.fetch_add(1, AcqRel); // odd: readers retry
             fence(Release); // the same for the odd totals.seq
@@ -182,10 +229,21 @@ impl WindowBucket {
             }
         }
         self.clear_counters();
-        self.slice.store(want, Release);
+        // `seq` even before the mark goes: readers skip a marked bucket, and `LatencyTotals::repair` relies on it.
         if held != 0 {
             totals.seq.fetch_add(1, AcqRel);
         }
+        // Publish only over our own mark: a clearer stalled so long that another writer took its mark over (see
+        // `claim`) must not move the tag back to an older slice.
+        let _ = self.slice.compare_exchange(clearing_mark(want), want, Release, Relaxed);
+    }
+
+    /// Claims the bucket from tag `cur` for tag `want`: `cur` is an older slice, or a clearing mark left long enough
+    /// ago (see [`CLEARING_TIMEOUT_SLICES`]). False when `cur` is neither or another writer claimed it first.
+    #[inline]
+    fn claim(&self, cur: u64, want: u64) -> bool {
+        let older = if is_clearing(cur) { abandoned(cur, want) } else { cur < want };
+        older && self.slice.compare_exchange(cur, clearing_mark(want), AcqRel, Relaxed).is_ok()
     }
 
     /// Clears the bucket for `slice` if it still holds an older slice (whose latencies go to `totals`). Returns
@@ -193,14 +251,7 @@ impl WindowBucket {
     pub fn preclear(&self, slice: u64, totals: &LatencyTotals) -> bool {
         let want = slice + 1;
         let cur = self.slice.load(Acquire);
-        if cur == CLEARING || cur >= want {
-            return false;
-        }
-        if self
-            .slice
-            .compare_exchange(cur, CLEARING, AcqRel, Relaxed)
-            .is_err()
-        {
+        if !self.claim(cur, want) {
             return false;
         }
         self.turn_over(cur, want, totals);
@@ -211,7 +262,7 @@ impl WindowBucket {
     /// used, forgotten, or being cleared).
     pub fn add_ranges(&self, out: &mut [u64; LE_RANGES]) -> bool {
         let tag = self.slice.load(Acquire);
-        if tag == 0 || tag == CLEARING {
+        if tag == 0 || is_clearing(tag) {
             return false;
         }
         self.sum_ranges(out);
@@ -235,14 +286,10 @@ impl WindowBucket {
             if cur == want {
                 break;
             }
-            if cur == CLEARING || cur > want {
-                return false;
+            if (is_clearing(cur) && !abandoned(cur, want)) || (!is_clearing(cur) && cur > want) {
+                return false; // being cleared (drop rather than wait), or a newer slice already: a late sample
             }
-            if self
-                .slice
-                .compare_exchange(cur, CLEARING, AcqRel, Relaxed)
-                .is_ok()
-            {
+            if self.claim(cur, want) {
                 self.turn_over(cur, want, totals);
                 break;
             }
@@ -267,7 +314,7 @@ impl WindowBucket {
     /// the tag did not move, so counters of two slices are never mixed.
     pub fn add_to(&self, first: u64, last: u64, sum: &mut WindowSum) -> bool {
         let tag = self.slice.load(Acquire);
-        if tag == 0 || tag == CLEARING || tag - 1 < first || tag - 1 > last {
+        if tag == 0 || is_clearing(tag) || tag - 1 < first || tag - 1 > last {
             return false;
         }
         let mut part = WindowSum {
@@ -325,6 +372,10 @@ mod tests {
         let current = AtomicU64::new(1);
         let done = std::sync::atomic::AtomicBool::new(false);
         let (writers, slices, per_slice) = (2u64, 20_000u64, 20u64);
+        // The writers start each slice together: slices here last microseconds, and a writer lagging another by
+        // CLEARING_TIMEOUT_SLICES would be taken for one killed mid-clear (its mark taken over), which is not what
+        // this test is about.
+        let start = std::sync::Barrier::new(writers as usize);
         let checked = std::thread::scope(|s| {
             let readers: Vec<_> = (0..2)
                 .map(|_| {
@@ -352,6 +403,7 @@ mod tests {
                 .map(|_| {
                     s.spawn(|| {
                         for slice in 1..=slices {
+                            start.wait();
                             current.fetch_max(slice, AcqRel);
                             for _ in 0..per_slice {
                                 b.record(slice, Outcome::Success, latency(slice), &t);
@@ -467,5 +519,48 @@ mod tests {
             assert_eq!(RANGE_OF[bucket_index(bound * 0.95)] as usize, r, "{bound}");
             assert_eq!(RANGE_OF[bucket_index(bound * 1.05)] as usize, r + 1, "{bound}");
         }
+    }
+
+    /// What a process killed inside `turn_over` leaves: the bucket marked as being cleared by it (pid of a reaped
+    /// child), possibly after it made the latency-total seqlock odd.
+    fn killed_clearer(b: &WindowBucket, t: &LatencyTotals, want: u64, seq_odd: bool) -> u32 {
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let pid = child.id();
+        child.wait().unwrap();
+        b.slice.store(CLEARING | ((pid as u64) << 40) | want, Release);
+        if seq_odd {
+            t.seq.fetch_add(1, Relaxed);
+        }
+        pid
+    }
+
+    #[test]
+    fn a_bucket_left_being_cleared_by_a_killed_worker_is_taken_over_when_next_needed() {
+        let (b, t) = (zeroed(), totals());
+        assert!(b.record(3, Outcome::Success, 1_000, &t));
+        let pid = killed_clearer(&b, &t, 14, true); // killed while turning slice 3 over for slice 13
+        assert_eq!(clearing_owner(b.slice.load(Relaxed)), Some(pid), "the mark names its owner");
+        // Meanwhile its own slice's samples are dropped (bounded: no writer waits), and readers skip it.
+        assert!(!b.record(13, Outcome::Success, 1_000, &t));
+        assert!(!b.add_to(0, 100, &mut WindowSum::default()));
+        // The latency totals stay odd while the mark is there (a live clearer could be inside)...
+        assert!(!t.repair(std::slice::from_ref(&b)));
+        // ... and the next slice that needs the bucket takes it over: data flows again.
+        assert!(b.record(24, Outcome::Gateway, 2_000, &t));
+        let mut s = WindowSum::default();
+        assert!(b.add_to(24, 24, &mut s));
+        assert_eq!((s.counts[counter::REQUESTS], s.failures()), (1, 1), "the half-cleared counts were dropped");
+        // Unmarked now, the odd latency-total seqlock is repaired, once.
+        assert!(t.repair(std::slice::from_ref(&b)));
+        assert_eq!(t.seq.load(Relaxed) & 1, 0);
+        assert!(!t.repair(std::slice::from_ref(&b)));
+        assert_eq!(ranges(&t, &[&b]).iter().sum::<u64>(), 1);
+
+        // The upkeep takes a mark over too, when it clears the bucket ahead of time for a later slice.
+        let c = zeroed();
+        killed_clearer(&c, &t, 14, false);
+        assert!(!c.preclear(14, &t), "not for the slice it was marked for");
+        assert!(c.preclear(25, &t));
+        assert!(c.record(25, Outcome::Success, 10, &t));
     }
 }

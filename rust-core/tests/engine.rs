@@ -1,11 +1,14 @@
 //! The engine over a private region, with a simulated clock and a seeded RNG: deterministic.
 
+mod common;
+
 use autoscale_core::engine::{ConfigError, PeerConf, PickError, UpstreamConf, UpstreamParams};
 use autoscale_core::layout::state;
 use autoscale_core::rng::XorShift64;
 use autoscale_core::{histogram, Outcome, Params, Region};
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
+use common::conf;
 use std::sync::atomic::Ordering::Relaxed;
 
 const SEC: u64 = 1_000_000;
@@ -23,19 +26,6 @@ fn region() -> Region {
     .unwrap()
 }
 
-fn conf(name: &str, ports: &[u16]) -> UpstreamConf {
-    UpstreamConf {
-        name: name.into(),
-        params: UpstreamParams::default(),
-        peers: ports
-            .iter()
-            .map(|&p| PeerConf {
-                addr: format!("127.0.0.1:{p}").parse().unwrap(),
-                weight: 1,
-            })
-            .collect(),
-    }
-}
 
 fn yes(_: u32) -> bool {
     true

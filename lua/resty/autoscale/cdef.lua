@@ -128,6 +128,10 @@ typedef struct autoscale_region_info_t {
   uint64_t config_epoch;
   uint64_t dropped_samples;
   uint64_t evicted_requests;
+  uint32_t writer_pid;
+  uint32_t writer_held_ms;
+  uint64_t writer_takeovers;
+  uint64_t repaired_markers;
 } autoscale_region_info_t;
 typedef struct autoscale_upstream_info_t {
   uint32_t npeers;
@@ -266,7 +270,8 @@ int autoscale_peer_addr(uint32_t slot,
                         size_t len);
 int autoscale_peer_stats(uint32_t slot, struct autoscale_peer_stats_t *out);
 int autoscale_region_info(struct autoscale_region_info_t *out);
-int autoscale_upstream_info(uint32_t upstream, struct autoscale_upstream_info_t *out);
+int autoscale_upstream_info(uint32_t upstream,
+                            struct autoscale_upstream_info_t *out);
 int autoscale_events_read(uint64_t since,
                           struct autoscale_event_t *out,
                           size_t cap,

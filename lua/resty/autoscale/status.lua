@@ -123,7 +123,11 @@ end
 -- the admin API), read from shared memory.
 function _M.tunables(name)
     local idx = index[name]
-    if not idx or lib.autoscale_upstream_config(idx, upconf) ~= 0 then
+    local rc = idx and lib.autoscale_upstream_config(idx, upconf)
+    if rc == lib.AUTOSCALE_ERR_BUSY then
+        return nil, "upstream " .. name .. " is being changed by another process; retry"
+    end
+    if rc ~= 0 then
         return nil, "unknown upstream " .. tostring(name)
     end
     return spec.tunables(upconf)
@@ -139,6 +143,9 @@ function _M.upstream(name)
         return nil, "unknown upstream " .. tostring(name)
     end
     local count = lib.autoscale_upstream_peers(idx, nil, 0)
+    if count == lib.AUTOSCALE_ERR_BUSY then
+        return nil, "upstream " .. name .. " is being changed by another process; retry"
+    end
     if count < 0 then
         return nil, "cannot read upstream " .. name .. " (code " .. count .. ")"
     end
@@ -161,7 +168,11 @@ function _M.upstream(name)
     for k, v in pairs(conf.upstreams[name]) do
         u[k] = v
     end
-    for k, v in pairs(_M.tunables(name)) do
+    local tunables, terr = _M.tunables(name)
+    if not tunables then
+        return nil, terr
+    end
+    for k, v in pairs(tunables) do
         u[k] = v
     end
     u.peers = in_force
@@ -216,6 +227,9 @@ function _M.region()
         config_epoch = n(info.config_epoch),
         dropped_samples = n(info.dropped_samples),
         evicted_requests = n(info.evicted_requests),
+        writer = info.writer_pid ~= 0 and { pid = info.writer_pid, held = info.writer_held_ms / 1000 } or nil,
+        writer_takeovers = n(info.writer_takeovers),
+        repaired_markers = n(info.repaired_markers),
         event_totals = _M.event_totals(),
         library_cost = _M.library_cost(),
         library = library(),
