@@ -70,6 +70,9 @@ our $Config = trace_variables() . <<'_EOC_';
                     aborted[#aborted + 1] = line
                 end
             end
+            -- traced, balance() may get a trace of its own or be compiled inside the traced balance's trace (JIT
+            -- heuristics): either way it is compiled, and aborted traces are what would show an NYI
+            if compiled["traced balance"] then compiled.balance = nil end
             local names = {}
             for fn in pairs(compiled) do names[#names + 1] = fn end
             table.sort(names)
@@ -107,7 +110,7 @@ GET /t
 --- timeout: 20
 --- response_body
 errors 0
-compiled: balance, log, traced balance
+compiled: log, traced balance
 aborted: 
 --- no_error_log
 [error]
