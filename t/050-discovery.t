@@ -303,6 +303,8 @@ state via GET: 200 2
         require("resty.autoscale").configure { upstreams = { api = { peers = { "127.0.0.1:1" },
             discovery = { etcd = { endpoints = { "http://127.0.0.1:2379" }, prefix = "/svc/", timeout = "1s" } } } } }
     }
+--- config
+    location = /t { return 200; }
 --- must_die
 --- error_log
 upstreams.api.discovery.etcd.timeout: must be a number (got string "1s")
