@@ -249,10 +249,11 @@ inputs that raised: 0
                 local p = t.peer(autoscale.status("api"), "127.0.0.1:" .. p3)
                 return p and p.inflight >= 1
             end, 5), "no request in flight on p3")
-            local hits = ngx.shared.ctl:get("hits:" .. p3)
             ngx.update_time()
             local t0 = ngx.now()
             code, r = post("upstream=api&deactivate=1")
+            -- counted once the drain is done (requests sent to p3 while the POST was on its way are not new)
+            local hits = ngx.shared.ctl:get("hits:" .. p3)
             ngx.say("deactivate 1: ", code, " ", r.deactivated, " ", r.peers[1] == "127.0.0.1:" .. p3, ", pool ", pool())
             local inflight = t.peer(autoscale.status("api"), "127.0.0.1:" .. p3).inflight
             local _, res = ngx.thread.wait(load)
