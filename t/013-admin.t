@@ -680,6 +680,8 @@ autoscale_upstream_option{upstream="backend",option="outlier.consecutive_5xx"} 4
         autoscale.configure { upstreams = { backend = { peers = { "127.0.0.1:1" } } } }
         autoscale.admin { token_env = "AUTOSCALE_NO_SUCH_TOKEN" }
     }
+--- config
+    location = /t { return 200; }
 --- must_die
 --- error_log
 admin.token_env: environment variable AUTOSCALE_NO_SUCH_TOKEN is not set or empty in the environment nginx was started with
@@ -712,6 +714,8 @@ admin.token_env: environment variable AUTOSCALE_NO_SUCH_TOKEN is not set or empt
         end
         error("all " .. #cases .. " cases refused as expected")
     }
+--- config
+    location = /t { return 200; }
 --- must_die
 --- error_log
 all 11 cases refused as expected

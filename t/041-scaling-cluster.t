@@ -2,12 +2,13 @@
 # Several gateways coordinated through a real Redis (redis-server started and stopped here by PID): with 2 gateways
 # sharing it, exactly one actuator call is made per decision, by the leader, for the demand of both gateways; killing
 # Redis mid-test loses no client request and stops actuation until it returns.
-# Ports (random free ones in 26400-26599): Redis REDIS_PORT, the receiver HOOK_PORT, the second gateway GWB_PORT.
+# Ports (random free ones in 26400-26599): Redis REDIS_PORT, the receiver HOOK_PORT, the gateways of TEST 1 GWA_PORT
+# and GWB_PORT.
 
 use lib 't';
 use Autoscale;
 require './t/lib/scaling_ports.pl';
-scaling_ports(qw(REDIS HOOK GWB));
+scaling_ports(qw(REDIS HOOK GWA GWB));
 
 workers(1);
 worker_connections(1024);
@@ -16,7 +17,7 @@ master_on();
 our %Have = map { my $tool = $_; ($tool => scalar grep { -x "$_/$tool" } split /:/, $ENV{PATH}) } qw(redis-server);
 diag("redis-server not found (Debian package redis-server): skipped") unless $Have{'redis-server'};
 
-# The gateway's upstream, shared by both gateways (the second one is written from it by the test).
+# The gateway's upstream, shared by both gateways of TEST 1 (each written from it by the test).
 our $Upstream = <<'_EOC_';
         autoscale.configure {
             cluster = { gateway_id = "GATEWAY", redis = { port = $TEST_NGINX_REDIS_PORT, timeout = 0.2 }, lease = 1.5, demand_ttl = 1.5 },
@@ -28,17 +29,23 @@ our $Upstream = <<'_EOC_';
         }
 _EOC_
 
+# The two backends (ports 1 and 2) that the gateways balance.
+our $Backends = <<'_EOC_';
+    server {
+        listen 127.0.0.1:$TEST_NGINX_RAND_PORT_1;
+        listen 127.0.0.1:$TEST_NGINX_RAND_PORT_2;
+        location / { content_by_lua_block { ngx.sleep(0.05) ngx.say("ok") } }
+    }
+_EOC_
+
+# The test's nginx as the gateway (port 5), with the backends.
 sub http_config {
     my ($provision) = @_;
     (my $up = $Upstream) =~ s/GATEWAY/gw-a/;
     $up =~ s/PROVISION/$provision/;
     return <<_EOC_;
     lua_shared_dict autoscale_scaling 1m;
-    server {
-        listen 127.0.0.1:\$TEST_NGINX_RAND_PORT_1;
-        listen 127.0.0.1:\$TEST_NGINX_RAND_PORT_2;
-        location / { content_by_lua_block { ngx.sleep(0.05) ngx.say("ok") } }
-    }
+$Backends
     init_by_lua_block {
         autoscale = require "resty.autoscale"
 $up
@@ -74,9 +81,9 @@ our $Helpers = <<'_EOC_';
     local function receiver()
         return start("receiver", "python3 $TEST_NGINX_REPO/t/lib/scale_receiver.py --port $TEST_NGINX_HOOK_PORT --secret 0123456789abcdef-secret", $TEST_NGINX_HOOK_PORT)
     end
-    -- the second gateway: another nginx with the same upstream and scaling, gateway_id gw-b
-    local function gateway_b(upstream)
-        local root = dir .. "gw-b/"
+    -- a gateway of its own: another nginx (in logs/`name`/) on `port` with the upstream api configured by `upstream`
+    local function gateway(name, port, upstream)
+        local root = dir .. name .. "/"
         os.execute("mkdir -p " .. root .. "conf " .. root .. "logs")
         process.write(root .. "conf/nginx.conf", table.concat({
             "load_module /usr/lib/nginx/modules/ndk_http_module.so;",
@@ -91,11 +98,21 @@ our $Helpers = <<'_EOC_';
             "init_by_lua_block { autoscale = require 'resty.autoscale'\n" .. upstream .. "\n}",
             "init_worker_by_lua_block { autoscale.init_worker() }",
             "upstream api { server 0.0.0.1; balancer_by_lua_block { autoscale.balance('api') } }",
-            "server { listen 127.0.0.1:$TEST_NGINX_GWB_PORT;",
+            "server { listen 127.0.0.1:" .. port .. ";",
             "location = /scaling { content_by_lua_block { autoscale.scaling_handler() } }",
             "location / { proxy_pass http://api; log_by_lua_block { autoscale.log() } } }", "}",
         }, "\n"))
-        return start("gw-b", "/usr/sbin/nginx -p " .. root .. " -c conf/nginx.conf -g 'daemon off;'", $TEST_NGINX_GWB_PORT)
+        return start(name, "/usr/sbin/nginx -p " .. root .. " -c conf/nginx.conf -g 'daemon off;'", port)
+    end
+    -- the [error] (and worse) lines in the error log of gateway `name`
+    local function gateway_errors(name)
+        local out = {}
+        for line in process.read(dir .. name .. "/logs/error.log"):gmatch("[^\n]+") do
+            if line:find("%[error%]") or line:find("%[crit%]") or line:find("%[alert%]") or line:find("%[emerg%]") then
+                out[#out + 1] = line
+            end
+        end
+        return #out .. (#out > 0 and ":\n" .. table.concat(out, "\n") or "")
     end
     local function stop_all()
         for i = #procs, 1, -1 do procs[i]:stop() end
@@ -120,14 +137,19 @@ __DATA__
 
 === TEST 1: two gateways share Redis: one leader calls the actuator once per decision, for the demand of both
 --- skip_eval: 3: !$::Have{'redis-server'}
---- http_config eval: main::http_config(30)
+--- http_config eval: $::Backends
 --- config eval
-my $b = $::Upstream =~ s/GATEWAY/gw-b/r =~ s/PROVISION/30/r;
-"location = /t { content_by_lua_block { $::Helpers " . <<'_EOC_' =~ s/UPSTREAM_B/$b/r;
+my ($a, $b) = map { $::Upstream =~ s/GATEWAY/$_/r =~ s/PROVISION/30/r } qw(gw-a gw-b);
+"location = /t { content_by_lua_block { $::Helpers " . <<'_EOC_' =~ s/UPSTREAM_A/$a/r =~ s/UPSTREAM_B/$b/r;
+    -- Both gateways are nginx processes of their own, started once Redis and the receiver listen and stopped before
+    -- them (a scaler that ticks while Redis is not there logs [error] lines, its connection's), and away from this
+    -- worker, which blocks while it starts processes.
+    gw_a = $TEST_NGINX_GWA_PORT
     local ok, err = pcall(function()
         redis()
         receiver()
-        gateway_b([==[UPSTREAM_B]==])
+        gateway("gw-a", gw_a, [==[UPSTREAM_A]==])
+        gateway("gw-b", gw_b, [==[UPSTREAM_B]==])
         assert(t.poll(function() -- both gateways have met in Redis
             local a, b = state(gw_a), state(gw_b)
             return (a.mode == "leader" and b.mode == "follower") or (a.mode == "follower" and b.mode == "leader")
@@ -167,8 +189,9 @@ my $b = $::Upstream =~ s/GATEWAY/gw-b/r =~ s/PROVISION/30/r;
         ngx.say("largest decision from both gateways' demand: gateways ", first.inputs.gateways, ", in flight > 8 (one gateway's clients) ",
                 first.inputs.inflight > 8, ", desired > 3 ", first.desired > 3)
     end)
-    stop_all()
+    stop_all() -- the gateways first, then the receiver and Redis
     assert(ok, err)
+    ngx.say("[error] lines in the logs of gw-a: ", gateway_errors("gw-a"), ", of gw-b: ", gateway_errors("gw-b"))
 } }
 _EOC_
 --- request
@@ -180,6 +203,7 @@ calls: true, from gateways: 1, fencing tokens: 1, repeated keys: 0, all verified
 calls = actions decided by both gateways: true, by the follower: 0
 modes: leader and follower, follower shows the leader's desired: true
 largest decision from both gateways' demand: gateways 2, in flight > 8 (one gateway's clients) true, desired > 3 true
+[error] lines in the logs of gw-a: 0, of gw-b: 0
 --- no_error_log
 [error]
 

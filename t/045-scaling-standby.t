@@ -151,6 +151,8 @@ events: scale_up true from 1 up to 3, scale_down true down to 1, upstream pool
         require("resty.autoscale").configure { upstreams = { api = { peers = { "127.0.0.1:1" },
             scaling = { utilization = { capacity = 4 }, actuator = { type = "standby" } } } } }
     }
+--- config
+    location = /t { return 200; }
 --- must_die
 --- error_log
 upstreams.api.scaling.actuator.type: "standby" needs discovery.standby (the pool it activates)

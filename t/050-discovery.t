@@ -249,10 +249,11 @@ inputs that raised: 0
                 local p = t.peer(autoscale.status("api"), "127.0.0.1:" .. p3)
                 return p and p.inflight >= 1
             end, 5), "no request in flight on p3")
-            local hits = ngx.shared.ctl:get("hits:" .. p3)
             ngx.update_time()
             local t0 = ngx.now()
             code, r = post("upstream=api&deactivate=1")
+            -- counted once the drain is done (requests sent to p3 while the POST was on its way are not new)
+            local hits = ngx.shared.ctl:get("hits:" .. p3)
             ngx.say("deactivate 1: ", code, " ", r.deactivated, " ", r.peers[1] == "127.0.0.1:" .. p3, ", pool ", pool())
             local inflight = t.peer(autoscale.status("api"), "127.0.0.1:" .. p3).inflight
             local _, res = ngx.thread.wait(load)
@@ -303,6 +304,8 @@ state via GET: 200 2
         require("resty.autoscale").configure { upstreams = { api = { peers = { "127.0.0.1:1" },
             discovery = { etcd = { endpoints = { "http://127.0.0.1:2379" }, prefix = "/svc/", timeout = "1s" } } } } }
     }
+--- config
+    location = /t { return 200; }
 --- must_die
 --- error_log
 upstreams.api.discovery.etcd.timeout: must be a number (got string "1s")

@@ -36,6 +36,10 @@ $ENV{TEST_NGINX_REPO} = $Repo;
 
 eval "require $Backend; 1" or die $@;
 
+# Test::Nginx before 0.31 writes no *_temp_path directives (see below).
+our $Old_test_nginx = $Backend ne 'Autoscale::Runner'
+    && !eval { Test::Nginx::Util->VERSION(0.31); 1 };
+
 sub _backend_fn { $Backend->can($_[0]) or die "$Backend has no $_[0]()\n" }
 
 $ENV{TEST_NGINX_HTML_DIR} ||= _backend_fn('html_dir')->();
@@ -54,9 +58,10 @@ _backend_fn('add_block_preprocessor')->(sub {
     my $block = shift;
     my $http = $block->http_config // '';
     my $pre = '';
-    if ($Backend ne 'Autoscale::Runner') {
-        # Debian's nginx has no usable default temp paths; the mini runner
-        # writes these itself.
+    if ($Old_test_nginx) {
+        # Debian's nginx has no usable default temp paths. Test::Nginx 0.31
+        # and later write all five *_temp_path directives, as the bundled
+        # runner does; an older Test::Nginx writes none.
         my $root = _backend_fn('server_root')->();
         for my $t (qw(client_body proxy fastcgi uwsgi scgi)) {
             $pre .= "    ${t}_temp_path $root/${t}_temp;\n" unless $http =~ /\b${t}_temp_path\b/;
@@ -177,9 +182,14 @@ and C<lua_package_cpath "$repo/target/release/lib?.so;;"> (that directory
 from env AUTOSCALE_LIB_DIR if set), each unless the block sets that directive
 itself; the same paths go into env LUA_PATH/LUA_CPATH, which is what ";;" in
 a block's own directive expands to. A block with a C<--- no_autoscale_defaults>
-section gets none of this. With the real Test::Nginx, the five *_temp_path
-directives (under the servroot) are added too; the bundled runner writes them
-itself.
+section gets none of this.
+
+The five *_temp_path directives (under the servroot) are written by the
+runner, as Test::Nginx 0.31 and later do: C<proxy_temp_path> and
+C<client_body_temp_path> unless the block's http_config has them, the other
+three always (a block that sets one of those makes nginx fail with
+"directive is duplicate"). With a Test::Nginx older than 0.31, which writes
+none, they are added to every block's http_config here.
 
 A file that declares no plan gets C<plan 'no_plan'> from run_tests(), with
 either runner.
@@ -199,7 +209,7 @@ arrays too) more_headers error_code error_code_like response_body
 response_body_like response_body_unlike response_headers
 response_headers_like error_log no_error_log grep_error_log
 grep_error_log_out timeout wait log_level user_files must_die ignore_response
-skip_nginx skip_eval todo ONLY SKIP LAST. Environment: TEST_NGINX_SERVER_PORT
+skip_nginx skip_eval todo abort ONLY SKIP LAST. Environment: TEST_NGINX_SERVER_PORT
 (or TEST_NGINX_PORT, default 1984), TEST_NGINX_SERVROOT (default t/servroot),
 TEST_NGINX_TIMEOUT, TEST_NGINX_LOG_LEVEL, TEST_NGINX_NO_SHUFFLE,
 TEST_NGINX_MASTER_PROCESS, TEST_NGINX_WORKER_USER.
@@ -210,6 +220,32 @@ as a daemon with master_process off and one process unless master_on()
 the workers run as root (C<user root;>); log level debug; a location / serving
 the html dir unless no_root_location(); one servroot and port per run, so
 never run two .t files at once with the same TEST_NGINX_SERVROOT/port.
+
+What Test::Nginx refuses is refused here too, before the block runs and
+whatever the order the blocks run in (Test::Nginx finds some of these only
+when such a block happens to run first, or after starting nginx); each stops
+the file (bail out), as there:
+
+=over
+
+=item * a block without C<--- config> (Test::Nginx then starts no nginx for the
+block and sends its request to the previous block's nginx, or bails out when
+there is none; a must_die block without one is never checked);
+
+=item * a block without C<--- request>, or with an empty or malformed request
+line, unless it is a must_die block;
+
+=item * a section that Test::Nginx acts on and this runner does not support
+(see below).
+
+=back
+
+A block whose nginx.conf nginx refuses, e.g. with a directive the runner
+writes itself (C<fastcgi_temp_path>, ...), fails with nginx's message and the
+lines of nginx.conf that have the directive. A client timeout is a failed test
+("ERROR: client socket timed out - ..."), one more than the plan, as with
+Test::Nginx, unless the block has C<--- abort>. t/000-runner-can-fail.t checks
+each of these against t/selftest/*.t-in, with either runner.
 
 Where it differs from Test::Nginx:
 
@@ -237,9 +273,12 @@ matching line, which changes the test count only when failing).
 =item * A failing block also prints the last non-debug lines of nginx's logs,
 and a unified diff for multi-line bodies.
 
-=item * Not supported: raw_request, pipelined_requests, http2/http3, stap,
-tcp_listen/udp_listen mock servers, access_log checks, shutdown_error_log,
-response_body_filters, init, use_hup, check_leak, valgrind, curl.
+=item * Not supported (a block with one of these sections is refused, see
+@Autoscale::Runner::Unsupported): raw_request, pipelined_requests,
+request_eval, http2/http3, stap, tcp_listen/udp_listen mock servers,
+access_log checks, shutdown_error_log, response_body_filters,
+response_body_eval, init, post_main_config, server_name, curl, skip_openssl,
+skip_slave, todo_nginx; nor use_hup, check_leak, valgrind.
 
 =back
 

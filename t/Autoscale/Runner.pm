@@ -53,9 +53,27 @@ our $PidFile    = "$LogDir/nginx.pid";
 our $ErrLogFile = "$LogDir/error.log";
 # nginx's own stderr: on Debian's build, messages logged before the configured
 # error_log is open (e.g. config errors) go there instead of logs/error.log.
-our $StderrFile = "$ServRoot/nginx.stderr";
+# Kept under logs/, so that Test::Nginx, which refuses a servroot with files
+# it does not know, can use the same servroot after this runner.
+our $StderrFile = "$LogDir/nginx.stderr";
 
-my ($NginxPid, $StarterPid, $NginxVersion, $ErrLogPos, $StderrRead);
+my ($NginxPid, $StarterPid, $NginxVersion, $NginxV, $ErrLogPos, $StderrRead);
+
+# The config of the last block that had one (Test::Nginx's $PrevConfig).
+my $PrevConfig;
+
+# Sections that Test::Nginx acts on and this runner does not: a block with one
+# is refused rather than run with part of its expectations ignored.
+our @Unsupported = qw(
+    raw_request raw_request_middle_delay pipelined_requests request_eval http09 http2 http3
+    stap stap_out stap_out_like stap_out_unlike
+    tcp_listen tcp_query tcp_query_len tcp_reply tcp_reply_delay tcp_shutdown tcp_shutdown_delay tcp_no_close
+    udp_listen udp_query udp_reply udp_reply_delay
+    shutdown_error_log response_body_filters response_body_eval response_body_json_sort charset
+    raw_response_headers_like raw_response_headers_unlike access_log write_resp_body_file
+    init post_main_config post_setup_server_root server_name error_log_file reload_fails shutdown
+    curl curl_error curl_options curl_protocol skip_nginx2 skip_openssl skip_slave todo_nginx
+);
 
 # ---- settings (same names and meanings as Test::Nginx::Util) ----------------
 
@@ -232,6 +250,7 @@ sub wait_ready {
 sub nginx_version {
     my $out = `$NginxBinary -V 2>&1`;
     bail_out("cannot run \"$NginxBinary -V\": $out") if $? != 0;
+    $NginxV = $out;
     return $out =~ m{/(\d+)\.(\d+)\.(\d+)} ? canon_version($1, $2, $3) : undef;
 }
 
@@ -243,7 +262,7 @@ sub setup_server_root {
     if (-d $ServRoot) {
         # remove only what we create, in case TEST_NGINX_SERVROOT is misused
         remove_tree("$ServRoot/conf", $HtmlDir, $LogDir, glob("$ServRoot/*_temp"));
-        unlink $StderrFile;
+        unlink "$ServRoot/nginx.stderr";    # where older versions of this runner wrote it
     }
     make_path($LogDir, $HtmlDir, "$ServRoot/conf");
     write_file("$HtmlDir/index.html",
@@ -331,8 +350,16 @@ sub write_config {
     my $env     = join '', map { "env $_;\n" } map { /\s/ ? "'$_'" : $_ } @EnvToNginx;
     my $user    = $ENV{TEST_NGINX_WORKER_USER} ? "user $ENV{TEST_NGINX_WORKER_USER};"
                 : $> == 0 ? 'user root;' : '';
-    my $temps = join '', map { "    ${_}_temp_path $ServRoot/${_}_temp;\n" }
-        qw(client_body proxy fastcgi uwsgi scgi);
+    # as Test::Nginx (0.31 and later): proxy_temp_path and client_body_temp_path
+    # unless the block's http_config has them, the others unless nginx is
+    # built without their module (a block that sets one of these gets
+    # "directive is duplicate" from nginx, as with Test::Nginx)
+    my $temps = '';
+    for my $t (qw(client_body proxy fastcgi scgi uwsgi)) {
+        next if ($t eq 'client_body' || $t eq 'proxy') && $http_config =~ /\b${t}_temp_path\b/;
+        next if $t =~ /^(?:fastcgi|scgi|uwsgi)$/ && ($NginxV // '') =~ /--without-http_${t}_module/;
+        $temps .= "    ${t}_temp_path $ServRoot/${t}_temp;\n";
+    }
     my $root_location = $NoRootLocation ? '' : <<"_EOC_";
         location / {
             root $HtmlDir;
@@ -408,9 +435,10 @@ sub build_request {
 }
 
 # Sends one request on a new connection and reads until the server closes it
-# or stays silent for $timeout seconds.
+# or stays silent for $timeout seconds. A timeout is a failed test, as with
+# Test::Nginx, unless $abort (the block's --- abort).
 sub send_request {
-    my ($raw, $timeout, $name) = @_;
+    my ($raw, $timeout, $name, $abort) = @_;
     my $sock;
     for my $try (1 .. 50) {
         $sock = IO::Socket::INET->new(
@@ -432,7 +460,11 @@ sub send_request {
     my ($resp, $sel) = ('', IO::Select->new($sock));
     while (1) {
         if (!$sel->can_read($timeout)) {
-            warn "ERROR: client socket timed out - $name\n";
+            if (!$abort) {
+                # as Test::Nginx: one test more than the plan, so no "planned N" complaint
+                Test::More->builder->no_ending(1);
+                Test::More::fail("ERROR: client socket timed out - $name\n");
+            }
             last;
         }
         my $n = sysread($sock, my $buf, 65536);
@@ -702,10 +734,45 @@ sub run_tests () {
     cleanup();
 }
 
+# What Test::Nginx refuses, refused here before anything runs, each with a
+# bail out as there. Test::Nginx finds some of these only after starting
+# nginx, or only when the block happens to run first; the checks here do not
+# depend on the order or on the machine (skipped blocks are checked too).
+sub check_block {
+    my $block = shift;
+    my $name = $block->name;
+    for my $sec (@Unsupported) {
+        bail_out("$name - --- $sec is not supported by the bundled runner (t/Autoscale/Runner.pm);"
+            . " run this file with Test::Nginx") if defined $block->{$sec};
+    }
+    if (!defined $block->config) {
+        bail_out("$name - No '--- config' section specified and could not get previous one.")
+            unless defined $PrevConfig;
+        # Test::Nginx then starts no nginx for the block: it sends the request
+        # to the nginx of whichever block ran before (in random order).
+        bail_out("$name - No '--- config' section: Test::Nginx would not start nginx for this block"
+            . " (so its http_config, main_config and must_die would go unused) but send its request"
+            . " to the previous block's nginx; give the block a --- config");
+    }
+    $PrevConfig = $block->config;
+    return if defined $block->must_die;    # Test::Nginx sends no request then
+    my $reqs = $block->request;
+    bail_out("$name - No '--- request' section (Test::Nginx: \"Request line should be non-empty\");"
+        . " only a must_die block goes without one") unless defined $reqs;
+    for my $req (ref $reqs eq 'ARRAY' ? @$reqs : $reqs) {
+        (my $first = $req // '') =~ s/^(?:\s*\#[^\n]+\s+|\s+)+//s;
+        ($first) = split /\n/, $first, 2;
+        bail_out("$name - Request line should be non-empty") if ($first // '') eq '';
+        bail_out("$name - Request line is not valid. Should be 'meth [url [version]]' but got \"$first\".")
+            unless $first =~ /^\s*\S+(?: +\S+)?(?: +\S+)?\s*$/;
+    }
+}
+
 sub run_block {
     my $block = shift;
     my $name = $block->name;
     return if defined $block->SKIP;
+    check_block($block);
     my ($skip_n, $skip_why) = skip_reason($block);
     my ($todo_n, $todo_why) = ($block->todo // '') =~ /^\s*(\d+)\s*:\s*(.*)/s;
     my $tb = Test::More->builder;
@@ -769,7 +836,7 @@ sub run_once {
 
     if ($status != 0) {
         Test::More::fail("$name - cannot start nginx: \"$NginxBinary -p $ServRoot/ -c $ConfFile\""
-            . " (status $status)");
+            . " (status $status)" . start_error());
         return;
     }
     if (my $err = wait_ready()) {
@@ -789,7 +856,7 @@ sub run_once {
     for my $idx (0 .. $#$reqs) {
         my $hdrs = ref $more eq 'ARRAY' ? $more->[$idx] : $more;
         my $raw = build_request($x->($reqs->[$idx]), $x->($hdrs));
-        my $resp = send_request($raw, $timeout, $name);
+        my $resp = send_request($raw, $timeout, $name, defined $block->abort);
         unless (defined $block->ignore_response) {
             my $res = parse_response($resp, scalar($raw =~ /^HEAD\s/), $name);
             check_response($block, $res, $idx, $rep, $need_array, $x);
@@ -802,6 +869,23 @@ sub run_once {
     sleep $wait if $wait;
     stop_nginx();    # flushes everything nginx logs up to its exit
     check_error_log($block, $rep, $x);
+}
+
+# Why nginx did not start: its [emerg]/[alert]/[crit] lines, and for "directive
+# is duplicate" the lines of nginx.conf that have the directive.
+sub start_error {
+    my @why = grep { /\[(?:emerg|alert|crit)\]/ } split /^/, slurp($StderrFile) . slurp($ErrLogFile);
+    return '' unless @why;
+    chomp @why;
+    my $msg = join '', map { "\n    $_" } @why;
+    for my $dup (map { /"(\w+)" directive is duplicate/ ? $1 : () } @why) {
+        my @conf = split /\n/, slurp($ConfFile);
+        $msg .= "\n    $dup in $ConfFile:"
+            . join '', map { "\n      " . ($_ + 1) . ": $conf[$_]" } grep { $conf[$_] =~ /\b\Q$dup\E\b/ } 0 .. $#conf;
+        $msg .= "\n    (the runner writes ${dup} itself, as Test::Nginx does: leave it out of the block)"
+            if $dup =~ /^(?:fastcgi|scgi|uwsgi)_temp_path$/;
+    }
+    return $msg;
 }
 
 sub slurp {
