@@ -188,6 +188,10 @@ pub enum PickError {
     UnknownUpstream,
     #[error("no peer available")]
     NoPeer,
+    /// The upstream record was handed to another upstream since the caller resolved its index (see
+    /// [`Region::upstream_gen`]): resolve the name again.
+    #[error("stale upstream index (the record serves another upstream now)")]
+    StaleUpstream,
 }
 
 /// A chosen peer.
@@ -349,6 +353,17 @@ impl Region {
             let h = self.upstream(i).head;
             h.state.load(Acquire) == state::ACTIVE && h.name.eq(name.as_bytes())
         })
+    }
+
+    /// The generation of upstream record `idx` (`None` when it is no upstream). It changes only when the record is
+    /// handed to another upstream, so `(idx, generation)` names one upstream for good: pass it to
+    /// [`Region::pick_at`], which refuses an index resolved before the record was reused.
+    pub fn upstream_gen(&self, idx: u32) -> Option<u32> {
+        if idx >= self.params().max_upstreams {
+            return None;
+        }
+        let h = self.upstream(idx).head;
+        (h.state.load(Acquire) != state::FREE).then(|| h.gen.load(Acquire))
     }
 
     // ----- configuration -----
@@ -847,9 +862,31 @@ impl Region {
     ///
     /// # Errors
     /// [`PickError`] when the upstream is unknown or has no eligible peer.
+    ///
+    /// For an index resolved just now (tests, tools); a caller that keeps an index across configuration changes
+    /// uses [`Region::pick_at`] with the generation it resolved.
     pub fn pick<R: Rng, T: Fn(u32) -> bool + ?Sized>(
         &self,
         idx: u32,
+        tried: &T,
+        now_us: u64,
+        rng: &mut R,
+        col: Option<u32>,
+    ) -> Result<Pick, PickError> {
+        let ugen = self.upstream_gen(idx).ok_or(PickError::UnknownUpstream)?;
+        self.pick_at(idx, ugen, tried, now_us, rng, col)
+    }
+
+    /// [`Region::pick`] on upstream record `idx` while it still has generation `ugen` ([`Region::upstream_gen`] when
+    /// the caller resolved the upstream's name): an index kept by a worker across a reconfigure that handed the record
+    /// to another upstream (an old worker during a reload) is refused, never routed to the other upstream's peers.
+    ///
+    /// # Errors
+    /// [`PickError::StaleUpstream`] when the record has another generation; else as [`Region::pick`].
+    pub fn pick_at<R: Rng, T: Fn(u32) -> bool + ?Sized>(
+        &self,
+        idx: u32,
+        ugen: u32,
         tried: &T,
         now_us: u64,
         rng: &mut R,
@@ -872,6 +909,9 @@ impl Region {
             }
             if up.head.state.load(Relaxed) == state::FREE {
                 return Err(PickError::UnknownUpstream);
+            }
+            if up.head.gen.load(Acquire) != ugen {
+                return Err(PickError::StaleUpstream);
             }
             let params = self.select_params(&up);
             // `skip` fills from the front, so an unused first place means it is empty (the common case).
@@ -917,12 +957,17 @@ impl Region {
                 // The column is written by its worker only (one thread), so no read-modify-write is needed.
                 c.store(c.load(Relaxed) + 1, Release);
             }
-            if peer.head.gen.load(Acquire) != gen || !owned_by(peer.head, idx) {
+            let stale = up.head.gen.load(Acquire) != ugen;
+            if stale || peer.head.gen.load(Acquire) != gen || !owned_by(peer.head, idx) {
                 // The record was retired or reused (by another upstream, or for another peer) between the choice and
-                // the claim: undo the claim and choose again from the current peer list.
+                // the claim, or the upstream record itself was handed to another upstream (a peer record then
+                // `owned_by` this index belongs to that one): undo the claim and choose again, or refuse.
                 self.end_inflight(&peer, col);
                 if probe {
                     release_probe(peer.head);
+                }
+                if stale {
+                    return Err(PickError::StaleUpstream);
                 }
                 continue;
             }

@@ -506,6 +506,40 @@ fn pick_never_returns_another_upstreams_peer_after_its_record_is_reused() {
 }
 
 #[test]
+fn an_upstream_index_kept_across_the_reuse_of_its_record_is_refused() {
+    let r = Region::new_heap(Params { max_upstreams: 2, max_peers: 2, max_workers: 2, ..Params::default() }, 0).unwrap();
+    let ids = r.configure(&[conf("a", &[1]), conf("b", &[2])], 1, &yes, 0).unwrap();
+    let a = ids[0];
+    let gen_a = r.upstream_gen(a).unwrap();
+    // `a` goes and `c` comes: with no free record, `c` takes a's upstream record and a's peer record. A worker that
+    // resolved `a` before (an old worker during a reload) still holds a's index and generation.
+    let ids = r.configure(&[conf("b", &[2]), conf("c", &[3])], 1, &yes, SEC).unwrap();
+    assert_eq!(ids[1], a, "c reuses a's record");
+    let mut rng = XorShift64::new(1);
+    for i in 0..100 {
+        match r.pick_at(a, gen_a, &|_| false, SEC + i, &mut rng, None) {
+            Ok(p) => {
+                let snap = r.snapshot(p.slot, SEC).unwrap();
+                panic!("a stale index of upstream a got peer {} of upstream {}", snap.port, snap.upstream);
+            }
+            Err(e) => assert_eq!(e, PickError::StaleUpstream),
+        }
+    }
+    // Nothing was left counted in flight by the refused picks.
+    let s3 = r.find_peer(a, "127.0.0.1:3").unwrap();
+    assert_eq!(r.snapshot(s3, SEC).unwrap().inflight, 0);
+    // Resolved again, the index names `c` with its own generation, and `c` is served.
+    assert_eq!(r.find_upstream("c"), Some(a));
+    let gen_c = r.upstream_gen(a).unwrap();
+    assert_ne!(gen_c, gen_a);
+    let p = r.pick_at(a, gen_c, &|_| false, 100 * SEC, &mut rng, None).unwrap();
+    assert_eq!(r.snapshot(p.slot, SEC).unwrap().port, 3);
+    // An upstream kept by a reconfigure keeps its generation (a worker's cached index stays valid).
+    r.configure(&[conf("c", &[3])], 1, &yes, 2 * SEC).unwrap();
+    assert_eq!(r.upstream_gen(a), Some(gen_c));
+}
+
+#[test]
 fn an_attempt_begun_before_its_record_was_reused_ends_exactly() {
     let r = tiny(2);
     let up = r.configure(&[conf("a", &[1, 2])], 1, &yes, 0).unwrap()[0];
