@@ -1067,7 +1067,7 @@ impl Region {
     ) {
         if let Some(peer) = self.release_attempt(slot, gen, col) {
             self.observe_latency(&peer, slot, outcome, latency_us, now_us);
-            self.record_of(&peer, slot, outcome, latency_us, now_us, rng);
+            self.record_of(&peer, slot, gen, outcome, latency_us, now_us, rng);
         }
     }
 
@@ -1125,29 +1125,65 @@ impl Region {
     /// detection (consecutive failures, half-open probes).
     pub fn record<R: Rng>(&self, slot: u32, gen: u32, outcome: Outcome, latency_us: u64, now_us: u64, rng: &mut R) {
         if let Some(peer) = self.peer_of(slot, gen) {
-            self.record_of(&peer, slot, outcome, latency_us, now_us, rng);
+            self.record_of(&peer, slot, gen, outcome, latency_us, now_us, rng);
         }
     }
 
-    /// [`Region::record`] on a peer record whose generation was checked.
+    /// [`Region::record`] on a peer record whose generation `gen` was checked. The record can still be handed to
+    /// another peer between that check and the writes here (`init_peer` bumps the generation, then clears the
+    /// counters): so the generation is loaded once more after the counters are written (the last write is a
+    /// read-modify-write with Acquire, so the load is not done before it), and when it moved, the sample is taken
+    /// back (never below zero: it may have been cleared already) and outlier detection does not see it. What is left:
+    /// a new occupant may miss one sample of its own per attempt of the old occupant ending in that instant (the
+    /// sample cleared, then one of the new occupant's taken back in its place), and a failure feeds the new
+    /// occupant's failure streak only when the record is reused between this second check and the few loads of
+    /// `observe_health` after it. Closing those too would cost a read-modify-write of a shared word per request.
     #[inline(always)]
-    fn record_of<R: Rng>(&self, peer: &Peer<'_>, slot: u32, outcome: Outcome, latency_us: u64, now_us: u64, rng: &mut R) {
+    #[allow(clippy::too_many_arguments)]
+    fn record_of<R: Rng>(&self, peer: &Peer<'_>, slot: u32, gen: u32, outcome: Outcome, latency_us: u64, now_us: u64, rng: &mut R) {
         let slice = self.slice(now_us);
         let bucket = &peer.window[(slice % peer.window.len() as u64) as usize];
-        if !bucket.record(slice, outcome, latency_us, &peer.head.latency) {
+        let recorded = bucket.record(slice, outcome, latency_us, &peer.head.latency);
+        if !recorded {
             self.header().dropped_samples.fetch_add(1, Relaxed);
         }
         let t = &peer.head.totals;
         if outcome == Outcome::Aborted {
-            t[counter::ABORTED].fetch_add(1, Relaxed);
+            t[counter::ABORTED].fetch_add(1, AcqRel);
+        } else {
+            t[counter::REQUESTS].fetch_add(1, Relaxed);
+            if outcome.is_failure() {
+                t[counter::FAIL_BASE + outcome as usize - 1].fetch_add(1, Relaxed);
+            }
+            peer.head.total_latency_us.fetch_add(latency_us, AcqRel);
+        }
+        if peer.head.gen.load(Acquire) != gen {
+            self.take_back(peer, recorded.then_some(bucket), slice, outcome, latency_us);
             return;
         }
-        t[counter::REQUESTS].fetch_add(1, Relaxed);
-        if outcome.is_failure() {
-            t[counter::FAIL_BASE + outcome as usize - 1].fetch_add(1, Relaxed);
+        if outcome != Outcome::Aborted {
+            self.observe_health(slot, outcome, now_us, rng);
         }
-        peer.head.total_latency_us.fetch_add(latency_us, Relaxed);
-        self.observe_health(slot, outcome, now_us, rng);
+    }
+
+    /// Takes back what [`Region::record_of`] wrote for an attempt whose peer record was reused meanwhile.
+    #[cold]
+    #[inline(never)]
+    fn take_back(&self, peer: &Peer<'_>, bucket: Option<&crate::window::WindowBucket>, slice: u64, outcome: Outcome, latency_us: u64) {
+        use crate::window::sat_sub_u64;
+        if let Some(b) = bucket {
+            b.unrecord(slice, outcome, latency_us);
+        }
+        let t = &peer.head.totals;
+        if outcome == Outcome::Aborted {
+            sat_sub_u64(&t[counter::ABORTED], 1);
+            return;
+        }
+        sat_sub_u64(&t[counter::REQUESTS], 1);
+        if outcome.is_failure() {
+            sat_sub_u64(&t[counter::FAIL_BASE + outcome as usize - 1], 1);
+        }
+        sat_sub_u64(&peer.head.total_latency_us, latency_us);
     }
 
     fn decayed_estimate(&self, peer: &Peer<'_>, decay_us: f64, now_us: u64) -> f64 {

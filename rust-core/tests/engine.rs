@@ -626,3 +626,50 @@ fn reuse_under_traffic(round: u64) {
         assert_eq!(r.snapshot(s, SEC).unwrap().inflight, 0, "round {round}: record {s} after all attempts ended");
     }
 }
+
+/// A worker recording the end of an attempt checks its peer record's generation, then writes; the record can be handed
+/// to another peer in between. Such a sample must not stay counted on the new occupant (its counters start at zero).
+#[test]
+fn a_sample_of_the_old_occupant_racing_the_reuse_does_not_stay_on_the_new_one() {
+    use std::sync::atomic::{AtomicBool, AtomicU64};
+    use std::sync::Arc;
+    let r = Arc::new(tiny(1));
+    r.configure(&[conf("a", &[1])], 1, &yes, SEC).unwrap();
+    let mut polluted = 0;
+    for round in 0..400u64 {
+        let now = (round + 2) * SEC;
+        let gen = r.snapshot(0, now).unwrap().gen;
+        let stop = Arc::new(AtomicBool::new(false));
+        let done = Arc::new(AtomicU64::new(0));
+        let writer = {
+            let (r, stop, done) = (r.clone(), stop.clone(), done.clone());
+            std::thread::spawn(move || {
+                let mut rng = XorShift64::new(round + 1);
+                while !stop.load(Relaxed) {
+                    r.record(0, gen, Outcome::Success, 100, now, &mut rng);
+                    done.fetch_add(1, Relaxed);
+                }
+            })
+        };
+        let wait_for = |n: u64| {
+            let start = std::time::Instant::now();
+            while done.load(Relaxed) < n && start.elapsed() < std::time::Duration::from_secs(2) {
+                std::hint::spin_loop();
+            }
+        };
+        wait_for(50);
+        // The peer goes, another comes and takes its (only) record: from here on the writer's generation is stale.
+        let port = if round % 2 == 0 { 2 } else { 1 };
+        r.configure(&[conf("a", &[port])], 1, &yes, now).unwrap();
+        let seen = done.load(Relaxed);
+        wait_for(seen + 50);
+        stop.store(true, Relaxed);
+        writer.join().unwrap();
+        let snap = r.snapshot(0, now).unwrap();
+        assert_ne!(snap.gen, gen);
+        if snap.totals[0] != 0 || snap.window.counts[0] != 0 {
+            polluted += 1;
+        }
+    }
+    assert_eq!(polluted, 0, "rounds whose new occupant kept a sample of the old one");
+}
