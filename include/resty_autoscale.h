@@ -47,6 +47,12 @@
 #define AUTOSCALE_ERR_BUSY -7
 
 /**
+ * The upstream index was resolved before its record was handed to another upstream: resolve the name again
+ * (`autoscale_upstream_find`, `autoscale_upstream_gen`).
+ */
+#define AUTOSCALE_ERR_STALE -8
+
+/**
  * The log phase needs the per-attempt details (`autoscale_log_detail`).
  */
 #define AUTOSCALE_NEED_DETAIL 1
@@ -54,7 +60,7 @@
 /**
  * Version of this ABI; the Lua side refuses a library whose version differs from its cdef.
  */
-#define AUTOSCALE_ABI_VERSION 1
+#define AUTOSCALE_ABI_VERSION 2
 
 /**
  * `autoscale_admission_admit`/`_rate`: the request may go on.
@@ -505,18 +511,34 @@ int autoscale_config_apply(const struct autoscale_upstream_spec_t *specs,
 int autoscale_worker_attach(void);
 
 /**
+ * The generation of upstream record `upstream` into `out`: it changes only when the record is handed to another
+ * upstream, so `(index, generation)` names one upstream for good (pass both to `autoscale_balancer_pick`).
+ *
+ * # Safety
+ * `out` must point to a writable `uint32_t`.
+ *
+ * # Errors
+ * `AUTOSCALE_ERR_NO_REGION`, `AUTOSCALE_ERR_UPSTREAM` (no upstream at that index), `AUTOSCALE_ERR_ARG`.
+ */
+int autoscale_upstream_gen(uint32_t upstream,
+                           uint32_t *out);
+
+/**
  * Chooses the peer for the next attempt of request `req` (nginx's request pointer, used only as a key) on
- * upstream `upstream`. `last_status` is 0 on the first attempt, else the status nginx reports for the previous one
+ * upstream `upstream` while its record has generation `upstream_gen` (`autoscale_upstream_gen` when the index was
+ * resolved). `last_status` is 0 on the first attempt, else the status nginx reports for the previous one
  * (its end is recorded now: in flight no more, and its latency fed to the estimate).
  *
  * # Safety
  * `out` must point to a writable struct. `req` is not dereferenced.
  *
  * # Errors
- * `AUTOSCALE_ERR_NO_REGION`, `AUTOSCALE_ERR_UPSTREAM`, `AUTOSCALE_ERR_NO_PEER`, `AUTOSCALE_ERR_ARG`.
+ * `AUTOSCALE_ERR_NO_REGION`, `AUTOSCALE_ERR_UPSTREAM`, `AUTOSCALE_ERR_NO_PEER`, `AUTOSCALE_ERR_ARG`,
+ * `AUTOSCALE_ERR_STALE` (the record serves another upstream now; nothing was chosen).
  */
 int autoscale_balancer_pick(const void *req,
                             uint32_t upstream,
+                            uint32_t upstream_gen,
                             int last_status,
                             struct autoscale_pick_t *out);
 

@@ -51,11 +51,14 @@ pub const AUTOSCALE_ERR_UPSTREAM: c_int = -5;
 pub const AUTOSCALE_ERR_PANIC: c_int = -6;
 /// Another process is changing the configuration: nothing changed, try again later (a worker never waits for it).
 pub const AUTOSCALE_ERR_BUSY: c_int = -7;
+/// The upstream index was resolved before its record was handed to another upstream: resolve the name again
+/// (`autoscale_upstream_find`, `autoscale_upstream_gen`).
+pub const AUTOSCALE_ERR_STALE: c_int = -8;
 /// The log phase needs the per-attempt details (`autoscale_log_detail`).
 pub const AUTOSCALE_NEED_DETAIL: c_int = 1;
 
 /// Version of this ABI; the Lua side refuses a library whose version differs from its cdef.
-pub const AUTOSCALE_ABI_VERSION: u32 = 1;
+pub const AUTOSCALE_ABI_VERSION: u32 = 2;
 
 /// Requests tracked per worker between balancer and log phases.
 const REQUEST_TABLE_SIZE: usize = 16384;
@@ -676,19 +679,50 @@ fn release(region: &Region, old: &Entry, col: Option<u32>, now: u64) {
     region.header().evicted_requests.fetch_add(1, Relaxed);
 }
 
+/// The generation of upstream record `upstream` into `out`: it changes only when the record is handed to another
+/// upstream, so `(index, generation)` names one upstream for good (pass both to `autoscale_balancer_pick`).
+///
+/// # Safety
+/// `out` must point to a writable `uint32_t`.
+///
+/// # Errors
+/// `AUTOSCALE_ERR_NO_REGION`, `AUTOSCALE_ERR_UPSTREAM` (no upstream at that index), `AUTOSCALE_ERR_ARG`.
+#[no_mangle]
+pub unsafe extern "C" fn autoscale_upstream_gen(upstream: u32, out: *mut u32) -> c_int {
+    guard(|| {
+        let Some(region) = REGION.get() else {
+            return AUTOSCALE_ERR_NO_REGION;
+        };
+        // SAFETY: the caller guarantees `out` is writable when not NULL.
+        let Some(out) = out.as_mut() else {
+            return AUTOSCALE_ERR_ARG;
+        };
+        match region.upstream_gen(upstream) {
+            Some(g) => {
+                *out = g;
+                AUTOSCALE_OK
+            }
+            None => AUTOSCALE_ERR_UPSTREAM,
+        }
+    })
+}
+
 /// Chooses the peer for the next attempt of request `req` (nginx's request pointer, used only as a key) on
-/// upstream `upstream`. `last_status` is 0 on the first attempt, else the status nginx reports for the previous one
+/// upstream `upstream` while its record has generation `upstream_gen` (`autoscale_upstream_gen` when the index was
+/// resolved). `last_status` is 0 on the first attempt, else the status nginx reports for the previous one
 /// (its end is recorded now: in flight no more, and its latency fed to the estimate).
 ///
 /// # Safety
 /// `out` must point to a writable struct. `req` is not dereferenced.
 ///
 /// # Errors
-/// `AUTOSCALE_ERR_NO_REGION`, `AUTOSCALE_ERR_UPSTREAM`, `AUTOSCALE_ERR_NO_PEER`, `AUTOSCALE_ERR_ARG`.
+/// `AUTOSCALE_ERR_NO_REGION`, `AUTOSCALE_ERR_UPSTREAM`, `AUTOSCALE_ERR_NO_PEER`, `AUTOSCALE_ERR_ARG`,
+/// `AUTOSCALE_ERR_STALE` (the record serves another upstream now; nothing was chosen).
 #[no_mangle]
 pub unsafe extern "C" fn autoscale_balancer_pick(
     req: *const c_void,
     upstream: u32,
+    upstream_gen: u32,
     last_status: c_int,
     out: *mut autoscale_pick_t,
 ) -> c_int {
@@ -727,7 +761,7 @@ pub unsafe extern "C" fn autoscale_balancer_pick(
                     now,
                 );
             }
-            let pick = region.pick(upstream, &|slot| entry.tried(slot), now, &mut w.rng, col);
+            let pick = region.pick_at(upstream, upstream_gen, &|slot| entry.tried(slot), now, &mut w.rng, col);
             match pick {
                 Ok(p) => {
                     entry.push(Attempt {
@@ -748,6 +782,7 @@ pub unsafe extern "C" fn autoscale_balancer_pick(
                 }
                 Err(autoscale_core::PickError::UnknownUpstream) => AUTOSCALE_ERR_UPSTREAM,
                 Err(autoscale_core::PickError::NoPeer) => AUTOSCALE_ERR_NO_PEER,
+                Err(autoscale_core::PickError::StaleUpstream) => AUTOSCALE_ERR_STALE,
             }
         })
     })

@@ -41,6 +41,8 @@ fn the_request_path_allocates_nothing() {
     let mut idx = [0u32; 1];
     assert_eq!(unsafe { autoscale_config_apply(&spec, 1, idx.as_mut_ptr(), err.as_mut_ptr(), err.len()) }, AUTOSCALE_OK);
     autoscale_worker_attach();
+    let mut gen0 = 0u32;
+    assert_eq!(unsafe { autoscale_upstream_gen(idx[0], &mut gen0) }, AUTOSCALE_OK);
     let mut pick = autoscale_pick_t { slot: 0, gen: 0, more_tries: 0, attempt: 0, cost: 0.0 };
     let kinds = [2u32, 0];
     let statuses = [502u32, 200];
@@ -48,10 +50,10 @@ fn the_request_path_allocates_nothing() {
         for i in 0..n {
             let req = (0x10_0000 + i * 64) as *const std::ffi::c_void;
             unsafe {
-                assert_eq!(autoscale_balancer_pick(req, idx[0], 0, &mut pick), AUTOSCALE_OK);
+                assert_eq!(autoscale_balancer_pick(req, idx[0], gen0, 0, &mut pick), AUTOSCALE_OK);
                 if i % 10 == 0 {
                     // a retry after a 502, then the detailed log path
-                    assert_eq!(autoscale_balancer_pick(req, idx[0], 502, &mut pick), AUTOSCALE_OK);
+                    assert_eq!(autoscale_balancer_pick(req, idx[0], gen0, 502, &mut pick), AUTOSCALE_OK);
                     assert_eq!(autoscale_log_finish(req, 200), AUTOSCALE_NEED_DETAIL);
                     assert_eq!(autoscale_log_detail(req, kinds.as_ptr(), statuses.as_ptr(), 2), AUTOSCALE_OK);
                 } else {

@@ -95,7 +95,7 @@ fn every_export_survives_null_and_out_of_range() {
             AUTOSCALE_ERR_ARG
         );
         assert_eq!(
-            autoscale_balancer_pick(null(), 0, 0, null_mut()),
+            autoscale_balancer_pick(null(), 0, 0, 0, null_mut()),
             AUTOSCALE_ERR_ARG
         );
         let mut pick = autoscale_pick_t {
@@ -106,11 +106,11 @@ fn every_export_survives_null_and_out_of_range() {
             cost: 0.0,
         };
         assert_eq!(
-            autoscale_balancer_pick(null(), 0, 0, &mut pick),
+            autoscale_balancer_pick(null(), 0, 0, 0, &mut pick),
             AUTOSCALE_ERR_ARG
         );
         assert_eq!(
-            autoscale_balancer_pick(8 as _, u32::MAX, 0, &mut pick),
+            autoscale_balancer_pick(8 as _, u32::MAX, 0, 0, &mut pick),
             AUTOSCALE_ERR_UPSTREAM
         );
         assert_eq!(autoscale_log_finish(null(), 200), AUTOSCALE_OK);
@@ -244,6 +244,10 @@ fn a_request_is_accounted_from_pick_to_log() {
     let idx = apply(&[spec("flow", &peers)]).unwrap()[0];
     assert_eq!(autoscale_worker_attach(), autoscale_worker_attach());
     let req = 0x7000 as *const std::ffi::c_void;
+    let mut gen = 0u32;
+    assert_eq!(unsafe { autoscale_upstream_gen(idx, &mut gen) }, AUTOSCALE_OK);
+    assert_eq!(unsafe { autoscale_upstream_gen(u32::MAX, &mut gen) }, AUTOSCALE_ERR_UPSTREAM);
+    assert_eq!(unsafe { autoscale_upstream_gen(idx, std::ptr::null_mut()) }, AUTOSCALE_ERR_ARG);
     let mut pick = autoscale_pick_t {
         slot: 0,
         gen: 0,
@@ -253,7 +257,7 @@ fn a_request_is_accounted_from_pick_to_log() {
     };
     unsafe {
         assert_eq!(
-            autoscale_balancer_pick(req, idx, 0, &mut pick),
+            autoscale_balancer_pick(req, idx, gen, 0, &mut pick),
             AUTOSCALE_OK
         );
         assert_eq!((pick.attempt, pick.more_tries), (1, 1));
@@ -262,11 +266,14 @@ fn a_request_is_accounted_from_pick_to_log() {
         let first = pick.slot;
         // Retry after a 502: the other peer, attempt 2.
         assert_eq!(
-            autoscale_balancer_pick(req, idx, 502, &mut pick),
+            autoscale_balancer_pick(req, idx, gen, 502, &mut pick),
             AUTOSCALE_OK
         );
         assert_eq!(pick.attempt, 2);
         assert_ne!(pick.slot, first);
+        // An index with another generation than its record's is refused, nothing chosen.
+        let other = 0x7040 as *const std::ffi::c_void;
+        assert_eq!(autoscale_balancer_pick(other, idx, gen.wrapping_add(1), 0, &mut pick), AUTOSCALE_ERR_STALE);
         assert_eq!(autoscale_log_finish(req, 200), AUTOSCALE_NEED_DETAIL);
         let kinds = [3u32, 0];
         let statuses = [502u32, 200];

@@ -188,6 +188,10 @@ pub enum PickError {
     UnknownUpstream,
     #[error("no peer available")]
     NoPeer,
+    /// The upstream record was handed to another upstream since the caller resolved its index (see
+    /// [`Region::upstream_gen`]): resolve the name again.
+    #[error("stale upstream index (the record serves another upstream now)")]
+    StaleUpstream,
 }
 
 /// A chosen peer.
@@ -349,6 +353,17 @@ impl Region {
             let h = self.upstream(i).head;
             h.state.load(Acquire) == state::ACTIVE && h.name.eq(name.as_bytes())
         })
+    }
+
+    /// The generation of upstream record `idx` (`None` when it is no upstream). It changes only when the record is
+    /// handed to another upstream, so `(idx, generation)` names one upstream for good: pass it to
+    /// [`Region::pick_at`], which refuses an index resolved before the record was reused.
+    pub fn upstream_gen(&self, idx: u32) -> Option<u32> {
+        if idx >= self.params().max_upstreams {
+            return None;
+        }
+        let h = self.upstream(idx).head;
+        (h.state.load(Acquire) != state::FREE).then(|| h.gen.load(Acquire))
     }
 
     // ----- configuration -----
@@ -847,9 +862,31 @@ impl Region {
     ///
     /// # Errors
     /// [`PickError`] when the upstream is unknown or has no eligible peer.
+    ///
+    /// For an index resolved just now (tests, tools); a caller that keeps an index across configuration changes
+    /// uses [`Region::pick_at`] with the generation it resolved.
     pub fn pick<R: Rng, T: Fn(u32) -> bool + ?Sized>(
         &self,
         idx: u32,
+        tried: &T,
+        now_us: u64,
+        rng: &mut R,
+        col: Option<u32>,
+    ) -> Result<Pick, PickError> {
+        let ugen = self.upstream_gen(idx).ok_or(PickError::UnknownUpstream)?;
+        self.pick_at(idx, ugen, tried, now_us, rng, col)
+    }
+
+    /// [`Region::pick`] on upstream record `idx` while it still has generation `ugen` ([`Region::upstream_gen`] when
+    /// the caller resolved the upstream's name): an index kept by a worker across a reconfigure that handed the record
+    /// to another upstream (an old worker during a reload) is refused, never routed to the other upstream's peers.
+    ///
+    /// # Errors
+    /// [`PickError::StaleUpstream`] when the record has another generation; else as [`Region::pick`].
+    pub fn pick_at<R: Rng, T: Fn(u32) -> bool + ?Sized>(
+        &self,
+        idx: u32,
+        ugen: u32,
         tried: &T,
         now_us: u64,
         rng: &mut R,
@@ -872,6 +909,9 @@ impl Region {
             }
             if up.head.state.load(Relaxed) == state::FREE {
                 return Err(PickError::UnknownUpstream);
+            }
+            if up.head.gen.load(Acquire) != ugen {
+                return Err(PickError::StaleUpstream);
             }
             let params = self.select_params(&up);
             // `skip` fills from the front, so an unused first place means it is empty (the common case).
@@ -917,12 +957,17 @@ impl Region {
                 // The column is written by its worker only (one thread), so no read-modify-write is needed.
                 c.store(c.load(Relaxed) + 1, Release);
             }
-            if peer.head.gen.load(Acquire) != gen || !owned_by(peer.head, idx) {
+            let stale = up.head.gen.load(Acquire) != ugen;
+            if stale || peer.head.gen.load(Acquire) != gen || !owned_by(peer.head, idx) {
                 // The record was retired or reused (by another upstream, or for another peer) between the choice and
-                // the claim: undo the claim and choose again from the current peer list.
+                // the claim, or the upstream record itself was handed to another upstream (a peer record then
+                // `owned_by` this index belongs to that one): undo the claim and choose again, or refuse.
                 self.end_inflight(&peer, col);
                 if probe {
                     release_probe(peer.head);
+                }
+                if stale {
+                    return Err(PickError::StaleUpstream);
                 }
                 continue;
             }
@@ -1022,7 +1067,7 @@ impl Region {
     ) {
         if let Some(peer) = self.release_attempt(slot, gen, col) {
             self.observe_latency(&peer, slot, outcome, latency_us, now_us);
-            self.record_of(&peer, slot, outcome, latency_us, now_us, rng);
+            self.record_of(&peer, slot, gen, outcome, latency_us, now_us, rng);
         }
     }
 
@@ -1080,29 +1125,65 @@ impl Region {
     /// detection (consecutive failures, half-open probes).
     pub fn record<R: Rng>(&self, slot: u32, gen: u32, outcome: Outcome, latency_us: u64, now_us: u64, rng: &mut R) {
         if let Some(peer) = self.peer_of(slot, gen) {
-            self.record_of(&peer, slot, outcome, latency_us, now_us, rng);
+            self.record_of(&peer, slot, gen, outcome, latency_us, now_us, rng);
         }
     }
 
-    /// [`Region::record`] on a peer record whose generation was checked.
+    /// [`Region::record`] on a peer record whose generation `gen` was checked. The record can still be handed to
+    /// another peer between that check and the writes here (`init_peer` bumps the generation, then clears the
+    /// counters): so the generation is loaded once more after the counters are written (the last write is a
+    /// read-modify-write with Acquire, so the load is not done before it), and when it moved, the sample is taken
+    /// back (never below zero: it may have been cleared already) and outlier detection does not see it. What is left:
+    /// a new occupant may miss one sample of its own per attempt of the old occupant ending in that instant (the
+    /// sample cleared, then one of the new occupant's taken back in its place), and a failure feeds the new
+    /// occupant's failure streak only when the record is reused between this second check and the few loads of
+    /// `observe_health` after it. Closing those too would cost a read-modify-write of a shared word per request.
     #[inline(always)]
-    fn record_of<R: Rng>(&self, peer: &Peer<'_>, slot: u32, outcome: Outcome, latency_us: u64, now_us: u64, rng: &mut R) {
+    #[allow(clippy::too_many_arguments)]
+    fn record_of<R: Rng>(&self, peer: &Peer<'_>, slot: u32, gen: u32, outcome: Outcome, latency_us: u64, now_us: u64, rng: &mut R) {
         let slice = self.slice(now_us);
         let bucket = &peer.window[(slice % peer.window.len() as u64) as usize];
-        if !bucket.record(slice, outcome, latency_us, &peer.head.latency) {
+        let recorded = bucket.record(slice, outcome, latency_us, &peer.head.latency);
+        if !recorded {
             self.header().dropped_samples.fetch_add(1, Relaxed);
         }
         let t = &peer.head.totals;
         if outcome == Outcome::Aborted {
-            t[counter::ABORTED].fetch_add(1, Relaxed);
+            t[counter::ABORTED].fetch_add(1, AcqRel);
+        } else {
+            t[counter::REQUESTS].fetch_add(1, Relaxed);
+            if outcome.is_failure() {
+                t[counter::FAIL_BASE + outcome as usize - 1].fetch_add(1, Relaxed);
+            }
+            peer.head.total_latency_us.fetch_add(latency_us, AcqRel);
+        }
+        if peer.head.gen.load(Acquire) != gen {
+            self.take_back(peer, recorded.then_some(bucket), slice, outcome, latency_us);
             return;
         }
-        t[counter::REQUESTS].fetch_add(1, Relaxed);
-        if outcome.is_failure() {
-            t[counter::FAIL_BASE + outcome as usize - 1].fetch_add(1, Relaxed);
+        if outcome != Outcome::Aborted {
+            self.observe_health(slot, outcome, now_us, rng);
         }
-        peer.head.total_latency_us.fetch_add(latency_us, Relaxed);
-        self.observe_health(slot, outcome, now_us, rng);
+    }
+
+    /// Takes back what [`Region::record_of`] wrote for an attempt whose peer record was reused meanwhile.
+    #[cold]
+    #[inline(never)]
+    fn take_back(&self, peer: &Peer<'_>, bucket: Option<&crate::window::WindowBucket>, slice: u64, outcome: Outcome, latency_us: u64) {
+        use crate::window::sat_sub_u64;
+        if let Some(b) = bucket {
+            b.unrecord(slice, outcome, latency_us);
+        }
+        let t = &peer.head.totals;
+        if outcome == Outcome::Aborted {
+            sat_sub_u64(&t[counter::ABORTED], 1);
+            return;
+        }
+        sat_sub_u64(&t[counter::REQUESTS], 1);
+        if outcome.is_failure() {
+            sat_sub_u64(&t[counter::FAIL_BASE + outcome as usize - 1], 1);
+        }
+        sat_sub_u64(&peer.head.total_latency_us, latency_us);
     }
 
     fn decayed_estimate(&self, peer: &Peer<'_>, decay_us: f64, now_us: u64) -> f64 {

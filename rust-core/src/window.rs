@@ -307,6 +307,26 @@ impl WindowBucket {
         true
     }
 
+    /// Takes back a sample [`WindowBucket::record`] added for `slice` (a writer that found afterwards its peer record
+    /// reused): only while the bucket still holds that slice, and never below zero (the sample may have been cleared
+    /// already). Not on the request path's normal course.
+    #[cold]
+    pub fn unrecord(&self, slice: u64, outcome: Outcome, latency_us: u64) {
+        if self.slice.load(Acquire) != slice + 1 {
+            return; // cleared or turned over since: the sample went with it
+        }
+        if outcome == Outcome::Aborted {
+            sat_sub_u32(&self.counts[counter::ABORTED], 1);
+            return;
+        }
+        sat_sub_u32(&self.counts[counter::REQUESTS], 1);
+        if outcome.is_failure() {
+            sat_sub_u32(&self.counts[counter::FAIL_BASE + outcome as usize - 1], 1);
+        }
+        sat_sub_u64(&self.latency_sum_us, latency_us);
+        sat_sub_u32(&self.hist[bucket_index_us(latency_us)], 1);
+    }
+
     /// Adds this bucket into `sum` if it holds a slice in `[first, last]`. Returns whether it was added.
     ///
     /// The slice tag is the bucket's seqlock word (a clear turns it to [`CLEARING`] first): the tag is loaded with
@@ -564,3 +584,28 @@ mod tests {
         assert!(c.record(25, Outcome::Success, 10, &t));
     }
 }
+
+macro_rules! saturating_sub_fn {
+    ($(#[$doc:meta])* $name:ident, $atomic:ty, $int:ty) => {
+        $(#[$doc])*
+        pub(crate) fn $name(a: &$atomic, v: $int) {
+            let mut cur = a.load(Relaxed);
+            for _ in 0..8 {
+                match a.compare_exchange_weak(cur, cur.saturating_sub(v), Relaxed, Relaxed) {
+                    Ok(_) => return,
+                    Err(x) => cur = x,
+                }
+            }
+        }
+    };
+}
+
+saturating_sub_fn!(
+    /// Subtracts `v` from `a`, stopping at zero (a few compare-and-swap tries; under contention that lasts longer the
+    /// subtraction is given up: the counter stays high by at most `v`).
+    sat_sub_u32, AtomicU32, u32
+);
+saturating_sub_fn!(
+    /// [`sat_sub_u32`] for a 64-bit counter.
+    sat_sub_u64, AtomicU64, u64
+);

@@ -506,6 +506,40 @@ fn pick_never_returns_another_upstreams_peer_after_its_record_is_reused() {
 }
 
 #[test]
+fn an_upstream_index_kept_across_the_reuse_of_its_record_is_refused() {
+    let r = Region::new_heap(Params { max_upstreams: 2, max_peers: 2, max_workers: 2, ..Params::default() }, 0).unwrap();
+    let ids = r.configure(&[conf("a", &[1]), conf("b", &[2])], 1, &yes, 0).unwrap();
+    let a = ids[0];
+    let gen_a = r.upstream_gen(a).unwrap();
+    // `a` goes and `c` comes: with no free record, `c` takes a's upstream record and a's peer record. A worker that
+    // resolved `a` before (an old worker during a reload) still holds a's index and generation.
+    let ids = r.configure(&[conf("b", &[2]), conf("c", &[3])], 1, &yes, SEC).unwrap();
+    assert_eq!(ids[1], a, "c reuses a's record");
+    let mut rng = XorShift64::new(1);
+    for i in 0..100 {
+        match r.pick_at(a, gen_a, &|_| false, SEC + i, &mut rng, None) {
+            Ok(p) => {
+                let snap = r.snapshot(p.slot, SEC).unwrap();
+                panic!("a stale index of upstream a got peer {} of upstream {}", snap.port, snap.upstream);
+            }
+            Err(e) => assert_eq!(e, PickError::StaleUpstream),
+        }
+    }
+    // Nothing was left counted in flight by the refused picks.
+    let s3 = r.find_peer(a, "127.0.0.1:3").unwrap();
+    assert_eq!(r.snapshot(s3, SEC).unwrap().inflight, 0);
+    // Resolved again, the index names `c` with its own generation, and `c` is served.
+    assert_eq!(r.find_upstream("c"), Some(a));
+    let gen_c = r.upstream_gen(a).unwrap();
+    assert_ne!(gen_c, gen_a);
+    let p = r.pick_at(a, gen_c, &|_| false, 100 * SEC, &mut rng, None).unwrap();
+    assert_eq!(r.snapshot(p.slot, SEC).unwrap().port, 3);
+    // An upstream kept by a reconfigure keeps its generation (a worker's cached index stays valid).
+    r.configure(&[conf("c", &[3])], 1, &yes, 2 * SEC).unwrap();
+    assert_eq!(r.upstream_gen(a), Some(gen_c));
+}
+
+#[test]
 fn an_attempt_begun_before_its_record_was_reused_ends_exactly() {
     let r = tiny(2);
     let up = r.configure(&[conf("a", &[1, 2])], 1, &yes, 0).unwrap()[0];
@@ -591,4 +625,51 @@ fn reuse_under_traffic(round: u64) {
     for s in 0..2 {
         assert_eq!(r.snapshot(s, SEC).unwrap().inflight, 0, "round {round}: record {s} after all attempts ended");
     }
+}
+
+/// A worker recording the end of an attempt checks its peer record's generation, then writes; the record can be handed
+/// to another peer in between. Such a sample must not stay counted on the new occupant (its counters start at zero).
+#[test]
+fn a_sample_of_the_old_occupant_racing_the_reuse_does_not_stay_on_the_new_one() {
+    use std::sync::atomic::{AtomicBool, AtomicU64};
+    use std::sync::Arc;
+    let r = Arc::new(tiny(1));
+    r.configure(&[conf("a", &[1])], 1, &yes, SEC).unwrap();
+    let mut polluted = 0;
+    for round in 0..400u64 {
+        let now = (round + 2) * SEC;
+        let gen = r.snapshot(0, now).unwrap().gen;
+        let stop = Arc::new(AtomicBool::new(false));
+        let done = Arc::new(AtomicU64::new(0));
+        let writer = {
+            let (r, stop, done) = (r.clone(), stop.clone(), done.clone());
+            std::thread::spawn(move || {
+                let mut rng = XorShift64::new(round + 1);
+                while !stop.load(Relaxed) {
+                    r.record(0, gen, Outcome::Success, 100, now, &mut rng);
+                    done.fetch_add(1, Relaxed);
+                }
+            })
+        };
+        let wait_for = |n: u64| {
+            let start = std::time::Instant::now();
+            while done.load(Relaxed) < n && start.elapsed() < std::time::Duration::from_secs(2) {
+                std::hint::spin_loop();
+            }
+        };
+        wait_for(50);
+        // The peer goes, another comes and takes its (only) record: from here on the writer's generation is stale.
+        let port = if round % 2 == 0 { 2 } else { 1 };
+        r.configure(&[conf("a", &[port])], 1, &yes, now).unwrap();
+        let seen = done.load(Relaxed);
+        wait_for(seen + 50);
+        stop.store(true, Relaxed);
+        writer.join().unwrap();
+        let snap = r.snapshot(0, now).unwrap();
+        assert_ne!(snap.gen, gen);
+        if snap.totals[0] != 0 || snap.window.counts[0] != 0 {
+            polluted += 1;
+        }
+    }
+    assert_eq!(polluted, 0, "rounds whose new occupant kept a sample of the old one");
 }

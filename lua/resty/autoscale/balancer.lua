@@ -35,7 +35,10 @@ local _M = {}
 local lib               -- the FFI library namespace, set by _M.init
 local conf              -- the validated configuration
 local index             -- upstream name -> index in shared memory
+local ugens = {}        -- upstream name -> generation of its record when the index was resolved
+local gen_out = ffi.new("uint32_t[1]")
 local NEED_DETAIL
+local STALE
 local pick = ffi.new("autoscale_pick_t")
 local status_out = ffi.new("int[1]")
 local errmsg = ffi.new("char *[1]")
@@ -58,6 +61,29 @@ function _M.init(library, configuration, upstream_index)
     conf = configuration
     index = upstream_index
     NEED_DETAIL = lib.AUTOSCALE_NEED_DETAIL
+    STALE = lib.AUTOSCALE_ERR_STALE
+    ugens = {}
+    for name, idx in pairs(index or {}) do
+        if lib.autoscale_upstream_gen(idx, gen_out) == 0 then
+            ugens[name] = gen_out[0]
+        end
+    end
+end
+
+-- Picks on upstream `name` with the index and generation this worker resolved. When the record was handed to another
+-- upstream since (a reconfigure in the new generation of workers, while this one still serves), the name is resolved
+-- again once: the upstream under that name now, or none.
+local function pick_on(r, name, last)
+    local idx = index[name]
+    local rc = lib.autoscale_balancer_pick(r, idx, ugens[name] or 0, last, pick)
+    if rc == STALE then
+        idx = lib.autoscale_upstream_find(name, #name)
+        if idx >= 0 and lib.autoscale_upstream_gen(idx, gen_out) == 0 then
+            index[name], ugens[name] = idx, gen_out[0]
+            rc = lib.autoscale_balancer_pick(r, idx, gen_out[0], last, pick)
+        end
+    end
+    return rc
 end
 
 -- Makes sure this worker has its in-flight column (idempotent, cheap after the first call).
@@ -103,11 +129,11 @@ function _M.balance(name)
             last = 502
         end
     end
-    local rc = lib.autoscale_balancer_pick(r, idx, last, pick)
+    local rc = pick_on(r, name, last)
     if rc ~= 0 then
         local fb = conf.upstreams[name].fallback.upstream
-        if fb and last == 0 then
-            rc = lib.autoscale_balancer_pick(r, index[fb], 0, pick)
+        if fb and last == 0 and index[fb] then
+            rc = pick_on(r, fb, 0)
         end
         if rc ~= 0 then
             local now = ngx_now()

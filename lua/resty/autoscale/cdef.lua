@@ -9,8 +9,9 @@ static const int AUTOSCALE_ERR_NO_PEER = -4;
 static const int AUTOSCALE_ERR_UPSTREAM = -5;
 static const int AUTOSCALE_ERR_PANIC = -6;
 static const int AUTOSCALE_ERR_BUSY = -7;
+static const int AUTOSCALE_ERR_STALE = -8;
 static const int AUTOSCALE_NEED_DETAIL = 1;
-static const int AUTOSCALE_ABI_VERSION = 1;
+static const int AUTOSCALE_ABI_VERSION = 2;
 static const int AUTOSCALE_ADMIT = 0;
 static const int AUTOSCALE_SHED = 1;
 static const int AUTOSCALE_ADMISSION_OFF = 2;
@@ -251,8 +252,11 @@ int autoscale_config_apply(const struct autoscale_upstream_spec_t *specs,
                            char *err,
                            size_t err_len);
 int autoscale_worker_attach(void);
+int autoscale_upstream_gen(uint32_t upstream,
+                           uint32_t *out);
 int autoscale_balancer_pick(const void *req,
                             uint32_t upstream,
+                            uint32_t upstream_gen,
                             int last_status,
                             struct autoscale_pick_t *out);
 int autoscale_log_finish(const void *req,
