@@ -248,6 +248,14 @@ one outlier ejected: true 1 true success_rate
     ngx.shared.ctl:set("mode:$TEST_NGINX_RAND_PORT_1", "close")
     local status, body, headers = t.get(port, "/p")
     ngx.say(status, " ", headers["retry-after"], " ", headers["x-fallback"], " ", (body:gsub("\n$", "")))
+    -- events reach the error log from a timer: wait (bounded) until the fallback event is there, since the real
+    -- Test::Nginx reads the log as soon as the response is in
+    t.poll(function()
+        local f = io.open(ngx.config.prefix() .. "logs/error.log")
+        local text = f and f:read("*a") or ""
+        if f then f:close() end
+        return text:find('"event":"fallback"', 1, true) ~= nil
+    end, 5)
 _EOC_
 --- request
 GET /t
