@@ -676,6 +676,13 @@ impl Region {
                     let h = self.peer(s).head;
                     if h.state.load(Acquire) == state::RETIRED {
                         h.added_us.store(now_us, Relaxed); // comes back: ramp in again
+                        // it was drained on its way out: coming back, it takes requests again (an ejection stays)
+                        let _ = h.health.compare_exchange(
+                            health::state::DRAINING,
+                            health::state::HEALTHY,
+                            AcqRel,
+                            Relaxed,
+                        );
                         h.state.store(state::ACTIVE, Release);
                     }
                     s

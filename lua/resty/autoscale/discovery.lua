@@ -3,7 +3,14 @@
 --   * standby pool: known instances kept out of rotation until discovery.activate() brings them in (a scale-up) and
 --     discovery.deactivate() drains them out again (a scale-down);
 --   * DNS: A/AAAA or SRV records, asked again when their TTL runs out (discovery/dns.lua);
---   * etcd v3: the keys under a prefix, through etcd's HTTP/JSON gateway (discovery/etcd.lua).
+--   * etcd v3: the keys under a prefix, through etcd's HTTP/JSON gateway (discovery/etcd.lua);
+--   * Consul: a service's instances and their health, with blocking queries (discovery/consul.lua);
+--   * Kubernetes: a Service's EndpointSlices, listed then watched (discovery/kubernetes.lua).
+--
+-- Polled sources (dns, etcd) are asked by the discovery timer; watched ones (consul, kubernetes) by a timer of their
+-- own in the worker that holds the lease (their requests wait for a change), which hands each change to the same
+-- reconciliation. A source that answers an empty set after it had named peers is not believed for
+-- `empty_grace` seconds: only an empty answer that still stands after that long empties it.
 --
 -- Sources are asked in background timers, by one worker at a time (the lease the active health checks use: a worker
 -- that dies loses it). That worker brings the upstream's peer set to "static ∪ sources ∪ active standby" through
@@ -44,15 +51,18 @@ local fail, number, known, show = config.fail, config.number, config.known, conf
 local _M = {}
 
 -- Sources, asked in this order; each is a module with validate(path, v) and fetch(conf, last) (see dns.lua).
-local SOURCES = { "dns", "etcd" }
+local SOURCES = { "dns", "etcd", "consul", "kubernetes" }
 local MODULES = {
     dns = require "resty.autoscale.discovery.dns",
     etcd = require "resty.autoscale.discovery.etcd",
+    consul = require "resty.autoscale.discovery.consul",
+    kubernetes = require "resty.autoscale.discovery.kubernetes",
 }
 
 _M.defaults = {
     keep_static = true,
     drain_timeout = 30,
+    empty_grace = 30,
 }
 
 local TICK = 0.1      -- s between looks at the sources' schedules
@@ -115,7 +125,8 @@ function _M.validate(path, v, static)
     if type(v) ~= "table" then
         return fail(path, "must be a table (got %s)", type(v))
     end
-    local ok, err = known(path, v, { keep_static = true, drain_timeout = true, standby = true, dns = true, etcd = true })
+    local ok, err = known(path, v, { keep_static = true, drain_timeout = true, standby = true, dns = true, etcd = true,
+                                     consul = true, kubernetes = true, empty_grace = true })
     if not ok then
         return nil, err
     end
@@ -129,6 +140,11 @@ function _M.validate(path, v, static)
     out.drain_timeout, err = number(path .. ".drain_timeout",
                                     v.drain_timeout == nil and _M.defaults.drain_timeout or v.drain_timeout, 0, 86400)
     if not out.drain_timeout then
+        return nil, err
+    end
+    out.empty_grace, err = number(path .. ".empty_grace",
+                                  v.empty_grace == nil and _M.defaults.empty_grace or v.empty_grace, 0, 86400)
+    if not out.empty_grace then
         return nil, err
     end
     if v.standby ~= nil then
@@ -145,8 +161,8 @@ function _M.validate(path, v, static)
             end
         end
     end
-    if not (out.standby or out.dns or out.etcd) then
-        return fail(path, "names no source: give standby, dns and/or etcd")
+    if not (out.standby or out.dns or out.etcd or out.consul or out.kubernetes) then
+        return fail(path, "names no source: give standby, dns, etcd, consul and/or kubernetes")
     end
     return out
 end
@@ -330,8 +346,12 @@ local function reconcile(u)
         u.drained[a] = t
         pending = true
     end
-    for a in pairs(u.drained) do -- taken back by someone else, or gone
-        if not cur[a] or not cur[a].draining or want[a] then
+    local now_leaving = {}
+    for _, a in ipairs(leaving) do
+        now_leaving[a] = true
+    end
+    for a in pairs(u.drained) do -- taken back by someone else, or gone (not those drained just now: cur is older)
+        if not now_leaving[a] and (not cur[a] or not cur[a].draining or want[a]) then
             u.drained[a] = nil
         end
     end
@@ -356,7 +376,7 @@ end
 
 -- Asks one source; keeps its last good set when it fails.
 local function ask(u, s)
-    local done, peers, interval, bad, revision = pcall(MODULES[s.kind].fetch, s.conf, s.revision)
+    local done, peers, interval, bad, revision = pcall(MODULES[s.kind].fetch, s.conf, s.revision, s.scratch)
     if not done then -- a reply no client should have choked on: a failure like any other
         peers, interval = nil, "raised: " .. tostring(peers)
     end
@@ -367,17 +387,22 @@ local function ask(u, s)
             ngx_log(ngx_WARN, "resty.autoscale: discovery of ", u.name, ": ", s.kind, " failed (", tostring(interval),
                     "); keeping its last good set of ", s.peers and #s.peers or 0, " peers")
         end
+        if not s.error then
+            s.episodes, s.down_since = (s.episodes or 0) + 1, t
+        end
         s.error, s.failures, s.streak = tostring(interval), s.failures + 1, s.streak + 1
-        s.next_at = t + s.retry
+        -- watched sources back off: retry, doubled per failure in a row up to 8 times retry
+        s.next_at = t + (s.watched and s.retry * 2 ^ (s.streak > 4 and 3 or s.streak - 1) or s.retry)
         return false
     end
     if s.error then
         ngx_log(ngx_NOTICE, "resty.autoscale: discovery of ", u.name, ": ", s.kind, " answers again after ",
                 s.streak, " failed attempts")
     end
-    s.error, s.streak, s.last_ok, s.next_at = nil, 0, t, t + interval
+    s.error, s.streak, s.last_ok, s.next_at, s.down_since = nil, 0, t, t + interval, nil
     for key, why in pairs(bad or {}) do
-        once(u, "bad " .. key, ngx_WARN, s.kind .. " key " .. key .. " skipped: " .. why)
+        once(u, "bad " .. key, ngx_WARN, s.kind .. " " .. (s.watched and "entry " or "key ") .. key .. " skipped: "
+             .. why)
     end
     if peers == false then -- unchanged since last time
         return false
@@ -387,16 +412,90 @@ local function ask(u, s)
     for _, p in ipairs(peers) do -- addresses in the library's form, so that they compare equal
         local a = type(p) == "table" and addr.canonical(p.addr)
         if a then
-            kept[#kept + 1] = { addr = a, weight = p.weight }
+            kept[#kept + 1] = { addr = a, weight = p.weight, zone = p.zone, node = p.node, health = p.health }
         end
     end
     peers = kept
     sort(peers, function(x, y) return x.addr < y.addr end)
+    if #peers == 0 and u.c.empty_grace > 0 then
+        local had = s.peers and #s.peers or (u.carried and #u.carried or 0)
+        if had > 0 and not (s.empty_since and t - s.empty_since >= u.c.empty_grace) then
+            -- not believed yet: the last set stays until the empty answer has stood for empty_grace
+            if not s.empty_since then
+                s.empty_since = t
+                ngx_log(ngx_WARN, "resty.autoscale: discovery of ", u.name, ": ", s.kind, " answers an empty set; ",
+                        "keeping its last ", had, " peers unless the empty answer still stands in ", u.c.empty_grace,
+                        " s")
+            end
+            return false
+        end
+    end
+    if s.empty_since then
+        ngx_log(ngx_NOTICE, "resty.autoscale: discovery of ", u.name, ": ", s.kind,
+                #peers == 0 and (" empty set confirmed after " .. u.c.empty_grace .. " s")
+                or (" names " .. #peers .. " peers again; the empty answer was not applied"))
+        s.empty_since = nil
+    end
     if same(s.peers, peers) then
+        if s.peers then
+            s.peers = peers -- the same addresses and weights; health, zone and node may have moved
+        end
         return false
     end
     s.peers, s.changed_at = peers, t
     return true
+end
+
+-- The timer of a watched source (consul, kubernetes) in the worker that holds the lease: asks it again as soon as
+-- an answer is in (each request waits for a change on the server's side), sleeping only to honour next_at
+-- (a minimum gap, and the backoff after failures); a change makes the discovery timer reconcile at its next tick.
+-- Ends when this worker loses the lease, exits, or is configured anew.
+local function watch(premature, u, s)
+    if premature then
+        s.watching = false
+        return
+    end
+    local done, err = pcall(function()
+        while u.owner and ups[u.name] == u and not ngx.worker.exiting() do
+            update_time()
+            local wait = s.next_at - now()
+            if wait > 0 then
+                ngx.sleep(wait < 0.001 and 0.001 or wait < 1 and wait or 1)
+            elseif ask(u, s) then
+                u.changed = true
+            end
+        end
+    end)
+    s.watching = false
+    if not done then
+        ngx_log(ngx_ERR, "resty.autoscale: discovery of ", u.name, ": ", s.kind, " watch failed: ", tostring(err))
+    end
+end
+
+-- A worker that takes the lease over starts its sources afresh, carrying the peers they found before (those in
+-- shared memory that are neither static nor standby) until each has answered: so a registry that is away when the
+-- lease moves does not take its peers out.
+local function take_over(u)
+    if u.carried == nil then
+        local cur = current(u.idx) or {}
+        local pooled = {}
+        for _, p in ipairs(u.static) do
+            pooled[p.addr] = true
+        end
+        for _, p in ipairs(u.c.standby or {}) do
+            pooled[p.addr] = true
+        end
+        local carried = {}
+        for a, c in pairs(cur) do
+            if not c.draining and not pooled[a] then
+                carried[#carried + 1] = { addr = a, weight = c.weight }
+            end
+        end
+        u.carried = #carried > 0 and carried or nil
+    end
+    for _, s in ipairs(u.sources) do
+        s.peers, s.revision, s.scratch, s.empty_since, s.next_at = nil, nil, {}, nil, 0
+    end
 end
 
 -- One look at upstream `u`: when this worker holds the lease, ask the sources that are due and reconcile.
@@ -405,11 +504,30 @@ local function step(u)
         u.owner = false
         return
     end
-    u.owner = true
+    if not u.owner and u.held then -- the lease came back to this worker after another held it
+        take_over(u)
+    end
+    u.owner, u.held = true, true
     update_time()
-    local changed = false
+    local changed = u.changed
+    u.changed = false
     for _, s in ipairs(u.sources) do
-        if now() >= s.next_at and ask(u, s) then
+        if s.watched then
+            if not s.watching then
+                s.watching = true
+                local ok, err = ngx.timer.at(0, watch, u, s)
+                if not ok then
+                    s.watching = false
+                    once(u, "watch " .. s.kind, ngx_ERR, "cannot start the " .. s.kind .. " watch: " .. tostring(err))
+                end
+            end
+            if s.empty_since and now() - s.empty_since >= u.c.empty_grace and not s.error then
+                s.peers, s.changed_at, s.empty_since = {}, now(), nil -- the empty answer stood: believed
+                ngx_log(ngx_NOTICE, "resty.autoscale: discovery of ", u.name, ": ", s.kind, " empty set confirmed ",
+                        "after ", u.c.empty_grace, " s")
+                changed = true
+            end
+        elseif now() >= s.next_at and ask(u, s) then
             changed = true
         end
     end
@@ -483,8 +601,9 @@ function _M.init(library, configuration, upstream_index)
             for _, kind in ipairs(SOURCES) do
                 if c[kind] then
                     u.sources[#u.sources + 1] = {
-                        kind = kind, conf = c[kind], next_at = 0, failures = 0, streak = 0,
-                        retry = kind == "dns" and c[kind].min_ttl or c[kind].interval,
+                        kind = kind, conf = c[kind], next_at = 0, failures = 0, streak = 0, scratch = {},
+                        retry = kind == "dns" and c[kind].min_ttl or c[kind].retry or c[kind].interval,
+                        watched = MODULES[kind].watch,
                     }
                 end
             end
@@ -653,9 +772,13 @@ function _M.state(name)
     end
     local t = now()
     for _, s in ipairs(u.sources) do
-        local list = {}
+        local list, detail = {}, nil
         for i, p in ipairs(s.peers or {}) do
             list[i] = p.addr
+            if p.zone or p.node or p.health then
+                detail = detail or {}
+                detail[p.addr] = { weight = p.weight, zone = p.zone, node = p.node, health = p.health }
+            end
         end
         out.sources[s.kind] = {
             ok = s.last_ok ~= nil and s.error == nil,
@@ -664,7 +787,13 @@ function _M.state(name)
             peers = u.owner and list or nil,
             last_ok_ago = s.last_ok and (t - s.last_ok) or nil,
             next_in = u.owner and max(0, s.next_at - t) or nil,
-            revision = s.revision,
+            revision = s.revision or (s.scratch and s.scratch.rv),
+            -- an episode: from the first failed attempt to the next answer (logged once each way)
+            episodes = s.episodes or 0,
+            down_for = s.down_since and (t - s.down_since) or nil,
+            empty_for = s.empty_since and (t - s.empty_since) or nil,
+            terminating = s.scratch and s.scratch.terminating,
+            detail = u.owner and detail or nil,
         }
     end
     return out

@@ -277,6 +277,9 @@ function Reader:exchange(u, opts)
             return nil, "headers: " .. err
         end
         if line == "" then
+            if opts.stream then -- the body is read by the caller (http.open)
+                return status, "", headers
+            end
             local body
             if opts.method == "HEAD" or status == 204 or status == 304 then
                 body = ""
@@ -294,6 +297,88 @@ function Reader:exchange(u, opts)
         end
     end
     return nil, "headers: more than " .. MAX_HEADERS .. " lines"
+end
+
+-- data, err = r:decoded(): the next piece of a streamed body (chunked or up to the end of the connection); nil and
+-- "closed" at its proper end, nil and "closed mid-chunk" / another error when it ends otherwise
+function Reader:decoded()
+    if not self.chunked_body then
+        if #self.buf > 0 then
+            local data = self.buf
+            self.buf = ""
+            return data
+        end
+        return self:recv(CHUNK)
+    end
+    if self.left == 0 then
+        if self.started then -- the CRLF after the last chunk's data
+            local line, err = self:line()
+            if line ~= "" then
+                return nil, line and "bad chunk end" or (err == "closed" and "closed mid-chunk" or err)
+            end
+        end
+        self.started = true
+        local line, err = self:line()
+        if not line then
+            return nil, err == "closed" and "closed mid-chunk" or err
+        end
+        local size = tonumber(match(line, "^%s*(%x+)%s*[;]?"), 16)
+        if not size then
+            return nil, "bad chunk size"
+        end
+        if size == 0 then
+            return nil, "closed"
+        end
+        self.left = size
+    end
+    local data
+    if #self.buf > 0 then
+        data = sub(self.buf, 1, self.left)
+        self.buf = sub(self.buf, #data + 1)
+    else
+        local err
+        data, err = self:recv(self.left < CHUNK and self.left or CHUNK)
+        if not data then
+            return nil, err == "closed" and "closed mid-chunk" or err
+        end
+    end
+    self.left = self.left - #data
+    return data
+end
+
+-- line, err = stream:line(): the next newline-terminated line of a streamed body (at most max_body bytes); nil and
+-- "closed" at the body's proper end (a last line without its newline is dropped: "closed mid-line")
+function Reader:body_line()
+    local parts, size = self.pending or {}, self.pending_size or 0
+    self.pending, self.pending_size = nil, nil
+    while true do
+        local tail = parts[#parts]
+        local i = tail and find(tail, "\n", 1, true)
+        if i then
+            local line = concat(parts, "", 1, #parts - 1) .. sub(tail, 1, i - 1)
+            local rest = sub(tail, i + 1)
+            if rest ~= "" then
+                self.pending, self.pending_size = { rest }, #rest
+            end
+            return line
+        end
+        if size > self.max_body then
+            return nil, "line over max_body (" .. self.max_body .. " bytes)"
+        end
+        local data, err = self:decoded()
+        if not data then
+            if err == "closed" and size > 0 then
+                err = "closed mid-line"
+            end
+            return nil, err
+        end
+        parts[#parts + 1] = data
+        size = size + #data
+    end
+end
+
+function Reader:close()
+    self.sock:close()
 end
 
 -- status, body, headers = http.request{ url =, method =, headers = {}, body =, timeout = seconds, verify = true,
@@ -315,6 +400,33 @@ function _M.request(opts)
     local status, body, headers = r:exchange(u, opts)
     sock:close()
     return status, body, headers
+end
+
+-- status, stream, headers = http.open{ ...as http.request... }: the status and header of the answer, its body left
+-- to read line by line with stream:line() (see Reader:body_line) or whole with stream:body(), then stream:close();
+-- `timeout` still bounds the whole exchange. Made for streams of JSON lines (a Kubernetes watch). status is nil and stream the error on failure.
+function _M.open(opts)
+    local u, err = _M.parse_url(opts.url)
+    if not u then
+        return nil, "url " .. err
+    end
+    local timeout = opts.timeout or 2
+    ngx_update_time()
+    local sock = tcp()
+    local r = new_reader(sock, timeout, ngx_now() + timeout, opts.max_body or MAX_BODY)
+    local o = setmetatable({ stream = true }, { __index = opts })
+    local status, body, headers = r:exchange(u, o)
+    if not status then
+        sock:close()
+        return nil, body
+    end
+    r.chunked_body = lower(headers["transfer-encoding"] or "") == "chunked"
+    r.left = 0
+    return status, {
+        line = function() return r:body_line() end, -- the next line of the body
+        body = function() return r:body(headers) end, -- the whole body (instead of lines)
+        close = function() r:close() end,
+    }, headers
 end
 
 return _M
