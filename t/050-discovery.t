@@ -102,8 +102,8 @@ __DATA__
 GET /t
 --- response_body
 upstreams.api.discovery: must be a table (got string)
-upstreams.api.discovery: names no source: give standby, dns and/or etcd
-upstreams.api.discovery.typo: unknown option (valid: dns, drain_timeout, etcd, keep_static, standby)
+upstreams.api.discovery: names no source: give standby, dns, etcd, consul and/or kubernetes
+upstreams.api.discovery.typo: unknown option (valid: consul, dns, drain_timeout, empty_grace, etcd, keep_static, kubernetes, standby)
 upstreams.api.discovery.standby: must be a non-empty list of "ip:port" or { addr = "ip:port", weight = n }
 upstreams.api.discovery.standby[1]: must be "ip:port", "[ipv6]:port" or { addr = ..., weight = n } (got "backend:80")
 upstreams.api.discovery.standby[1]: 127.0.0.1:1 is also in peers
