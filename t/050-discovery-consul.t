@@ -255,3 +255,76 @@ refused token: HTTP 403; in the log 0 times; in the status false
 blocking queries used: true; token sent in X-Consul-Token: true
 --- no_error_log
 [error]
+
+
+
+=== TEST 2: bad Consul options and empty_grace are refused with the field path and the reason
+--- config
+    location = /t {
+        content_by_lua_block {
+            local config = require "resty.autoscale.config"
+            local function check(d)
+                local c, err = config.validate { upstreams = { api = { peers = { "127.0.0.1:1" }, discovery = d } } }
+                local d = c and c.upstreams.api.discovery
+                ngx.say(c and ("ok wait " .. d.consul.wait .. " passing " .. tostring(d.consul.passing) .. " grace "
+                               .. d.empty_grace) or err)
+            end
+            local a = "http://127.0.0.1:8500"
+            check { consul = "x" }
+            check { consul = { address = a } }
+            check { consul = { address = "127.0.0.1:8500", service = "api" } }
+            check { consul = { address = "http://127.0.0.1:8500/v1", service = "api" } }
+            check { consul = { address = a, service = "a b" } }
+            check { consul = { address = a, service = "api", tag = "" } }
+            check { consul = { address = a, service = "api", dc = "dc/1" } }
+            check { consul = { address = a, service = "api", passing = "yes" } }
+            check { consul = { address = a, service = "api", wait = 0.5 } }
+            check { consul = { address = a, service = "api", wait = 601 } }
+            check { consul = { address = a, service = "api", timeout = 0 } }
+            check { consul = { address = a, service = "api", retry = -1 } }
+            check { consul = { address = a, service = "api", token = "t", token_env = "CONSUL_HTTP_TOKEN" } }
+            check { consul = { address = a, service = "api", token = "two words" } }
+            check { consul = { address = a, service = "api", token_env = "AUTOSCALE_SURELY_UNSET_TOKEN" } }
+            check { consul = { address = a, service = "api", typo = 1 } }
+            check { consul = { address = a, service = "api" }, empty_grace = -1 }
+            check { consul = { address = a, service = "api" } }
+            check { consul = { address = a, service = "api", tag = "v2", dc = "dc2", passing = false, wait = 30,
+                               token = "s3cr3t" }, empty_grace = 0 }
+        }
+    }
+--- request
+GET /t
+--- response_body
+upstreams.api.discovery.consul: must be a table (got string)
+upstreams.api.discovery.consul.service: must be a service name without spaces, '/', '?', '#' or '&' (got nil)
+upstreams.api.discovery.consul.address: must be Consul's "http://host:port" or "https://host:port" (must start with http:// or https://; got "127.0.0.1:8500")
+upstreams.api.discovery.consul.address: must be Consul's "http://host:port" or "https://host:port" (has a path; got "http://127.0.0.1:8500/v1")
+upstreams.api.discovery.consul.service: must be a service name without spaces, '/', '?', '#' or '&' (got "a b")
+upstreams.api.discovery.consul.tag: must be a tag name without spaces, '/', '?', '#' or '&' (got "")
+upstreams.api.discovery.consul.dc: must be a datacenter name without spaces, '/', '?', '#' or '&' (got "dc/1")
+upstreams.api.discovery.consul.passing: must be true or false (got "yes")
+upstreams.api.discovery.consul.wait: must be between 1 and 600 (got 0.5)
+upstreams.api.discovery.consul.wait: must be between 1 and 600 (got 601)
+upstreams.api.discovery.consul.timeout: must be between 0.1 and 60 (got 0)
+upstreams.api.discovery.consul.retry: must be between 0.05 and 60 (got -1)
+upstreams.api.discovery.consul: give token or token_env, not both
+upstreams.api.discovery.consul.token: must be an ACL token (a non-empty string without spaces)
+upstreams.api.discovery.consul.token_env: environment variable "AUTOSCALE_SURELY_UNSET_TOKEN" is not set (nginx passes it on with `env AUTOSCALE_SURELY_UNSET_TOKEN;` in nginx.conf)
+upstreams.api.discovery.consul.typo: unknown option (valid: address, dc, passing, retry, service, tag, timeout, token, token_env, wait)
+upstreams.api.discovery.empty_grace: must be between 0 and 86400 (got -1)
+ok wait 10 passing true grace 30
+ok wait 30 passing false grace 0
+
+
+
+=== TEST 3: a bad Consul option stops nginx at start, naming the field
+--- http_config
+    init_by_lua_block {
+        require("resty.autoscale").configure { upstreams = { api = { peers = { "127.0.0.1:1" },
+            discovery = { consul = { address = "http://127.0.0.1:8500", service = "api", wait = 0 } } } } }
+    }
+--- config
+    location = /t { return 200; }
+--- must_die
+--- error_log
+upstreams.api.discovery.consul.wait: must be between 1 and 600 (got 0)

@@ -278,3 +278,53 @@ slow answer: deadline named true, failure logged 1, set kept p1,p2,p3; followed 
 token refused: source ok false, set kept meanwhile; rotated file read: true; token in the log 0 times
 --- no_error_log
 [error]
+
+
+
+=== TEST 2: bad Kubernetes options are refused with the field path and the reason
+--- config
+    location = /t {
+        content_by_lua_block {
+            local config = require "resty.autoscale.config"
+            local k8s = "$TEST_NGINX_K8S_DIR/"
+            local function check(k)
+                if type(k) == "table" and k.token_file == nil then k.token_file = k8s .. "token" end
+                if type(k) == "table" and k.ca_file == nil then k.ca_file = k8s .. "ca.crt" end
+                local c, err = config.validate { upstreams = { api = { peers = { "127.0.0.1:1" }, discovery = { kubernetes = k } } } }
+                local v = c and c.upstreams.api.discovery.kubernetes
+                ngx.say(c and ("ok " .. v.namespace .. " " .. v.api .. " " .. v.server_name .. " " .. v.watch_timeout) or err)
+            end
+            local a = "https://127.0.0.1:6443"
+            check "x"
+            check { api = a }
+            check { api = a, service = "API" }
+            check { api = a, service = "api", namespace = "a_b" }
+            check { api = a, service = "api", port_name = "" }
+            check { api = "http://127.0.0.1:6443", service = "api" }
+            check { api = "https://127.0.0.1:6443/api", service = "api" }
+            check { api = a, service = "api", token_file = "/nonexistent/token" }
+            check { api = a, service = "api", watch_timeout = 0 }
+            check { api = a, service = "api", server_name = "a b" }
+            check { api = a, service = "api", labels = {} }
+            check { service = "api" } -- not in a pod: no KUBERNETES_SERVICE_HOST
+            check { api = a, service = "api" }
+            check { api = a, service = "api", namespace = "shop", port_name = "http", watch_timeout = 60 }
+        }
+    }
+--- request
+GET /t
+--- response_body
+upstreams.api.discovery.kubernetes: must be a table (got string)
+upstreams.api.discovery.kubernetes.service: must be a Service name (a DNS label, e.g. "api"; got nil)
+upstreams.api.discovery.kubernetes.service: must be a Service name (a DNS label, e.g. "api"; got "API")
+upstreams.api.discovery.kubernetes.namespace: must be a namespace name (a DNS label; got "a_b")
+upstreams.api.discovery.kubernetes.port_name: must be the Service port's name (a DNS label; got "")
+upstreams.api.discovery.kubernetes.api: must be the API server's "https://host:port" (not https; got "http://127.0.0.1:6443")
+upstreams.api.discovery.kubernetes.api: must be the API server's "https://host:port" (has a path; got "https://127.0.0.1:6443/api")
+upstreams.api.discovery.kubernetes.token_file: cannot read "/nonexistent/token": /nonexistent/token: No such file or directory
+upstreams.api.discovery.kubernetes.watch_timeout: must be between 1 and 3600 (got 0)
+upstreams.api.discovery.kubernetes.server_name: must be a host name (got "a b")
+upstreams.api.discovery.kubernetes.labels: unknown option (valid: api, ca_file, namespace, port_name, retry, server_name, service, timeout, token_file, watch_timeout)
+upstreams.api.discovery.kubernetes.api: not given, and KUBERNETES_SERVICE_HOST is not set (not in a pod): give api = "https://host:port"
+ok default https://127.0.0.1:6443 kubernetes.default.svc 10
+ok shop https://127.0.0.1:6443 kubernetes.default.svc 60

@@ -94,7 +94,7 @@ function _M.validate(path, v)
         local name = v.token_env
         local value = type(name) == "string" and (ENV_TOKENS[name] or os.getenv(name))
         if not value or value == "" then
-            return fail(path .. ".token_env", "environment variable %s is not set (and `env %s;` in nginx.conf)",
+            return fail(path .. ".token_env", "environment variable %s is not set (nginx passes it on with `env %s;` in nginx.conf)",
                         show(name), tostring(name))
         end
         if value:find("[%c%s]") then

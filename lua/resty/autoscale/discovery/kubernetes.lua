@@ -39,6 +39,7 @@ local _M = { watch = true }
 local MAX_BODY = 16 * 1024 * 1024 -- the largest list page or watch event read
 local PAGE = 500 -- slices per list page
 local MAX_PAGES = 1000
+local ENV = {} -- KUBERNETES_SERVICE_HOST / _PORT as the master saw them
 
 _M.defaults = {
     namespace = "default",
@@ -92,7 +93,10 @@ function _M.validate(path, v)
     end
     local api = v.api
     if api == nil then
-        local host, port = os.getenv("KUBERNETES_SERVICE_HOST"), os.getenv("KUBERNETES_SERVICE_PORT") or "443"
+        -- read in the master (init_by_lua) and kept for validations in workers, whose environment nginx clears
+        ENV.host = ENV.host or os.getenv("KUBERNETES_SERVICE_HOST")
+        ENV.port = ENV.port or os.getenv("KUBERNETES_SERVICE_PORT")
+        local host, port = ENV.host, ENV.port or "443"
         if not host or host == "" then
             return fail(path .. ".api", "not given, and KUBERNETES_SERVICE_HOST is not set (not in a pod): give "
                         .. "api = \"https://host:port\"")
@@ -113,7 +117,9 @@ function _M.validate(path, v)
     for _, k in ipairs { "token_file", "ca_file" } do
         out[k] = v[k] == nil and _M.defaults[k] or v[k]
         local data
-        data, err = type(out[k]) == "string" and read_file(out[k])
+        if type(out[k]) == "string" then
+            data, err = read_file(out[k])
+        end
         if not data then
             return fail(path .. "." .. k, "cannot read %s: %s", show(out[k]), tostring(err or "not a path"))
         end
