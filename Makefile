@@ -33,7 +33,7 @@ DEB_PACKAGES := nginx-core libnginx-mod-http-lua lua-resty-core lua-resty-lrucac
 
 SCENARIO ?= headline
 
-.PHONY: all deps build lib test test-rust test-nginx run bench bench-reconfigure demo lab install uninstall cdef clean check-config
+.PHONY: all deps build lib test test-rust test-nginx test-discovery-long run bench bench-reconfigure demo lab install uninstall cdef clean check-config
 
 all: build
 
@@ -66,6 +66,10 @@ test-rust:
 
 test-nginx:
 	$(PROVE) -r $(TESTS)
+
+# The Consul registry away for 30 s under load (make test runs the same with 3 s).
+test-discovery-long: build
+	TEST_AUTOSCALE_OUTAGE=30 $(PROVE) t/050-discovery-consul.t
 
 run: build
 	scripts/demo

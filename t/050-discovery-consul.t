@@ -203,13 +203,24 @@ __DATA__
                 ngx.sleep(outage)
                 local st = process.asker(gw, "api", "consul")
                 ngx.say("registry away: peers ", peers(), ", source ok ", st.ok, ", episodes ", st.episodes - 0 >= 1)
-                server = start("--index-from 5")
                 ngx.thread.wait(th)
                 ngx.say("load during the outage: ", load.errors, " errors, ", load.total > 50, " requests")
+                -- the worker that watches dies while the registry is away: the one taking over keeps the set
+                local _, owner = process.asker(gw, "api", "consul")
+                os.execute("kill -KILL " .. owner)
+                local src
+                assert(t.poll(function()
+                    local s, w = process.asker(gw, "api", "consul")
+                    src = s
+                    return w ~= owner and s.failures >= 1
+                end, 8), "no worker took the lease over")
+                ngx.say("lease taken over while the registry is away: peers ", peers(), ", source ok ", src.ok)
+                server = start("--index-from 5")
                 put { { 1 }, { 2 }, { 3 } }
                 took = within("p1,p2,p3", 6)
                 ngx.say("index went back: the next change followed: ", took ~= nil, ", reset logged ",
                         count("X%-Consul%-Index went back") >= 1)
+                -- once per worker that watched: the one killed, and the one that took over
                 ngx.say("log lines: failed ", count("of api: consul failed") - down, ", answers again ",
                         count("of api: consul answers again") - back)
 
@@ -218,12 +229,15 @@ __DATA__
                 ngx.say("refused token: ", (r.error or ""):match("HTTP 403") or r.error, "; in the log ",
                         count("deadbeef") + count("c0ffee"), " times; in the status ",
                         select(2, t.get(gw, "/discovery")):find("deadbeef", 1, true) ~= nil)
-                local reqs = cjson.decode((select(2, t.get(cport, "/__test/requests"))))
                 local blocking, header = 0, true
-                for _, q in ipairs(reqs) do
-                    if q.query.index and q.query.index ~= "0" and q.query.wait == "2s" then blocking = blocking + 1 end
-                    header = header and q.token_header
-                end
+                t.poll(function() -- the requests since the restart: the watch blocks again after its first read
+                    blocking, header = 0, true
+                    for _, q in ipairs(cjson.decode((select(2, t.get(cport, "/__test/requests"))))) do
+                        if q.query.index and q.query.index ~= "0" and q.query.wait == "2s" then blocking = blocking + 1 end
+                        header = header and q.token_header
+                    end
+                    return blocking >= 1
+                end, 3)
                 ngx.say("blocking queries used: ", blocking >= 1, "; token sent in X-Consul-Token: ", header)
             end)
             if server then server:stop() end
@@ -249,8 +263,9 @@ empty answer, 1 s later: p1,p2
 empty answer stood for empty_grace: p1 after > 1.5 s
 registry away: peers p1,p2, source ok false, episodes true
 load during the outage: 0 errors, true requests
+lease taken over while the registry is away: peers p1,p2, source ok false
 index went back: the next change followed: true, reset logged true
-log lines: failed 1, answers again 1
+log lines: failed 2, answers again 1
 refused token: HTTP 403; in the log 0 times; in the status false
 blocking queries used: true; token sent in X-Consul-Token: true
 --- no_error_log

@@ -476,7 +476,7 @@ end
 -- shared memory that are neither static nor standby) until each has answered: so a registry that is away when the
 -- lease moves does not take its peers out.
 local function take_over(u)
-    if u.carried == nil then
+    if u.carried == nil or #u.carried == 0 then
         local cur = current(u.idx) or {}
         local pooled = {}
         for _, p in ipairs(u.static) do
@@ -504,10 +504,10 @@ local function step(u)
         u.owner = false
         return
     end
-    if not u.owner and u.held then -- the lease came back to this worker after another held it
+    if not u.owner then -- this worker takes the lease (over): its sources start afresh
         take_over(u)
     end
-    u.owner, u.held = true, true
+    u.owner = true
     update_time()
     local changed = u.changed
     u.changed = false
