@@ -210,6 +210,26 @@ fn a_draining_peer_takes_no_new_requests() {
     assert_eq!(health(&r, slots[0], 2 * SEC), state::HEALTHY);
 }
 
+#[test]
+fn a_drained_peer_removed_and_brought_back_takes_requests_again() {
+    let (r, up, slots) = setup(2, OutlierParams::default());
+    let mut rng = XorShift64::new(7);
+    let conf = |n: u16| UpstreamConf {
+        name: "api".into(),
+        params: UpstreamParams::default(),
+        peers: (1..=n).map(|p| PeerConf { addr: format!("127.0.0.1:{p}").parse().unwrap(), weight: 1 }).collect(),
+    };
+    assert!(r.set_draining(slots[1], true, SEC)); // drained on its way out, then removed (its record retired)
+    r.configure(&[conf(1)], 2, &yes, 2 * SEC).unwrap();
+    let up2 = r.configure(&[conf(2)], 3, &yes, 3 * SEC).unwrap()[0]; // named again (a health flap)
+    assert_eq!(up2, up);
+    let back = r.upstream_slots(up);
+    assert_eq!(back, slots, "the retired record is brought back");
+    assert_eq!(health(&r, slots[1], 3 * SEC), state::HEALTHY, "not left draining");
+    let picked = (0..200).filter(|i| r.pick(up, &|_| false, 40 * SEC + i, &mut rng, None).unwrap().slot == slots[1]);
+    assert!(picked.count() > 0, "it takes requests again");
+}
+
 /// Traffic of `clients` sequential clients, one request every `step` µs each, every peer answering `outcome_of(slot)`
 /// after 1 ms, with the upkeep every 0.5 s, over `[from, until)`. Returns the attempts each slot got.
 fn traffic(r: &Region, up: u32, from: u64, until: u64, step: u64, rng: &mut XorShift64) -> std::collections::HashMap<u32, u64> {
