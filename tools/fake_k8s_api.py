@@ -31,7 +31,7 @@ EndpointSlices (discovery.k8s.io/v1), list and watch as the API server serves th
 - resource versions are one counter for the whole store (slices of other services move it too), as etcd's revision.
 Test controls (no token): PUT /__test/endpointslices/<ns>/<name> (body: the slice; it is created or replaced, gets a
 new resourceVersion and is sent to the watches), DELETE /__test/endpointslices/<ns>/<name>, POST /__test/compact
-(every change so far forgotten: older versions answer 410), POST /__test/token (body: the token now required),
+(a list continue token or a new watch from a version before now answers 410; watches already open go on), POST /__test/token (body: the token now required),
 POST /__test/watch-fault {"mode": "cut"|"malformed"|"gone_http"|"slow", "count": n, "delay": s}: the next n watch
 events are cut in the middle, connection closed (cut) / are a line that is not JSON (malformed); the next n watch
 requests answer HTTP 410 (gone_http) / wait `delay` s before their header (slow, lists too).
@@ -191,7 +191,8 @@ def main():
                     cond.notify_all()
                     return self.answer(200, {"resourceVersion": str(store["rv"])})
                 if self.path == "/__test/compact" and method == "POST":
-                    del history[:]
+                    # watches already open go on from where they are (the API server's watch cache); new requests
+                    # for an older version get 410
                     store["oldest"] = store["rv"]
                     return self.answer(200, {"compacted": str(store["rv"])})
                 if self.path == "/__test/token" and method == "POST":
