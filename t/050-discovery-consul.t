@@ -233,7 +233,11 @@ __DATA__
                         count("of api: consul answers again") - back)
 
                 -- the refused token: reported, never written
-                local r = process.asker(gw, "refused", "consul")
+                local r
+                t.poll(function() -- after the outage, its next attempt comes after its backoff
+                    r = process.asker(gw, "refused", "consul")
+                    return (r.error or ""):find("HTTP 403", 1, true) ~= nil
+                end, 5)
                 ngx.say("refused token: ", (r.error or ""):match("HTTP 403") or r.error, "; in the log ",
                         count("deadbeef") + count("c0ffee"), " times; in the status ",
                         select(2, t.get(gw, "/discovery")):find("deadbeef", 1, true) ~= nil)
@@ -276,8 +280,9 @@ index went back: the next change followed: true, reset logged true
 log lines: failed 2, answers again 1
 refused token: HTTP 403; in the log 0 times; in the status false
 blocking queries used: true; token sent in X-Consul-Token: true
---- no_error_log
-[error]
+--- no_error_log eval
+# Stopping the registry can reset a connection that carries a request it has not read yet; nginx's core logs that.
+qr/\[error\](?!.*\(104: Connection reset by peer\))/
 
 
 

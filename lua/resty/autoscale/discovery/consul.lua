@@ -167,9 +167,9 @@ function _M.instance(e, passing)
     return { addr = a, weight = w, node = type(node.Node) == "string" and node.Node or nil, health = health }
 end
 
--- peers, interval, bad, index = consul.fetch(c, last_index, st): the service's instances (nil, err on failure;
--- false when the index has not moved). Blocks up to c.wait when `last_index` is a valid index.
-function _M.fetch(c, last, st)
+-- peers, interval, bad, index = consul.fetch(c, last_index): the service's instances (nil, err on failure; false
+-- when the index has not moved). Blocks up to c.wait when `last_index` is a valid index.
+function _M.fetch(c, last)
     local index = tonumber(last) or 0
     local url = c.address .. c.path .. "?index=" .. index .. (index > 0 and ("&wait=" .. c.wait .. "s") or "")
                 .. c.query
@@ -177,17 +177,12 @@ function _M.fetch(c, last, st)
     if c.token then
         headers["X-Consul-Token"] = c.token
     end
-    local status, stream, head = http.open {
+    local status, body, head = http.request {
         url = url, timeout = (index > 0 and c.wait + c.wait / 16 or 0) + c.timeout, max_body = MAX_BODY,
         headers = headers,
     }
     if not status then
-        return nil, stream
-    end
-    local body, err = stream.body()
-    stream.close()
-    if not body then
-        return nil, "HTTP " .. status .. ", body: " .. tostring(err)
+        return nil, body
     end
     if status ~= 200 then
         local why = status == 403 and " (the ACL token is missing, unknown or lacks service:read)" or ""
