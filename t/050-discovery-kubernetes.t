@@ -149,7 +149,7 @@ __DATA__
                 end
                 return n
             end
-            local function lists() return reqs(function(q) return q.watch == nil end) end
+            local function lists() return reqs(function(q) return q.watch == nil and q.continue == nil end) end -- list starts
             local function source() return process.asker(gw, "api", "kubernetes") end
 
             local api
@@ -227,7 +227,8 @@ __DATA__
                 slice("api-4", {})
                 took = within("p1,p2,p3", 3)
                 ngx.say("malformed event: followed after a relist ", took ~= nil, "; relists ", lists() - listed,
-                        "; logged ", count("an event that is not JSON") >= 1)
+                        "; logged ", count("an event that is not JSON") >= 1, "; lists paged (continue) ",
+                        reqs(function(q) return q.continue ~= nil and q.limit == "3" end) > 0)
 
                 -- a slow answer (the next watch's header after 4 s, past its 3.5 s deadline): a failure, set kept
                 local bad_before = count("of api: kubernetes failed")
@@ -273,7 +274,7 @@ terminating endpoints counted: 1
 bookmark moved the resourceVersion: true; allowWatchBookmarks asked true
 watch cut mid-event: p2 back true; relists 1; failure logged 1; 410 logged true
 HTTP 410: relists 1; the next change followed within 1 s true
-malformed event: followed after a relist true; relists 1; logged true
+malformed event: followed after a relist true; relists 1; logged true; lists paged (continue) true
 slow answer: deadline named true, failure logged 1, set kept p1,p2,p3; followed afterwards true; client errors 0
 token refused: source ok false, set kept meanwhile; rotated file read: true; token in the log 0 times
 --- no_error_log eval
