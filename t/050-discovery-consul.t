@@ -356,3 +356,44 @@ ok wait 30 passing false grace 0
 --- must_die
 --- error_log
 upstreams.api.discovery.consul.wait: must be between 1 and 600 (got 0)
+
+
+
+=== TEST 4: the cost of decoding a Consul answer of 100 and 1,000 instances (logged at notice level, not asserted)
+--- config
+    location = /t {
+        content_by_lua_block {
+            local cjson = require "cjson"
+            local consul = require "resty.autoscale.discovery.consul"
+            for _, n in ipairs { 100, 1000 } do
+                local list = {}
+                for i = 1, n do
+                    list[i] = { Node = { Node = "n" .. i, Address = "10.0." .. (i % 250) .. "." .. (i % 200 + 1) },
+                        Service = { ID = "api-" .. i, Service = "api", Tags = {}, Address = "", Port = 8000 + i,
+                                    Weights = { Passing = 1, Warning = 1 } },
+                        Checks = { { Status = "passing" }, { Status = "passing" } } }
+                end
+                local body = cjson.encode(list)
+                local peers = 0
+                ngx.update_time()
+                local t0 = ngx.now()
+                for _ = 1, 20 do
+                    for _, e in ipairs(cjson.decode(body)) do
+                        peers = peers + (consul.instance(e, true) and 1 or 0)
+                    end
+                end
+                ngx.update_time()
+                ngx.log(ngx.NOTICE, "decode cost of a Consul answer of ", n, " instances (", #body, " bytes): ",
+                        string.format("%.2f", (ngx.now() - t0) / 20 * 1000), " ms")
+                ngx.say(n, " instances: ", peers / 20, " peers")
+            end
+        }
+    }
+--- log_level: notice
+--- request
+GET /t
+--- response_body
+100 instances: 100 peers
+1000 instances: 1000 peers
+--- error_log
+decode cost of a Consul answer of 1000 instances
