@@ -16,8 +16,8 @@ Serves plain HTTP on 127.0.0.1 and answers as a Consul agent does, after these r
   rights: default-deny policy).
 - Answers a JSON list of {"Node": {...}, "Service": {...}, "Checks": [...]} with `X-Consul-Index` (the service's
   modify index), `X-Consul-KnownLeader: true`, `X-Consul-LastContact: 0`, `Content-Type: application/json`.
-  `tag` keeps the instances having that tag; `passing` (any value but "false"/"0") keeps those whose checks all pass
-  (warning counts as passing only with the query's `warning` value, which Consul does not have: it is left out).
+  `tag` keeps the instances having that tag; `passing` (any value but "false"/"0") keeps only those whose checks
+  all pass (an instance with a warning or critical check is left out, as Consul's `passing` filter does).
 - Blocking: with `index` >= the current index, the answer waits until the service changes or `wait` (default 5 min)
   plus a random jitter of up to wait/16 has passed, then answers with the current index (unchanged on timeout).
   The index is the Raft index of the service's last change; it only grows (but see --index-from).
