@@ -297,6 +297,19 @@ impl Region {
         word & (1 << (status % 64)) != 0
     }
 
+    /// How an attempt on upstream `idx` that got an HTTP response with `status` ended: a failure when the upstream
+    /// counts the status as one (502 to 504 as gateway errors), [`Outcome::Aborted`] for 0 and 499 (the client went
+    /// away before a response), else a success.
+    #[inline]
+    pub fn response_outcome(&self, idx: u32, status: u32) -> Outcome {
+        match status {
+            0 | 499 => Outcome::Aborted,
+            502..=504 if self.fails_on(idx, status) => Outcome::Gateway,
+            _ if self.fails_on(idx, status) => Outcome::Http5xx,
+            _ => Outcome::Success,
+        }
+    }
+
     /// Reads an upstream's tunables and peer count consistently; `Ok(None)` for an index that is no upstream.
     ///
     /// # Errors

@@ -82,6 +82,19 @@ pub enum LayoutError {
     Mismatch { have: Params, want: Params },
 }
 
+/// Why [`Region::from_shared_raw`] refused a region.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AttachError {
+    #[error("no shared region")]
+    Null,
+    #[error("the memory is not a resty.autoscale region (magic number)")]
+    Magic,
+    #[error("the shared region has layout version {have}, this build needs layout version {want}")]
+    Version { have: u32, want: u32 },
+    #[error("the shared region's header does not match its size")]
+    Size,
+}
+
 fn differences(have: &Params, want: &Params) -> String {
     let fields = [
         ("max_upstreams", have.max_upstreams, want.max_upstreams),
@@ -398,6 +411,20 @@ pub struct Peer<'a> {
     pub inflight_by_worker: &'a [AtomicI32],
 }
 
+impl Header {
+    /// The parameters the header records.
+    fn params(&self) -> Params {
+        Params {
+            max_upstreams: self.max_upstreams.load(Relaxed),
+            max_peers: self.max_peers.load(Relaxed),
+            max_workers: self.max_workers.load(Relaxed),
+            window_buckets: self.window_buckets.load(Relaxed),
+            bucket_ms: self.bucket_ms.load(Relaxed),
+            rate_slots: self.rate_slots.load(Relaxed),
+        }
+    }
+}
+
 const fn round64(n: usize) -> usize {
     (n + 63) & !63
 }
@@ -547,6 +574,41 @@ impl Region {
         h.magic.store(MAGIC, Release);
     }
 
+    /// The region another copy of this code mapped in this process at `base` (the native nginx module works on the
+    /// region the library made, see docs/native-module.md): the header must carry this build's magic number, layout
+    /// version and a size matching its parameters. The memory is borrowed, never unmapped.
+    ///
+    /// # Errors
+    /// [`AttachError`] naming the layout version found and the one of this build.
+    ///
+    /// # Safety
+    /// `base` must be the start of a live mapping made by [`Region::new_shared`] (of any version: only its header is
+    /// read before the checks) that stays mapped for the life of the process.
+    pub unsafe fn from_shared_raw(base: *mut u8) -> Result<Region, AttachError> {
+        let base = NonNull::new(base).ok_or(AttachError::Null)?;
+        // SAFETY: the caller guarantees a mapping of at least a header (every version begins with magic and version).
+        let h = unsafe { &*(base.as_ptr() as *const Header) };
+        if h.magic.load(Acquire) != MAGIC {
+            return Err(AttachError::Magic);
+        }
+        let version = h.version.load(Relaxed);
+        if version != LAYOUT_VERSION {
+            return Err(AttachError::Version { have: version, want: LAYOUT_VERSION });
+        }
+        let params = h.params();
+        params.validate().map_err(|_| AttachError::Size)?;
+        let layout = Layout::new(params);
+        if h.total_size.load(Relaxed) != layout.total as u64 {
+            return Err(AttachError::Size);
+        }
+        Ok(Region { base, layout, _backing: Backing::Shared })
+    }
+
+    /// The address of the region's first byte (for [`Region::from_shared_raw`] in another copy of this code).
+    pub fn base_ptr(&self) -> *mut u8 {
+        self.base.as_ptr()
+    }
+
     /// Verifies the header against this build and `want`.
     pub fn check(&self, want: &Params) -> Result<(), LayoutError> {
         let h = self.header();
@@ -556,14 +618,7 @@ impl Region {
         {
             return Err(LayoutError::Foreign);
         }
-        let have = Params {
-            max_upstreams: h.max_upstreams.load(Relaxed),
-            max_peers: h.max_peers.load(Relaxed),
-            max_workers: h.max_workers.load(Relaxed),
-            window_buckets: h.window_buckets.load(Relaxed),
-            bucket_ms: h.bucket_ms.load(Relaxed),
-            rate_slots: h.rate_slots.load(Relaxed),
-        };
+        let have = h.params();
         if have != self.layout.params {
             return Err(LayoutError::Foreign);
         }
@@ -716,6 +771,31 @@ mod tests {
         assert_eq!(std::mem::size_of::<WindowBucket>() % 8, 0);
         assert_eq!(std::mem::size_of::<Event>() % 8, 0);
         assert_eq!(std::mem::size_of::<AdmissionHead>() % 8, 0);
+    }
+
+    #[test]
+    fn from_shared_raw_sees_the_same_records_and_refuses_other_versions() {
+        let p = Params { max_upstreams: 2, max_peers: 3, max_workers: 2, window_buckets: 2, bucket_ms: 1000, rate_slots: 64 };
+        let r = Region::new_heap(p, 7).unwrap();
+        // SAFETY: `r` is a live region for the whole test.
+        let view = unsafe { Region::from_shared_raw(r.base_ptr()) }.unwrap();
+        assert_eq!(*view.params(), p);
+        view.peer(2).inflight_by_worker[1].store(5, Relaxed);
+        assert_eq!(r.peer(2).inflight_by_worker[1].load(Relaxed), 5);
+        r.header().version.store(LAYOUT_VERSION + 1, Relaxed);
+        // SAFETY: as above.
+        let err = unsafe { Region::from_shared_raw(r.base_ptr()) }.err().unwrap();
+        assert_eq!(err, AttachError::Version { have: LAYOUT_VERSION + 1, want: LAYOUT_VERSION });
+        assert!(err.to_string().contains(&format!("layout version {}", LAYOUT_VERSION + 1)), "{err}");
+        r.header().version.store(LAYOUT_VERSION, Relaxed);
+        r.header().total_size.store(1, Relaxed);
+        // SAFETY: as above.
+        assert_eq!(unsafe { Region::from_shared_raw(r.base_ptr()) }.err(), Some(AttachError::Size));
+        r.header().magic.store(0, Relaxed);
+        // SAFETY: as above.
+        assert_eq!(unsafe { Region::from_shared_raw(r.base_ptr()) }.err(), Some(AttachError::Magic));
+        // SAFETY: NULL is refused before any read.
+        assert_eq!(unsafe { Region::from_shared_raw(std::ptr::null_mut()) }.err(), Some(AttachError::Null));
     }
 
     #[test]
