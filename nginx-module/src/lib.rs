@@ -463,7 +463,12 @@ unsafe extern "C" fn get_peer(pc: *mut ngx_peer_connection_t, data: *mut c_void)
 
 #[inline]
 unsafe fn get(pc: &mut ngx_peer_connection_t, pd: &mut PeerData) -> ngx_int_t {
+    // as nginx's own balancers: keepalive sets `cached` again when it hands out a cached connection (nginx gives a
+    // failed cached connection its try back, so a stale flag would give every later failure its try back too)
+    pc.set_cached(0);
+    pc.connection = ptr::null_mut();
     let (Some(region), Some(w)) = (REGION.get(), (*WORKER.0.get()).as_mut()) else {
+        pc.tries = 0;
         return NGX_BUSY as ngx_int_t;
     };
     let conf = &mut *pd.conf;
@@ -480,7 +485,10 @@ unsafe fn get(pc: &mut ngx_peer_connection_t, pd: &mut PeerData) -> ngx_int_t {
         }
     }
     let Ok(p) = pick else {
-        return NGX_BUSY as ngx_int_t; // nginx answers 502 "no live upstreams" (error_page can turn it into a fallback)
+        // nginx answers 502 "no live upstreams" (error_page can turn it into a fallback); no tries left, or nginx,
+        // which retries "no live upstreams" while tries remain, would ask again at once, and again
+        pc.tries = 0;
+        return NGX_BUSY as ngx_int_t;
     };
     let Some(cp) = w.peers.get_mut(p.slot as usize) else {
         region.end_attempt(p.slot, p.gen, w.col, Outcome::Aborted, 0, now);
