@@ -34,9 +34,9 @@ our $Mixed = $::Backends . <<'_EOC_';
     init_by_lua_block {
         autoscale = require "resty.autoscale"
         local peers = { "127.0.0.1:$TEST_NGINX_RAND_PORT_1", "127.0.0.1:$TEST_NGINX_RAND_PORT_2", "127.0.0.1:$TEST_NGINX_RAND_PORT_3" }
-        local opts = { peers = peers, algorithm = "round_robin", retries = 2, slow_start = 0,
-                       outlier = { consecutive_gateway_failures = 1000, consecutive_5xx = 1000 } }
-        autoscale.configure { upstreams = { lua_up = opts, nat_up = opts } }
+        local function opts() return { peers = peers, balancer = "round_robin", retries = 2, slow_start = 0,
+                       outlier = { consecutive_gateway_failures = 1000, consecutive_5xx = 1000 } } end
+        autoscale.configure { upstreams = { lua_up = opts(), nat_up = opts() } }
     }
     init_worker_by_lua_block { autoscale.init_worker() }
     upstream lua_up {
