@@ -38,7 +38,7 @@ DEB_PACKAGES := nginx-core libnginx-mod-http-lua lua-resty-core lua-resty-lrucac
 
 SCENARIO ?= headline
 
-.PHONY: all deps build lib module test test-rust test-nginx test-native run bench bench-reconfigure demo lab install uninstall cdef clean check-config
+.PHONY: all deps build lib module test test-rust test-nginx test-native test-native-long run bench bench-reconfigure demo lab install uninstall cdef clean check-config
 
 all: build
 
@@ -85,10 +85,16 @@ test-rust:
 test-nginx:
 	$(PROVE) -r $(TESTS)
 
-# The behaviour suites again, against native upstreams (`autoscale backend;` instead of balancer_by_lua).
-NATIVE_TESTS ?= t/003-balancing.t t/004-workers.t t/008-resilience.t t/007-no-alloc.t
+# The behaviour suites again, against native upstreams (`autoscale backend;` instead of balancer_by_lua): balancing,
+# workers / reload / SIGKILL and no-allocation in `make test` (about 55 s on 2 cores); `make test-native-long` adds
+# the resilience suite (ejection, half-open, panic mode, fallback: about 100 s more).
+NATIVE_TESTS ?= t/003-balancing.t t/004-workers.t t/007-no-alloc.t
+NATIVE_LONG_TESTS ?= t/008-resilience.t
 test-native:
 	AUTOSCALE_NATIVE=1 $(PROVE) $(NATIVE_TESTS)
+
+test-native-long:
+	AUTOSCALE_NATIVE=1 $(PROVE) $(NATIVE_TESTS) $(NATIVE_LONG_TESTS)
 
 run: build
 	scripts/demo

@@ -212,3 +212,29 @@ qr/the shared region has layout version 99, this build needs layout version \d+ 
 --- must_die
 --- error_log
 "autoscale" must be the first balancing directive of upstream "api"
+
+
+
+=== TEST 7: the only peer refuses and no retry is left: nginx's 502 becomes the configured fallback
+--- http_config
+    init_by_lua_block {
+        autoscale = require "resty.autoscale"
+        autoscale.configure { upstreams = { api = { peers = { "127.0.0.1:$TEST_NGINX_RAND_PORT_1" }, retries = 0,
+                              fallback = { status = 503, retry_after = 3 } } } }
+    }
+    init_worker_by_lua_block { autoscale.init_worker() }
+    upstream api { server 0.0.0.1; autoscale; keepalive 4; }
+--- config
+    location = /t {
+        proxy_pass http://api;
+        proxy_next_upstream error timeout http_502;
+        error_page 502 504 = @fallback;
+    }
+    location @fallback { content_by_lua_block { autoscale.fallback("api") } }
+--- request
+GET /t
+--- error_code: 503
+--- response_headers
+Retry-After: 3
+--- response_body
+{"error":"service unavailable","upstream":"api","retry_after":3}
