@@ -30,7 +30,8 @@ use std::ffi::{c_char, c_int, c_void, CStr};
 use std::net::SocketAddr;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::ptr;
-use std::sync::OnceLock;
+use std::sync::atomic::AtomicPtr;
+use std::sync::atomic::Ordering::{Acquire, Release};
 
 /// The ABI version of `libresty_autoscale.so` this module was built with (from `src/lib.rs`, see build.rs).
 const LIB_ABI_VERSION: u32 = parse_u32(env!("AUTOSCALE_LIB_ABI_VERSION"));
@@ -116,15 +117,30 @@ struct WorkerCell(UnsafeCell<Option<Worker>>);
 unsafe impl Sync for WorkerCell {}
 static WORKER: WorkerCell = WorkerCell(UnsafeCell::new(None));
 
-/// The library's region, seen through this module's copy of the engine (set in the master at start-up).
-static REGION: OnceLock<Region> = OnceLock::new();
-
 /// Functions of the loaded `libresty_autoscale.so`.
 #[derive(Clone, Copy)]
 struct Library {
     worker_attach: unsafe extern "C" fn() -> c_int,
 }
-static LIBRARY: OnceLock<Library> = OnceLock::new();
+
+/// The library's region, seen through this module's copy of the engine, and the library's functions.
+struct Shared {
+    region: Region,
+    lib: Library,
+}
+
+/// Set in the master at start-up (and again at a reload that brings another library and region: the previous one
+/// is left in place, never freed, for whoever still holds it); workers inherit it.
+static SHARED: AtomicPtr<Shared> = AtomicPtr::new(ptr::null_mut());
+
+fn shared() -> Option<&'static Shared> {
+    // SAFETY: SHARED is NULL or a leaked Box, never freed.
+    unsafe { SHARED.load(Acquire).as_ref() }
+}
+
+fn region() -> Option<&'static Region> {
+    shared().map(|s| &s.region)
+}
 
 /// Runs `f`, turning a panic into `fallback`: nothing unwinds into nginx.
 fn guard<T>(fallback: T, f: impl FnOnce() -> T) -> T {
@@ -316,18 +332,19 @@ unsafe extern "C" fn startup_check(zone: *mut ngx_shm_zone_t, _old: *mut c_void)
 unsafe fn check(confs: &[*mut SrvConf]) -> Result<(), String> {
     let first = confs.first().map(|c| (**c).name().to_owned()).unwrap_or_default();
     let (path, lib, base) = find_library().map_err(|e| format!("upstream \"{first}\": {e}"))?;
-    let region = match REGION.get() {
-        Some(r) if r.base_ptr() == base => r,
-        Some(_) => return Err(format!("{path}: the shared region moved (restart nginx)")),
-        None => {
-            let r = Region::from_shared_raw(base).map_err(|e| {
+    let region = match shared() {
+        Some(s) if s.region.base_ptr() == base && s.lib.worker_attach as usize == lib.worker_attach as usize => {
+            &s.region
+        }
+        _ => {
+            let region = Region::from_shared_raw(base).map_err(|e| {
                 format!("{path}: {e} (this module: layout version {LAYOUT_VERSION}; build the module and the library from the same release)")
             })?;
-            let _ = REGION.set(r);
-            REGION.get().ok_or("no region")?
+            let s: &'static Shared = Box::leak(Box::new(Shared { region, lib }));
+            SHARED.store(s as *const Shared as *mut Shared, Release);
+            &s.region
         }
     };
-    let _ = LIBRARY.set(lib);
     for &c in confs {
         let c = &mut *c;
         let name = c.name();
@@ -402,7 +419,7 @@ unsafe fn find_library() -> Result<(String, Library, *mut u8), String> {
 unsafe extern "C" fn init_process(cycle: *mut ngx_cycle_t) -> ngx_int_t {
     let log_ = (*cycle).log;
     guard(NGX_OK as ngx_int_t, || {
-        let (Some(region), Some(lib)) = (REGION.get(), LIBRARY.get()) else {
+        let Some(Shared { region, lib }) = shared() else {
             return NGX_OK as ngx_int_t; // no autoscale upstream in this configuration
         };
         let col = (lib.worker_attach)();
@@ -467,7 +484,7 @@ unsafe fn get(pc: &mut ngx_peer_connection_t, pd: &mut PeerData) -> ngx_int_t {
     // failed cached connection its try back, so a stale flag would give every later failure its try back too)
     pc.set_cached(0);
     pc.connection = ptr::null_mut();
-    let (Some(region), Some(w)) = (REGION.get(), (*WORKER.0.get()).as_mut()) else {
+    let (Some(region), Some(w)) = (region(), (*WORKER.0.get()).as_mut()) else {
         pc.tries = 0;
         return NGX_BUSY as ngx_int_t;
     };
@@ -571,7 +588,7 @@ unsafe fn free(pc: &mut ngx_peer_connection_t, pd: &mut PeerData, state: ngx_uin
     }
     let (slot, gen) = (pd.slot, pd.gen);
     pd.slot = NO_SLOT;
-    let (Some(region), Some(w)) = (REGION.get(), (*WORKER.0.get()).as_mut()) else {
+    let (Some(region), Some(w)) = (region(), (*WORKER.0.get()).as_mut()) else {
         return;
     };
     let now = now_us();
