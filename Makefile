@@ -10,7 +10,7 @@
 #                 NGINX_SOURCE_DIR (default /usr/share/nginx/src, Debian's nginx-dev) or an already configured
 #                 NGINX_BUILD_DIR (its objs/ directory); see docs/native-module.md
 #   make install  every Lua module under lua/, the library and (when built) the native module; PREFIX=/usr/local,
-#                 DESTDIR (staging root), NGINX_MODULES_DIR=/usr/lib/nginx/modules (the native module),
+#                 DESTDIR (staging root), NGINX_MODULES_DIR=/usr/lib/nginx/modules (the native module; empty: not it),
 #                 LUA_LIB_DIR=$(PREFIX)/share/lua/5.1 (Lua files), LUA_CLIB_DIR=$(PREFIX)/lib/lua/5.1 (the .so)
 #   make uninstall  removes what `make install` put there (same variables)
 #   make check-config CONF=/etc/nginx/nginx.conf (or a .lua file returning the configuration): what nginx -t cannot see
@@ -135,14 +135,15 @@ install: $(LIB)
 	sed -e 's|^INSTALLED_LUA_DIR=$$|INSTALLED_LUA_DIR=$(LUA_LIB_DIR)|' -e 's|^INSTALLED_LIB_DIR=$$|INSTALLED_LIB_DIR=$(LUA_CLIB_DIR)|' \
 		bin/resty-autoscale-check > $(DESTDIR)$(BINDIR)/resty-autoscale-check
 	chmod 0755 $(DESTDIR)$(BINDIR)/resty-autoscale-check
-	@if [ -f $(MODULE) ]; then \
+	@if [ -f $(MODULE) ] && [ -n "$(NGINX_MODULES_DIR)" ]; then \
 		echo "install $(DESTDIR)$(NGINX_MODULES_DIR)/ngx_http_autoscale_module.so"; \
 		install -D -m 0644 $(MODULE) $(DESTDIR)$(NGINX_MODULES_DIR)/ngx_http_autoscale_module.so; \
-	else echo "(no native module: make module builds it)"; fi
+	elif [ -n "$(NGINX_MODULES_DIR)" ]; then echo "(no native module: make module builds it)"; fi
 
 uninstall:
 	rm -f $(addprefix $(DESTDIR)$(LUA_LIB_DIR)/,$(LUA_MODULES)) $(DESTDIR)$(LUA_CLIB_DIR)/libresty_autoscale.so \
-		$(DESTDIR)$(BINDIR)/resty-autoscale-check $(DESTDIR)$(NGINX_MODULES_DIR)/ngx_http_autoscale_module.so
+		$(DESTDIR)$(BINDIR)/resty-autoscale-check \
+		$(if $(NGINX_MODULES_DIR),$(DESTDIR)$(NGINX_MODULES_DIR)/ngx_http_autoscale_module.so)
 	-rmdir $(DESTDIR)$(LUA_LIB_DIR)/resty/autoscale/discovery $(DESTDIR)$(LUA_LIB_DIR)/resty/autoscale 2>/dev/null
 
 clean:

@@ -361,16 +361,18 @@ unsafe fn check(confs: &[*mut SrvConf]) -> Result<(), String> {
 unsafe fn find_library() -> Result<(String, Library, *mut u8), String> {
     let mut paths: Vec<String> = Vec::new();
     unsafe extern "C" fn each(info: *mut libc::dl_phdr_info, _size: usize, data: *mut c_void) -> c_int {
-        let paths = &mut *(data as *mut Vec<String>);
-        let name = (*info).dlpi_name;
-        if !name.is_null() {
-            let s = CStr::from_ptr(name).to_string_lossy();
-            let file = s.rsplit('/').next().unwrap_or("");
-            if file == "libresty_autoscale.so" || file == "resty_autoscale.so" {
-                paths.push(s.into_owned());
+        guard(1, || {
+            let paths = &mut *(data as *mut Vec<String>);
+            let name = (*info).dlpi_name;
+            if !name.is_null() {
+                let s = CStr::from_ptr(name).to_string_lossy();
+                let file = s.rsplit('/').next().unwrap_or("");
+                if file == "libresty_autoscale.so" || file == "resty_autoscale.so" {
+                    paths.push(s.into_owned());
+                }
             }
-        }
-        0
+            0
+        })
     }
     libc::dl_iterate_phdr(Some(each), &mut paths as *mut Vec<String> as *mut c_void);
     if paths.is_empty() {
