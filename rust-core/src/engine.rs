@@ -23,6 +23,7 @@ use crate::rng::Rng;
 use crate::select::{Algorithm, PeerView};
 use crate::slowstart::SlowStart;
 use crate::window::{counter, Outcome, WindowSum};
+use std::cell::Cell;
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::atomic::{fence, Ordering::*};
@@ -941,6 +942,7 @@ impl Region {
                 tried: &excluded,
                 panic: up.head.panic.load(Relaxed) != 0,
                 slow: slow_threshold(up.head, &params),
+                costs: Cell::new([(u32::MAX, 0.0); 2]),
             };
             let ticket = if params.algorithm == Algorithm::RoundRobin {
                 up.head.ticket.fetch_add(1, Relaxed)
@@ -1412,6 +1414,9 @@ struct ShmView<'a, T: Fn(u32) -> bool> {
     panic: bool,
     /// Slow-peer threshold (µs) and cost multiplier.
     slow: (f64, f64),
+    /// The last two costs computed, `(index, cost)`: P2C compares two peers and the pick then reports the winner's
+    /// cost, which so is not computed twice (one decayed estimate and its loads fewer per pick).
+    costs: Cell<[(u32, f64); 2]>,
 }
 
 impl<T: Fn(u32) -> bool> ShmView<'_, T> {
@@ -1467,13 +1472,23 @@ impl<T: Fn(u32) -> bool> PeerView for ShmView<'_, T> {
 
     #[inline(always)]
     fn cost(&self, i: u32) -> f64 {
+        let [a, b] = self.costs.get();
+        if a.0 == i {
+            return a.1;
+        }
+        if b.0 == i {
+            return b.1;
+        }
         let h = self.head(i);
         // A probe costs nothing: its estimate, inflated by the failures that ejected it, would lose every comparison
         // and it would never come back. claim() keeps the probes to `half_open_probes` at once.
-        if self.must_probe(h) {
-            return 0.0;
-        }
-        load_cost(h, self.decay_us, self.slow, self.now_us)
+        let c = if self.must_probe(h) {
+            0.0
+        } else {
+            load_cost(h, self.decay_us, self.slow, self.now_us)
+        };
+        self.costs.set([(i, c), a]);
+        c
     }
 
     #[inline]
