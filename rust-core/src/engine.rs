@@ -18,6 +18,7 @@ use crate::ewma;
 use crate::health::{self, OutlierParams};
 use crate::layout::{state, LayoutError, Peer, PeerHead, Region, Upstream, UpstreamHead};
 use crate::owner::{self, Processes};
+use crate::report::ReportView;
 use std::sync::atomic::AtomicU64;
 use crate::rng::Rng;
 use crate::select::{Algorithm, PeerView};
@@ -775,6 +776,7 @@ impl Region {
         h.probes.store(0, Relaxed);
         h.probe_us.store(0, Relaxed);
         h.half_open_us.store(0, Relaxed);
+        self.reset_report(slot);
         h.state.store(state::ACTIVE, Release);
     }
 
@@ -928,6 +930,7 @@ impl Region {
                 tried: &excluded,
                 panic: up.head.panic.load(Relaxed) != 0,
                 slow: slow_threshold(up.head, &params),
+                reports: ReportView::read(up.head),
             };
             let ticket = if params.algorithm == Algorithm::RoundRobin {
                 up.head.ticket.fetch_add(1, Relaxed)
@@ -1265,6 +1268,7 @@ impl Region {
         }
         for idx in 0..self.params().max_upstreams {
             self.update_baseline(idx, now_us);
+            self.update_reports(idx, now_us);
             self.sweep(idx, now_us, rng);
         }
     }
@@ -1353,7 +1357,15 @@ impl Region {
             totals,
             total_latency_us: h.total_latency_us.load(Relaxed),
             ewma_us: self.decayed_estimate(&peer, params.decay_us as f64, now_us),
-            cost: load_cost(h, params.decay_us as f64, self.slow_threshold(up_idx), now_us),
+            cost: {
+                let reports = if up_idx < p.max_upstreams { ReportView::read(self.upstream(up_idx).head) } else { ReportView::OFF };
+                let slow = self.slow_threshold(up_idx);
+                if reports.flags != 0 {
+                    reported_load_cost(h, params.decay_us as f64, slow, now_us, &reports)
+                } else {
+                    load_cost(h, params.decay_us as f64, slow, now_us)
+                }
+            },
             slow_start: ramp(h, &params.slow_start, now_us),
             added_us: h.added_us.load(Relaxed),
             health: h.health.load(Acquire),
@@ -1399,6 +1411,8 @@ struct ShmView<'a, T: Fn(u32) -> bool> {
     panic: bool,
     /// Slow-peer threshold (µs) and cost multiplier.
     slow: (f64, f64),
+    /// Backend-reported load: off (one load, one branch per cost) unless the upstream reads reports.
+    reports: ReportView,
 }
 
 impl<T: Fn(u32) -> bool> ShmView<'_, T> {
@@ -1459,6 +1473,9 @@ impl<T: Fn(u32) -> bool> PeerView for ShmView<'_, T> {
         // and it would never come back. claim() keeps the probes to `half_open_probes` at once.
         if self.must_probe(h) {
             return 0.0;
+        }
+        if self.reports.flags != 0 {
+            return reported_load_cost(h, self.decay_us, self.slow, self.now_us, &self.reports);
         }
         load_cost(h, self.decay_us, self.slow, self.now_us)
     }
@@ -1606,6 +1623,17 @@ fn load_cost(h: &PeerHead, decay_us: f64, slow: (f64, f64), now_us: u64) -> f64 
     } else {
         cost
     }
+}
+
+/// [`load_cost`] of a peer of an upstream that reads reports (see [`crate::report`]).
+#[inline(never)]
+fn reported_load_cost(h: &PeerHead, decay_us: f64, slow: (f64, f64), now_us: u64, r: &ReportView) -> f64 {
+    let plain = load_cost(h, decay_us, slow, now_us);
+    let (est, elapsed) = ewma::unpack(h.ewma.load(Relaxed), now_us);
+    let est = ewma::decayed(est, elapsed, decay_us).max(1.0);
+    let inflight = h.inflight.load(Relaxed).max(0) as f64;
+    let m = if est > slow.0 && h.totals[counter::REQUESTS].load(Relaxed) > 0 { slow.1 } else { 1.0 };
+    r.cost(h, est, inflight, m, plain, now_us)
 }
 
 /// Writes outlier parameters into their slots of an upstream record.

@@ -1,0 +1,187 @@
+# vim:set ft= ts=4 sw=4 et:
+# Backend-reported load: a backend reporting its utilization in ORCA's endpoint-load-metrics header gets traffic in
+# proportion to its capacity; a backend answering 503 with Retry-After backs off without being ejected; a malformed
+# report is ignored and counted.
+
+use lib 't';
+use Autoscale;
+
+workers(2);
+master_on();
+worker_connections(1024); # 24 clients: client, gateway and backend sides of each share the two workers
+
+# Four backends; each serves `cap:<port>` requests at once in 5 ms and shares its time beyond that (processor
+# sharing: n in flight take 5 ms x n / cap), and reports its utilization (in flight / cap) when `report` is set.
+# `shed:<port>` makes it answer half its requests 503 with Retry-After: 2; `garbage` sends a malformed report.
+our $Backends = <<'_EOC_';
+    lua_shared_dict ctl 1m;
+    server {
+        listen 127.0.0.1:$TEST_NGINX_RAND_PORT_1;
+        listen 127.0.0.1:$TEST_NGINX_RAND_PORT_2;
+        listen 127.0.0.1:$TEST_NGINX_RAND_PORT_3;
+        listen 127.0.0.1:$TEST_NGINX_RAND_PORT_4;
+        keepalive_requests 1000000;
+        location / {
+            content_by_lua_block {
+                local port = ngx.var.server_port
+                local ctl = ngx.shared.ctl
+                local cap = ctl:get("cap:" .. port) or 8
+                local n = ctl:incr("if:" .. port, 1, 0)
+                ngx.sleep(0.005 * math.max(1, n / cap))
+                local now_n = ctl:get("if:" .. port) or n
+                if ctl:get("garbage") then
+                    ngx.header["endpoint-load-metrics"] = "TEXT cpu_utilization=lots"
+                elseif ctl:get("report") then
+                    ngx.header["endpoint-load-metrics"] = string.format("TEXT cpu_utilization=%.3f", now_n / cap)
+                end
+                ctl:incr("if:" .. port, -1)
+                if ctl:get("shed:" .. port) and math.random() < 0.5 then
+                    ngx.status = 503
+                    ngx.header["Retry-After"] = "2"
+                end
+                ngx.say(port)
+            }
+        }
+    }
+_EOC_
+
+our $Gateway = <<'_EOC_';
+    location /p {
+        proxy_pass http://backend;
+        proxy_http_version 1.1;
+        proxy_set_header Connection "";
+        log_by_lua_block { autoscale.log() }
+    }
+_EOC_
+
+our $Four = '"127.0.0.1:$TEST_NGINX_RAND_PORT_1", "127.0.0.1:$TEST_NGINX_RAND_PORT_2", "127.0.0.1:$TEST_NGINX_RAND_PORT_3", "127.0.0.1:$TEST_NGINX_RAND_PORT_4"';
+
+# The load of TESTs 1 and 2: capacities 4/8/8/8, 24 clients back to back for 1.5 s (settling, after the 0.5 s
+# blackout), then 3 s measured; the weak backend's share of the measured part.
+our $Heterogeneous = <<'_EOC_';
+            local t = require "autoscale_test"
+            local ctl = ngx.shared.ctl
+            local weak = "$TEST_NGINX_RAND_PORT_1"
+            ctl:set("cap:" .. weak, 4)
+            ctl:set("report", ngx.var.arg_report == "1")
+            local port = ngx.var.server_port
+            t.load { port = port, path = "/p", concurrency = 24, duration = 1.5 }
+            local r = t.load { port = port, path = "/p", concurrency = 24, duration = 3 }
+            local share = t.share(r, weak .. "\n")
+            ngx.log(ngx.NOTICE, string.format("weak backend share %.4f (capacity share 0.1429) of %d requests, reports %s",
+                    share, r.total, ngx.var.arg_report))
+_EOC_
+
+sub http_config { $::Backends . gateway_upstream(@_) }
+
+run_tests();
+
+__DATA__
+
+=== TEST 1: reports on: the backend with half the capacity gets its capacity share (4/28) within +-2 points, within 5 s
+--- http_config eval: ::http_config($::Four, "slow_start = 0, reports = { blackout = 0.5 }")
+--- config eval
+$::Gateway . <<'_EOC_' . $::Heterogeneous . <<'_EOC_';
+    location = /t {
+        content_by_lua_block {
+_EOC_
+            ngx.say("within 2 points ", math.abs(share - 4 / 28) <= 0.02)
+            local st = autoscale.status("backend")
+            local p = t.peer(st, "127.0.0.1:" .. weak)
+            ngx.say("reported ", p.reported.used, " ", p.reported.reports > 0, " ", p.reported.malformed)
+            ngx.say("errors ", r.errors)
+        }
+    }
+_EOC_
+--- request
+GET /t?report=1
+--- timeout: 20
+--- response_body
+within 2 points true
+reported true true 0
+errors 0
+--- no_error_log
+[error]
+
+=== TEST 2: reports off, same backends and load: latency alone gives the weak backend clearly more than its capacity share
+--- http_config eval: ::http_config($::Four, "slow_start = 0")
+--- config eval
+$::Gateway . <<'_EOC_' . $::Heterogeneous . <<'_EOC_';
+    location = /t {
+        content_by_lua_block {
+_EOC_
+            ngx.say("above by more than 2 points ", share > 4 / 28 + 0.02)
+            ngx.say("no report ", t.peer(autoscale.status("backend"), "127.0.0.1:" .. weak).reported == nil)
+        }
+    }
+_EOC_
+--- request
+GET /t?report=0
+--- timeout: 20
+--- response_body
+above by more than 2 points true
+no report true
+--- no_error_log
+[error]
+
+=== TEST 3: 503 with Retry-After: 2 to half its requests: share < 5 % within 1 s, not ejected, share back within 1 s after
+--- http_config eval: ::http_config('"127.0.0.1:$TEST_NGINX_RAND_PORT_1", "127.0.0.1:$TEST_NGINX_RAND_PORT_2", "127.0.0.1:$TEST_NGINX_RAND_PORT_3"', "slow_start = 0, reports = { header = false }")
+--- config eval
+$::Gateway . <<'_EOC_';
+    location = /t {
+        content_by_lua_block {
+            local t = require "autoscale_test"
+            local ctl = ngx.shared.ctl
+            local shed = "$TEST_NGINX_RAND_PORT_3"
+            local port = ngx.var.server_port
+            local function load(d)
+                return t.load { port = port, path = "/p", concurrency = 8, duration = d,
+                                key = function(status, body) return body end }
+            end
+            local before = load(1)
+            ctl:set("shed:" .. shed, true)
+            load(1) -- the first second: the back-off takes hold
+            local during = load(1)
+            local p = t.peer(autoscale.status("backend"), "127.0.0.1:" .. shed)
+            ctl:delete("shed:" .. shed)
+            load(1) -- the first second after: the back-off (capped at 1 s) runs out
+            local after = load(1)
+            local s0, s1, s2 = t.share(before, shed .. "\n"), t.share(during, shed .. "\n"), t.share(after, shed .. "\n")
+            ngx.log(ngx.NOTICE, string.format("shedding backend share: before %.3f, during %.4f, after %.3f", s0, s1, s2))
+            ngx.say("before ", s0 > 0.25)
+            ngx.say("during below 5 % ", s1 < 0.05)
+            ngx.say("not ejected ", p.state, " ", p.ejections, " ", p.reported.backpressure > 0)
+            ngx.say("after ", s2 > 0.25)
+        }
+    }
+_EOC_
+--- request
+GET /t
+--- timeout: 20
+--- response_body
+before true
+during below 5 % true
+not ejected healthy 0 true
+after true
+
+=== TEST 4: a malformed report is ignored and counted; the request is served
+--- http_config eval: ::http_config('"127.0.0.1:$TEST_NGINX_RAND_PORT_1"', "reports = { blackout = 0 }")
+--- config eval
+$::Gateway . <<'_EOC_';
+    location = /t {
+        content_by_lua_block {
+            local t = require "autoscale_test"
+            ngx.shared.ctl:set("garbage", true)
+            local r = t.load { port = ngx.var.server_port, path = "/p", concurrency = 2, requests = 20 }
+            local p = autoscale.status("backend").peers[1]
+            ngx.say("errors ", r.errors, ", malformed ", p.reported.malformed, ", reports ", p.reported.reports,
+                    ", used ", p.reported.used)
+        }
+    }
+_EOC_
+--- request
+GET /t
+--- response_body
+errors 0, malformed 20, reports 0, used false
+--- no_error_log
+[error]
