@@ -444,7 +444,10 @@ typedef struct autoscale_reports_spec_t {
   uint32_t blackout_ms;
   uint32_t expiry_ms;
   uint32_t backpressure_max_ms;
-  uint32_t _pad;
+  /**
+   * Time constant of the smoothing of each peer's reports (0: the last report as it is).
+   */
+  uint32_t smoothing_ms;
   double backpressure_penalty;
   double scale;
   double error_penalty;
@@ -519,8 +522,8 @@ typedef struct autoscale_scaling_params_t {
   uint32_t min_instances;
   uint32_t max_instances;
   double capacity;
-  double targets[5];
-  uint32_t hold_ms[5];
+  double targets[6];
+  uint32_t hold_ms[6];
   uint32_t up_window_ms;
   uint32_t down_window_ms;
   uint32_t panic_window_ms;
@@ -541,7 +544,7 @@ typedef struct autoscale_scaling_params_t {
 typedef struct autoscale_scaling_signals_t {
   uint32_t current;
   uint32_t ready;
-  double values[5];
+  double values[6];
 } autoscale_scaling_signals_t;
 
 /**
@@ -566,8 +569,7 @@ typedef struct autoscale_scaling_decision_t {
   int32_t signal;
   uint32_t recommendation;
   uint32_t panic;
-  uint32_t per_signal[5];
-  uint32_t _pad;
+  uint32_t per_signal[6];
   double value;
   double target;
   /**
@@ -1154,6 +1156,25 @@ int autoscale_peer_report(uint32_t slot, struct autoscale_peer_report_t *out);
  * `out` must point to a writable struct.
  */
 int autoscale_upstream_reported(uint32_t upstream, struct autoscale_upstream_reported_t *out);
+
+/**
+ * Takes the answer of a polled endpoint for peer record `slot` while it has generation `gen`: `format` 0 agent words
+ * (as `autoscale_agent_answer`), 1 a JSON document whose number at `field` (dot-separated keys) is the load,
+ * 2 Prometheus text whose metric `field` is the load. Returns as `autoscale_agent_answer` (0 for a load value).
+ *
+ * # Safety
+ * `body` and `field` must point to their lengths in readable bytes.
+ *
+ * # Errors
+ * `AUTOSCALE_ERR_ARG` for a body that does not parse (counted as malformed), an unknown format or a stale record.
+ */
+int autoscale_poll_result(uint32_t slot,
+                          uint32_t gen,
+                          uint32_t format,
+                          const uint8_t *body,
+                          size_t body_len,
+                          const uint8_t *field,
+                          size_t field_len);
 
 /**
  * Creates a scaler; `*out` receives the handle, to be released with `autoscale_scaler_free`.

@@ -29,7 +29,8 @@ pub struct autoscale_reports_spec_t {
     pub blackout_ms: u32,
     pub expiry_ms: u32,
     pub backpressure_max_ms: u32,
-    pub _pad: u32,
+    /// Time constant of the smoothing of each peer's reports (0: the last report as it is).
+    pub smoothing_ms: u32,
     pub backpressure_penalty: f64,
     pub scale: f64,
     pub error_penalty: f64,
@@ -109,6 +110,7 @@ pub unsafe extern "C" fn autoscale_upstream_reports(upstream: u32, spec: *const 
                 backpressure_max_us: s.backpressure_max_ms as u64 * 1000,
                 backpressure_penalty: s.backpressure_penalty,
                 scale: s.scale,
+                smoothing_us: s.smoothing_ms as u64 * 1000,
             },
             agent: s.agent != 0,
             kind,
@@ -187,6 +189,11 @@ pub unsafe extern "C" fn autoscale_log_report(
     })
 }
 
+/// The result code of an agent answer: its state (0 none, 1 up, 2 drain, 3 maint), plus 16 when it gave a weight.
+fn answer_code(a: &autoscale_core::report::AgentAnswer) -> c_int {
+    a.state.map_or(0, |s| s as c_int) + if a.weight_percent.is_some() { 16 } else { 0 }
+}
+
 /// Applies an agent's answer (`up`, `drain`, `maint`, `NN%`) for peer record `slot` while it has generation `gen`.
 /// Returns the state it asked for (0 none, 1 up, 2 drain, 3 maint) plus 16 when it gave a weight.
 ///
@@ -201,7 +208,7 @@ pub unsafe extern "C" fn autoscale_agent_answer(slot: u32, gen: u32, text: *cons
         let Some(region) = REGION.get() else { return AUTOSCALE_ERR_NO_REGION };
         let Some(text) = bytes(text, len) else { return AUTOSCALE_ERR_ARG };
         match region.agent_answer(slot, gen, text, now_us()) {
-            Ok(a) => a.state.map_or(0, |s| s as c_int) + if a.weight_percent.is_some() { 16 } else { 0 },
+            Ok(a) => answer_code(&a),
             Err(_) => AUTOSCALE_ERR_ARG,
         }
     })
@@ -252,5 +259,41 @@ pub unsafe extern "C" fn autoscale_upstream_reported(upstream: u32, out: *mut au
         };
         *out = autoscale_upstream_reported_t { mean, sum, count, named_sum, named_count };
         AUTOSCALE_OK
+    })
+}
+
+/// Takes the answer of a polled endpoint for peer record `slot` while it has generation `gen`: `format` 0 agent words
+/// (as `autoscale_agent_answer`), 1 a JSON document whose number at `field` (dot-separated keys) is the load,
+/// 2 Prometheus text whose metric `field` is the load. Returns as `autoscale_agent_answer` (0 for a load value).
+///
+/// # Safety
+/// `body` and `field` must point to their lengths in readable bytes.
+///
+/// # Errors
+/// `AUTOSCALE_ERR_ARG` for a body that does not parse (counted as malformed), an unknown format or a stale record.
+#[no_mangle]
+pub unsafe extern "C" fn autoscale_poll_result(
+    slot: u32,
+    gen: u32,
+    format: u32,
+    body: *const u8,
+    body_len: usize,
+    field: *const u8,
+    field_len: usize,
+) -> c_int {
+    use autoscale_core::report::PollFormat;
+    guard(|| {
+        let Some(region) = REGION.get() else { return AUTOSCALE_ERR_NO_REGION };
+        let (Some(body), Some(field)) = (bytes(body, body_len), bytes(field, field_len)) else { return AUTOSCALE_ERR_ARG };
+        let format = match format {
+            0 => PollFormat::Agent,
+            1 => PollFormat::Json,
+            2 => PollFormat::Prometheus,
+            _ => return AUTOSCALE_ERR_ARG,
+        };
+        match region.take_polled(slot, gen, format, body, field, now_us()) {
+            Ok(a) => answer_code(&a),
+            Err(_) => AUTOSCALE_ERR_ARG,
+        }
     })
 }

@@ -386,7 +386,7 @@ GET /t
 --- response_body
 scaling: upstreams.api.scaling.utilization.capacity: is required
 scaling: upstreams.api.scaling.min: must not be above max (5 > 2)
-scaling: upstreams.api.scaling: needs at least one signal: utilization, rps, latency, error_rate or external
+scaling: upstreams.api.scaling: needs at least one signal: utilization, rps, latency, error_rate, external or reported
 scaling: upstreams.api.scaling.latency.percentile: must be "p50", "p90", "p99" or "p999" (got "p95")
 scaling: upstreams.api.scaling.actuator.url: must start with http:// or https:// (got "ftp://x")
 scaling: upstreams.api.scaling.actuator: the secret must have at least 16 bytes (got 5)

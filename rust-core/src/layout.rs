@@ -299,6 +299,8 @@ pub struct UpstreamHead {
     pub named_count: AtomicU64,
     /// Name of the ORCA named metric read (`named_metrics.<name>`).
     pub report_named: Text64,
+    /// Time constant of the smoothing of each peer's reported load (µs; 0: the last report as it is).
+    pub report_smoothing_us: AtomicU64,
 }
 
 /// A peer record; followed in memory by its window buckets and per-worker in-flight counts.

@@ -19,10 +19,14 @@
 //! or plain header configured. With reports on, the load cost of a peer becomes
 //!
 //! ```text
-//! cost = est × (1 + in_flight + scale × u) / weight        (× backpressure_penalty while backing off)
+//! cost = (est × (1 + in_flight) + baseline × scale × u) / weight        (× backpressure_penalty while backing off)
 //! ```
 //!
-//! where `est` is the peak-EWMA latency estimate. A report is used from `blackout` after the first report of a
+//! where `est` is the peer's peak-EWMA latency estimate and `baseline` the upstream's (the lower median of its
+//! healthy peers' estimates; the peer's own `est` while there is none). The reported term is priced at the
+//! baseline rather than at the peer's own estimate: a peak-EWMA estimate follows a peer's latency peaks, and a
+//! backend with little capacity has the wider spread of latencies (few requests in flight, each a big step of its
+//! utilization), so its estimate would tax its reports and push it below its capacity share. A report is used from `blackout` after the first report of a
 //! sequence (Envoy's `blackout_period`, 10 s) until `expiry` after the last one (Envoy's
 //! `weight_expiration_period`, 3 min); a peer without a usable report counts with the mean `u` of the upstream's
 //! peers that have one. While no peer of the upstream has a usable report, the cost is the plain one
@@ -367,6 +371,85 @@ fn parse_orca_json(s: &[u8], named: &[u8]) -> Result<OrcaReport, ReportError> {
     Ok(r)
 }
 
+/// Largest polled body read.
+pub const MAX_BODY_LEN: usize = 65536;
+
+/// Reads the number at `path` (dot-separated keys of nested objects, e.g. `load.queue`) of a JSON document.
+///
+/// # Errors
+/// [`ReportError`] when the body is overlong or malformed, or the field is missing or not a number in range.
+pub fn parse_json_field(body: &[u8], path: &[u8]) -> Result<f64, ReportError> {
+    if body.len() > MAX_BODY_LEN {
+        return Err(ReportError::TooLong);
+    }
+    let s = trim(body);
+    if s.is_empty() || path.is_empty() {
+        return Err(ReportError::Empty);
+    }
+    let mut p = Json { s, i: 0 };
+    let mut found = None;
+    json_find(&mut p, path, 0, &mut found)?;
+    p.ws();
+    if p.i != s.len() {
+        return Err(ReportError::Syntax);
+    }
+    found.ok_or(ReportError::Syntax)?
+}
+
+fn json_find(p: &mut Json<'_>, path: &[u8], depth: usize, found: &mut Option<Result<f64, ReportError>>) -> Result<(), ReportError> {
+    let (head, rest) = match path.iter().position(|&b| b == b'.') {
+        Some(dot) => (&path[..dot], Some(&path[dot + 1..])),
+        None => (path, None),
+    };
+    p.members(depth, |p, key, depth| {
+        if key != head || found.is_some() {
+            return Ok(());
+        }
+        match rest {
+            Some(rest) if p.peek() == Some(b'{') => json_find(p, rest, depth + 1, found),
+            Some(_) => Ok(()),
+            None if matches!(p.peek(), Some(b'0'..=b'9' | b'-')) => {
+                *found = Some(p.number());
+                Ok(())
+            }
+            None => {
+                *found = Some(Err(ReportError::Value));
+                Ok(())
+            }
+        }
+    })
+}
+
+/// Reads the first sample of `metric` in a Prometheus text exposition (`queue_depth 4`, `queue_depth{pool="a"} 4`;
+/// comments and other metrics skipped).
+///
+/// # Errors
+/// [`ReportError`] when the body is overlong, the metric is missing, or its value is not a number in range.
+pub fn parse_prometheus(body: &[u8], metric: &[u8]) -> Result<f64, ReportError> {
+    if body.len() > MAX_BODY_LEN {
+        return Err(ReportError::TooLong);
+    }
+    if metric.is_empty() {
+        return Err(ReportError::Empty);
+    }
+    for line in body.split(|&b| b == b'\n') {
+        let line = trim(line);
+        let Some(rest) = line.strip_prefix(metric) else { continue };
+        let rest = match rest.first() {
+            Some(b'{') => match rest.iter().position(|&b| b == b'}') {
+                Some(end) => &rest[end + 1..],
+                None => return Err(ReportError::Syntax),
+            },
+            Some(b' ' | b'\t') => rest,
+            _ => continue, // another metric whose name begins with this one
+        };
+        let rest = trim(rest);
+        let value = rest.split(|&b| is_blank(b)).next().unwrap_or(b"");
+        return number(value);
+    }
+    Err(ReportError::Syntax)
+}
+
 /// Parses a plain load value: a number (`0.73`) or a percentage (`73%`, read as 0.73).
 ///
 /// # Errors
@@ -440,6 +523,8 @@ pub struct ReportParams {
     pub backpressure_penalty: f64,
     /// Weight of the reported load in in-flight requests (see the module text).
     pub scale: f64,
+    /// Time constant of the smoothing of a peer's reports (0: the last report as it is).
+    pub smoothing_us: u64,
 }
 
 impl Default for ReportParams {
@@ -452,8 +537,36 @@ impl Default for ReportParams {
             backpressure_max_us: 1_000_000,
             backpressure_penalty: 1000.0,
             scale: 100.0,
+            smoothing_us: 500_000,
         }
     }
+}
+
+/// A time-weighted moving average of reports: `prev + (1 − e^(−dt/τ)) × (new − prev)`. One report is a sample of
+/// a backend's load at one instant; a backend of little capacity, with few requests in flight, reports in big
+/// steps (¼ of its utilization per request for a capacity of 4), and P2C over such noisy costs drifts toward equal
+/// shares. Averaging over τ (0.5 s by default; reports of a busy backend arrive every few milliseconds) takes the
+/// noise out at the price of that much lag. Two workers storing at once lose one of the two reports, nothing more.
+#[inline]
+pub fn smooth(prev: f64, new: f64, dt_us: u64, tau_us: u64) -> f64 {
+    if tau_us == 0 || !prev.is_finite() {
+        return new;
+    }
+    let a = 1.0 - (-(dt_us as f64) / tau_us as f64).exp();
+    prev + a * (new - prev)
+}
+
+/// A report `age_us` old, moved toward the upstream mean by its age: `u + (mean − u) × min(1, age / τ)`. A peer
+/// whose last report is high loses every comparison, gets no request, and so no newer report: without this its old
+/// report would keep it out until it expires. One smoothing time constant after its last report it counts as
+/// average, takes requests again and reports anew. For a peer with traffic (reports every few ms) it changes
+/// nothing noticeable.
+#[inline]
+pub fn aged(u: f64, mean: f64, age_us: u64, tau_us: f64) -> f64 {
+    if tau_us <= 0.0 {
+        return u;
+    }
+    u + (mean - u) * (age_us as f64 / tau_us).min(1.0)
 }
 
 /// Whether a report first seen at `since_us` and last at `last_us` is usable at `now_us` (past the blackout, before
@@ -463,10 +576,10 @@ pub fn usable(since_us: u64, last_us: u64, now_us: u64, blackout_us: u64, expiry
     last_us != 0 && now_us.saturating_sub(last_us) < expiry_us && now_us.saturating_sub(since_us) >= blackout_us
 }
 
-/// The load cost with reports (see the module text): `est × (1 + in_flight + scale × u) / weight`.
+/// The load cost with reports (see the module text): `(est × (1 + in_flight) + baseline × scale × u) / weight`.
 #[inline]
-pub fn reported_cost(est: f64, inflight: f64, weight: f64, scale: f64, u: f64) -> f64 {
-    est * (1.0 + inflight + scale * u) / weight.max(1.0)
+pub fn reported_cost(est: f64, inflight: f64, baseline: f64, weight: f64, scale: f64, u: f64) -> f64 {
+    (est * (1.0 + inflight) + baseline * scale * u) / weight.max(1.0)
 }
 
 // ----- in the shared region -----
@@ -546,11 +659,15 @@ pub(crate) struct ReportView {
     pub blackout_us: u64,
     pub expiry_us: u64,
     pub penalty: f64,
+    /// The upstream's latency baseline (µs; 0 while unknown), see `engine::Region::update_baseline`.
+    pub baseline: f64,
+    /// Smoothing time constant (µs, as f64; 0: off).
+    pub smoothing_us: f64,
 }
 
 impl ReportView {
     pub const OFF: ReportView =
-        ReportView { flags: 0, mean: -1.0, scale: 0.0, blackout_us: 0, expiry_us: 0, penalty: 1.0 };
+        ReportView { flags: 0, mean: -1.0, scale: 0.0, blackout_us: 0, expiry_us: 0, penalty: 1.0, baseline: 0.0, smoothing_us: 0.0 };
 
     /// One load when reports are off.
     #[inline(always)]
@@ -571,6 +688,8 @@ impl ReportView {
             blackout_us: h.report_blackout_us.load(Relaxed),
             expiry_us: h.report_expiry_us.load(Relaxed),
             penalty: f64::from_bits(h.backpressure_penalty.load(Relaxed)),
+            baseline: f64::from_bits(h.baseline_us.load(Relaxed)),
+            smoothing_us: h.report_smoothing_us.load(Relaxed) as f64,
         }
     }
 
@@ -589,11 +708,12 @@ impl ReportView {
             let since = h.report_since_us.load(Relaxed);
             let last = h.report_us.load(Relaxed);
             let u = if usable(since, last, now_us, self.blackout_us, self.expiry_us) {
-                f64::from_bits(h.report_load.load(Relaxed))
+                aged(f64::from_bits(h.report_load.load(Relaxed)), self.mean, now_us.saturating_sub(last), self.smoothing_us)
             } else {
                 self.mean
             };
-            reported_cost(est, inflight, 1.0, self.scale, u) / weight.max(0.01) * slow
+            let base = if self.baseline > 0.0 { self.baseline } else { est };
+            reported_cost(est, inflight, base, 1.0, self.scale, u) / weight.max(0.01) * slow
         } else if self.flags & flag::AGENT != 0 {
             est * (1.0 + inflight) / weight.max(0.01) * slow
         } else {
@@ -604,6 +724,40 @@ impl ReportView {
         }
         cost
     }
+}
+
+/// What a polled endpoint answers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u32)]
+pub enum PollFormat {
+    /// Agent words (`up`, `drain`, `maint`, `NN%`).
+    Agent = 0,
+    /// A JSON document; the load is a field of it.
+    Json = 1,
+    /// Prometheus text; the load is a metric's first sample.
+    Prometheus = 2,
+}
+
+/// Stores a report's fields and its load in a peer record, the load smoothed over time (see [`smooth`]); a report
+/// after an expired one begins a new sequence (and its blackout).
+fn store(h: &PeerHead, uh: &UpstreamHead, load: f64, fields: [f64; 5], now_us: u64) {
+    for (w, v) in h.report_fields.iter().zip(fields) {
+        w.store(v.to_bits(), Relaxed);
+    }
+    let last = h.report_us.load(Relaxed);
+    let fresh = last == 0 || now_us.saturating_sub(last) >= uh.report_expiry_us.load(Relaxed);
+    let value = if fresh {
+        load
+    } else {
+        let prev = f64::from_bits(h.report_load.load(Relaxed));
+        smooth(prev, load, now_us.saturating_sub(last), uh.report_smoothing_us.load(Relaxed))
+    };
+    h.report_load.store(value.to_bits(), Relaxed);
+    if fresh {
+        h.report_since_us.store(now_us, Relaxed);
+    }
+    h.report_us.store(now_us, Release);
+    h.reports_total.fetch_add(1, Relaxed);
 }
 
 impl Region {
@@ -625,6 +779,7 @@ impl Region {
         h.backpressure_penalty.store(p.backpressure_penalty.max(1.0).to_bits(), Relaxed);
         h.report_scale.store(p.scale.max(0.0).to_bits(), Relaxed);
         h.report_error_penalty.store(c.error_penalty.max(0.0).to_bits(), Relaxed);
+        h.report_smoothing_us.store(p.smoothing_us, Relaxed);
         h.report_named.store(c.named);
         h.report_mean.store((-1.0f64).to_bits(), Relaxed);
         let flags = (p.enabled as u32 * flag::COST) | (p.backpressure as u32 * flag::BACKPRESSURE) | (c.agent as u32 * flag::AGENT);
@@ -683,18 +838,40 @@ impl Region {
             taken.malformed = true;
             return taken;
         };
-        for (w, v) in h.report_fields.iter().zip(fields) {
-            w.store(v.to_bits(), Relaxed);
-        }
-        h.report_load.store(load.to_bits(), Relaxed);
-        let last = h.report_us.load(Relaxed);
-        if last == 0 || now_us.saturating_sub(last) >= uh.report_expiry_us.load(Relaxed) {
-            h.report_since_us.store(now_us, Relaxed); // a new sequence: its blackout begins
-        }
-        h.report_us.store(now_us, Release);
-        h.reports_total.fetch_add(1, Relaxed);
+        store(h, uh, load, fields, now_us);
         taken.report = true;
         taken
+    }
+
+    /// Takes a polled answer for peer record `slot` (generation `gen`): an agent's words, or a load value read from
+    /// a JSON field or Prometheus metric named `field`. Returns the agent's answer (default for a load value), or why
+    /// the body was refused (counted as malformed).
+    pub fn take_polled(&self, slot: u32, gen: u32, format: PollFormat, body: &[u8], field: &[u8], now_us: u64) -> Result<AgentAnswer, ReportError> {
+        if format == PollFormat::Agent {
+            return self.agent_answer(slot, gen, body, now_us);
+        }
+        if slot >= self.params().max_peers || self.peer_head(slot).gen.load(Acquire) != gen {
+            return Err(ReportError::Empty);
+        }
+        let h = self.peer_head(slot);
+        let up = h.upstream.load(Relaxed);
+        if up >= self.params().max_upstreams {
+            return Err(ReportError::Empty);
+        }
+        let parsed = match format {
+            PollFormat::Json => parse_json_field(body, field),
+            _ => parse_prometheus(body, field),
+        };
+        match parsed {
+            Ok(v) => {
+                store(h, self.upstream(up).head, v, [f64::NAN, f64::NAN, f64::NAN, f64::NAN, v], now_us);
+                Ok(AgentAnswer::default())
+            }
+            Err(e) => {
+                h.reports_malformed.fetch_add(1, Relaxed);
+                Err(e)
+            }
+        }
     }
 
     /// Applies an agent's answer for peer record `slot` (generation `gen`): `drain` and `maint` drain the peer
@@ -911,6 +1088,37 @@ mod tests {
     }
 
     #[test]
+    fn polled_endpoints() {
+        assert_eq!(parse_json_field(br#"{"queue": 3, "x": [1]}"#, b"queue"), Ok(3.0));
+        assert_eq!(parse_json_field(br#"{"a": {"b": {"queue": 0.5}}, "queue": 9}"#, b"a.b.queue"), Ok(0.5));
+        assert_eq!(parse_json_field(br#"{"queue": "3"}"#, b"queue"), Err(ReportError::Value));
+        assert_eq!(parse_json_field(br#"{"other": 3}"#, b"queue"), Err(ReportError::Syntax));
+        assert_eq!(parse_json_field(br#"{"queue": 3"#, b"queue"), Err(ReportError::Syntax));
+        let prom = b"# HELP queue_depth_total x\n# TYPE queue gauge\nqueue_depth_total 99\nqueue{pool=\"a\"} 4 1700000000\n";
+        assert_eq!(parse_prometheus(prom, b"queue"), Ok(4.0));
+        assert_eq!(parse_prometheus(prom, b"queue_depth_total"), Ok(99.0));
+        assert_eq!(parse_prometheus(prom, b"missing"), Err(ReportError::Syntax));
+        assert_eq!(parse_prometheus(b"queue NaN\n", b"queue"), Err(ReportError::Syntax));
+    }
+
+    #[test]
+    fn smoothing_follows_a_step_with_its_time_constant() {
+        assert_eq!(smooth(0.2, 0.8, 1000, 0), 0.8, "off");
+        // reports every 5 ms of a step from 0.2 to 0.8: after one time constant about 63 % of the way
+        let mut v = 0.2;
+        for _ in 0..100 {
+            v = smooth(v, 0.8, 5000, 500_000);
+        }
+        assert!((v - (0.2 + 0.6 * (1.0 - (-1.0f64).exp()))).abs() < 1e-9, "{v}");
+        assert_eq!(smooth(f64::NAN, 0.5, 10, 1000), 0.5);
+        // an old report counts as the mean one time constant after it came
+        assert_eq!(aged(0.9, 0.5, 0, 500_000.0), 0.9);
+        assert!((aged(0.9, 0.5, 250_000, 500_000.0) - 0.7).abs() < 1e-12);
+        assert_eq!(aged(0.9, 0.5, 5_000_000, 500_000.0), 0.5);
+        assert_eq!(aged(0.9, 0.5, 5_000_000, 0.0), 0.9, "off without smoothing");
+    }
+
+    #[test]
     fn usable_honours_blackout_and_expiry() {
         let (b, e) = (10_000_000, 180_000_000);
         assert!(!usable(0, 0, 50_000_000, b, e), "never reported");
@@ -936,7 +1144,7 @@ mod tests {
                 .iter()
                 .map(|c| {
                     let n = k1 * c / (c + scale);
-                    reported_cost(5000.0, n, 1.0, scale, n / c)
+                    reported_cost(5000.0, n, 5000.0, 1.0, scale, n / c)
                 })
                 .collect();
             assert!(costs.iter().all(|x| (x - costs[0]).abs() < 1e-6 * costs[0]), "{costs:?}");
@@ -985,6 +1193,12 @@ mod tests {
                 assert!(v.is_finite() && v >= 0.0);
             }
             let _ = parse_retry_after(input);
+            if let Ok(v) = parse_json_field(input, b"load.queue") {
+                assert!(v.is_finite() && v >= 0.0);
+            }
+            if let Ok(v) = parse_prometheus(input, b"queue") {
+                assert!(v.is_finite() && v >= 0.0);
+            }
             if let Ok(a) = parse_agent(input) {
                 assert!(a.weight_percent.is_none_or(|w| w <= 1000));
             }

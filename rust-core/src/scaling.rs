@@ -40,10 +40,13 @@ pub enum Signal {
     ErrorRate = 3,
     /// A number from outside (e.g. a Prometheus query), total over the service, against a per-instance target.
     External = 4,
+    /// Backend-reported load (see `report`): the sum over the ready peers of their reported utilization or named
+    /// metric (e.g. queue depth), against a per-instance target.
+    Reported = 5,
 }
 
 /// Number of signals.
-pub const SIGNALS: usize = 5;
+pub const SIGNALS: usize = 6;
 
 /// Why a decision came out as it did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -426,7 +429,8 @@ fn signal_at(i: usize) -> Signal {
         1 => Signal::Rps,
         2 => Signal::Latency,
         3 => Signal::ErrorRate,
-        _ => Signal::External,
+        4 => Signal::External,
+        _ => Signal::Reported,
     }
 }
 

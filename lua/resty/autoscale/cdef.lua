@@ -215,7 +215,7 @@ typedef struct autoscale_reports_spec_t {
   uint32_t blackout_ms;
   uint32_t expiry_ms;
   uint32_t backpressure_max_ms;
-  uint32_t _pad;
+  uint32_t smoothing_ms;
   double backpressure_penalty;
   double scale;
   double error_penalty;
@@ -250,8 +250,8 @@ typedef struct autoscale_scaling_params_t {
   uint32_t min_instances;
   uint32_t max_instances;
   double capacity;
-  double targets[5];
-  uint32_t hold_ms[5];
+  double targets[6];
+  uint32_t hold_ms[6];
   uint32_t up_window_ms;
   uint32_t down_window_ms;
   uint32_t panic_window_ms;
@@ -268,7 +268,7 @@ typedef struct autoscale_scaling_params_t {
 typedef struct autoscale_scaling_signals_t {
   uint32_t current;
   uint32_t ready;
-  double values[5];
+  double values[6];
 } autoscale_scaling_signals_t;
 typedef struct autoscale_scaling_decision_t {
   uint32_t current;
@@ -279,8 +279,7 @@ typedef struct autoscale_scaling_decision_t {
   int32_t signal;
   uint32_t recommendation;
   uint32_t panic;
-  uint32_t per_signal[5];
-  uint32_t _pad;
+  uint32_t per_signal[6];
   double value;
   double target;
   double forecast_rps;
@@ -432,6 +431,13 @@ int autoscale_agent_answer(uint32_t slot,
                            size_t len);
 int autoscale_peer_report(uint32_t slot, struct autoscale_peer_report_t *out);
 int autoscale_upstream_reported(uint32_t upstream, struct autoscale_upstream_reported_t *out);
+int autoscale_poll_result(uint32_t slot,
+                          uint32_t gen,
+                          uint32_t format,
+                          const uint8_t *body,
+                          size_t body_len,
+                          const uint8_t *field,
+                          size_t field_len);
 int autoscale_scaler_new(const struct autoscale_scaling_params_t *params,
                          struct autoscale_scaler_t **out);
 void autoscale_scaler_free(struct autoscale_scaler_t *h);

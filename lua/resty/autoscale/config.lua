@@ -389,6 +389,16 @@ local function upstream(path, u)
     out.admission = check(require("resty.autoscale.admission").validate(path .. ".admission", u.admission))
     out.scaling = check(require("resty.autoscale.scaler").validate(path .. ".scaling", u.scaling))
     out.reports = check(require("resty.autoscale.reports").validate(path .. ".reports", u.reports))
+    local sr = out.scaling and out.scaling.reported
+    if sr and out.reports ~= nil then
+        if not out.reports or not out.reports.header then
+            check(fail(path .. ".scaling.reported", "needs reports (a load header to read)"))
+        elseif sr.metric ~= "utilization" and (out.reports.format ~= "orca"
+                or (out.reports.metric ~= "utilization" and out.reports.metric ~= sr.metric)) then
+            check(fail(path .. ".scaling.reported.metric", "%s is not a named metric the reports read (reports.metric %s)",
+                       show(sr.metric), show(out.reports.metric)))
+        end
+    end
     if out.scaling and out.scaling.actuator and out.scaling.actuator.type == "standby" and out.discovery ~= nil
             and not (out.discovery and out.discovery.standby) then
         check(fail(path .. ".scaling.actuator.type", "\"standby\" needs discovery.standby (the pool it activates)"))
