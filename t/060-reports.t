@@ -55,6 +55,7 @@ our $Gateway = <<'_EOC_';
         proxy_set_header Connection "";
         log_by_lua_block { autoscale.log() }
     }
+    location = /metrics { content_by_lua_block { autoscale.prometheus_handler() } }
 _EOC_
 
 our $Four = '"127.0.0.1:$TEST_NGINX_RAND_PORT_1", "127.0.0.1:$TEST_NGINX_RAND_PORT_2", "127.0.0.1:$TEST_NGINX_RAND_PORT_3", "127.0.0.1:$TEST_NGINX_RAND_PORT_4"';
@@ -185,6 +186,8 @@ $::Gateway . <<'_EOC_';
             end, 2)
             ngx.say("errors ", r.errors, ", malformed ", p.reported.malformed, ", reports ", p.reported.reports,
                     ", used ", p.reported.used)
+            local _, metrics = t.get(ngx.var.server_port, "/metrics")
+            ngx.say((metrics:match("\n(autoscale_peer_reports_malformed_total{[^}]*} %d+)"):gsub("127.0.0.1:%d+", "PEER")))
         }
     }
 _EOC_
@@ -192,6 +195,7 @@ _EOC_
 GET /t
 --- response_body
 errors 0, malformed 20, reports 0, used false
+autoscale_peer_reports_malformed_total{upstream="backend",peer="PEER"} 20
 --- no_error_log
 [error]
 
