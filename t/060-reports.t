@@ -153,7 +153,7 @@ $::Gateway . <<'_EOC_';
             local after = load(1)
             local s0, s1, s2 = t.share(before, shed .. "\n"), t.share(during, shed .. "\n"), t.share(after, shed .. "\n")
             ngx.log(ngx.NOTICE, string.format("shedding backend share: before %.3f, during %.4f, after %.3f", s0, s1, s2))
-            ngx.say("before ", s0 > 0.25)
+            ngx.say("before ", s0 > 0.2)
             ngx.say("during below 5 % ", s1 < 0.05)
             ngx.say("not ejected ", p.state, " ", p.ejections, " ", p.reported.backpressure > 0)
             ngx.say("after ", s2 > 0.25)

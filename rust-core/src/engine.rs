@@ -930,7 +930,7 @@ impl Region {
                 tried: &excluded,
                 panic: up.head.panic.load(Relaxed) != 0,
                 slow: slow_threshold(up.head, &params),
-                reports: ReportView::read(up.head),
+                reports: up.head.report_flags.load(Relaxed),
             };
             let ticket = if params.algorithm == Algorithm::RoundRobin {
                 up.head.ticket.fetch_add(1, Relaxed)
@@ -1411,8 +1411,9 @@ struct ShmView<'a, T: Fn(u32) -> bool> {
     panic: bool,
     /// Slow-peer threshold (µs) and cost multiplier.
     slow: (f64, f64),
-    /// Backend-reported load: off (one load, one branch per cost) unless the upstream reads reports.
-    reports: ReportView,
+    /// Backend-reported load (`report::flag` bits): 0, one load and one branch per cost, unless the upstream reads
+    /// reports; the rest of its settings is read only then.
+    reports: u32,
 }
 
 impl<T: Fn(u32) -> bool> ShmView<'_, T> {
@@ -1474,8 +1475,8 @@ impl<T: Fn(u32) -> bool> PeerView for ShmView<'_, T> {
         if self.must_probe(h) {
             return 0.0;
         }
-        if self.reports.flags != 0 {
-            return reported_load_cost(h, self.decay_us, self.slow, self.now_us, &self.reports);
+        if self.reports != 0 {
+            return reported_load_cost(h, self.decay_us, self.slow, self.now_us, &ReportView::read(self.up.head));
         }
         load_cost(h, self.decay_us, self.slow, self.now_us)
     }
@@ -1625,7 +1626,9 @@ fn load_cost(h: &PeerHead, decay_us: f64, slow: (f64, f64), now_us: u64) -> f64 
     }
 }
 
-/// [`load_cost`] of a peer of an upstream that reads reports (see [`crate::report`]).
+/// [`load_cost`] of a peer of an upstream that reads reports (see [`crate::report`]); cold, so that the request path
+/// of upstreams without reports keeps its layout.
+#[cold]
 #[inline(never)]
 fn reported_load_cost(h: &PeerHead, decay_us: f64, slow: (f64, f64), now_us: u64, r: &ReportView) -> f64 {
     let plain = load_cost(h, decay_us, slow, now_us);
