@@ -48,6 +48,7 @@ fn main() {
     println!("cargo:rerun-if-changed=src/discovery_ffi.rs");
     println!("cargo:rerun-if-changed=src/metrics_ffi.rs");
     println!("cargo:rerun-if-changed=src/scaling_ffi.rs");
+    println!("cargo:rerun-if-changed=src/report_ffi.rs");
     println!("cargo:rerun-if-changed=build.rs");
     println!("cargo:rerun-if-env-changed=AUTOSCALE_REGEN");
     let root = PathBuf::from(env::var("CARGO_MANIFEST_DIR").expect("CARGO_MANIFEST_DIR"));

@@ -78,6 +78,26 @@
 #define AUTOSCALE_ADMISSION_OFF 2
 
 /**
+ * `autoscale_log_report`: a load report was stored.
+ */
+#define AUTOSCALE_REPORT_TAKEN 1
+
+/**
+ * `autoscale_log_report`: the load header was there but malformed (ignored, counted).
+ */
+#define AUTOSCALE_REPORT_MALFORMED 2
+
+/**
+ * `autoscale_log_report`: the response was back-pressure (429/503 with `Retry-After`).
+ */
+#define AUTOSCALE_REPORT_BACKPRESSURE 4
+
+/**
+ * `autoscale_log_report`: the request was finished here (as a success of its peer); skip `autoscale_log_finish`.
+ */
+#define AUTOSCALE_REPORT_FINISHED 8
+
+/**
  * A service's decision state (opaque).
  */
 typedef struct autoscale_scaler_t autoscale_scaler_t;
@@ -402,6 +422,99 @@ typedef struct autoscale_cost_t {
 } autoscale_cost_t;
 
 /**
+ * How an upstream reads backend-reported load (times in milliseconds).
+ */
+typedef struct autoscale_reports_spec_t {
+  /**
+   * 1: reports enter the cost.
+   */
+  uint32_t enabled;
+  /**
+   * 1: `Retry-After` on 429/503 raises the cost for its time.
+   */
+  uint32_t backpressure;
+  /**
+   * 1: agent weight percentages enter the cost.
+   */
+  uint32_t agent;
+  /**
+   * 0 ORCA utilization, 1 ORCA named metric, 2 plain value.
+   */
+  uint32_t kind;
+  uint32_t blackout_ms;
+  uint32_t expiry_ms;
+  uint32_t backpressure_max_ms;
+  /**
+   * Time constant of the smoothing of each peer's reports (0: the last report as it is).
+   */
+  uint32_t smoothing_ms;
+  double backpressure_penalty;
+  double scale;
+  double error_penalty;
+  /**
+   * The ORCA named metric (`named_metrics.<name>`), at most 63 bytes.
+   */
+  const uint8_t *named;
+  size_t named_len;
+} autoscale_reports_spec_t;
+
+/**
+ * The reported values of one peer record. NaN where nothing was reported.
+ */
+typedef struct autoscale_peer_report_t {
+  /**
+   * The load the cost uses.
+   */
+  double load;
+  double cpu_utilization;
+  double application_utilization;
+  double rps_fractional;
+  double eps;
+  /**
+   * The named metric, or the plain value.
+   */
+  double named;
+  /**
+   * Age of the last report in seconds (-1: none).
+   */
+  double age;
+  /**
+   * Back-off left in seconds (0: none).
+   */
+  double backoff;
+  uint64_t reports;
+  uint64_t malformed;
+  uint64_t backpressure;
+  /**
+   * 1 when the report is used now (past the blackout, not expired).
+   */
+  uint32_t usable;
+  /**
+   * The agent's last state (0 none, 1 up, 2 drain, 3 maint) and weight percent (0 none).
+   */
+  uint32_t agent_state;
+  uint32_t agent_weight;
+  uint32_t _pad;
+} autoscale_peer_report_t;
+
+/**
+ * The reported load of an upstream at the last upkeep: over its healthy peers with a usable report.
+ */
+typedef struct autoscale_upstream_reported_t {
+  /**
+   * Mean load (-1 while no peer has a usable report).
+   */
+  double mean;
+  double sum;
+  uint64_t count;
+  /**
+   * Sum and count of the named metric.
+   */
+  double named_sum;
+  uint64_t named_count;
+} autoscale_upstream_reported_t;
+
+/**
  * Parameters of a scaler (see docs/scaling.md); times in milliseconds, a target of 0 switches its signal off.
  * Signals, in array order: utilization, requests/s per instance, latency (µs), error rate, external per instance.
  */
@@ -409,8 +522,8 @@ typedef struct autoscale_scaling_params_t {
   uint32_t min_instances;
   uint32_t max_instances;
   double capacity;
-  double targets[5];
-  uint32_t hold_ms[5];
+  double targets[6];
+  uint32_t hold_ms[6];
   uint32_t up_window_ms;
   uint32_t down_window_ms;
   uint32_t panic_window_ms;
@@ -431,7 +544,7 @@ typedef struct autoscale_scaling_params_t {
 typedef struct autoscale_scaling_signals_t {
   uint32_t current;
   uint32_t ready;
-  double values[5];
+  double values[6];
 } autoscale_scaling_signals_t;
 
 /**
@@ -456,8 +569,7 @@ typedef struct autoscale_scaling_decision_t {
   int32_t signal;
   uint32_t recommendation;
   uint32_t panic;
-  uint32_t per_signal[5];
-  uint32_t _pad;
+  uint32_t per_signal[6];
   double value;
   double target;
   /**
@@ -994,6 +1106,89 @@ int autoscale_latency_bounds(double *out,
 int autoscale_peer_latency_buckets(uint32_t slot,
                                    uint64_t *out,
                                    size_t cap);
+
+/**
+ * Sets how upstream `upstream` reads reports; `spec` NULL switches them off.
+ *
+ * # Safety
+ * `spec` must be NULL or point to a readable struct whose `named` points to `named_len` bytes.
+ */
+int autoscale_upstream_reports(uint32_t upstream, const struct autoscale_reports_spec_t *spec);
+
+/**
+ * The upstream index of the request `req` tracked since its balancer phase, or -1.
+ *
+ * # Safety
+ * `req` is not dereferenced.
+ */
+int autoscale_request_upstream(const void *req);
+
+/**
+ * In the log phase, before `autoscale_log_finish`: takes the load report `header` (`header_len` 0 when the response
+ * had none) and, when `status` is 429 or 503, its `retry_after` header, for the last attempt of request `req`.
+ * Returns `AUTOSCALE_REPORT_*` bits. A back-pressure response of a request with one attempt is finished here as
+ * a success of its peer (it is not ejected for it): then `AUTOSCALE_REPORT_FINISHED` is set and the caller skips
+ * `autoscale_log_finish`.
+ *
+ * # Safety
+ * `header` and `retry_after` must point to their lengths in readable bytes (or be NULL with length 0).
+ */
+int autoscale_log_report(const void *req,
+                         int status,
+                         const uint8_t *header,
+                         size_t header_len,
+                         const uint8_t *retry_after,
+                         size_t retry_after_len);
+
+/**
+ * Applies an agent's answer (`up`, `drain`, `maint`, `NN%`) for peer record `slot` while it has generation `gen`.
+ * Returns the state it asked for (0 none, 1 up, 2 drain, 3 maint) plus 16 when it gave a weight.
+ *
+ * # Safety
+ * `text` must point to `len` readable bytes.
+ *
+ * # Errors
+ * `AUTOSCALE_ERR_ARG` for an answer that says nothing known (counted as malformed) or a stale record.
+ */
+int autoscale_agent_answer(uint32_t slot,
+                           uint32_t gen,
+                           const uint8_t *text,
+                           size_t len);
+
+/**
+ * Fills `out` with the reported values of peer record `slot`.
+ *
+ * # Safety
+ * `out` must point to a writable struct.
+ */
+int autoscale_peer_report(uint32_t slot, struct autoscale_peer_report_t *out);
+
+/**
+ * Fills `out` with the reported load of upstream `upstream` at the last upkeep.
+ *
+ * # Safety
+ * `out` must point to a writable struct.
+ */
+int autoscale_upstream_reported(uint32_t upstream, struct autoscale_upstream_reported_t *out);
+
+/**
+ * Takes the answer of a polled endpoint for peer record `slot` while it has generation `gen`: `format` 0 agent words
+ * (as `autoscale_agent_answer`), 1 a JSON document whose number at `field` (dot-separated keys) is the load,
+ * 2 Prometheus text whose metric `field` is the load. Returns as `autoscale_agent_answer` (0 for a load value).
+ *
+ * # Safety
+ * `body` and `field` must point to their lengths in readable bytes.
+ *
+ * # Errors
+ * `AUTOSCALE_ERR_ARG` for a body that does not parse (counted as malformed), an unknown format or a stale record.
+ */
+int autoscale_poll_result(uint32_t slot,
+                          uint32_t gen,
+                          uint32_t format,
+                          const uint8_t *body,
+                          size_t body_len,
+                          const uint8_t *field,
+                          size_t field_len);
 
 /**
  * Creates a scaler; `*out` receives the handle, to be released with `autoscale_scaler_free`.

@@ -21,6 +21,8 @@ Settings:
                    refuse: stop listening and close every connection (error_rate ignored): connection refused
     max_concurrency  requests served at once; 0 = unlimited           default 0
     queue_limit    requests waiting beyond max_concurrency; more get 503; 0 = unlimited   default 0
+    report         1: every 200 carries its load, `endpoint-load-metrics: TEXT cpu_utilization=U` (ORCA),
+                   U = requests in service or queued after this one / max_concurrency       default 0
 Counters: requests (accepted on the service port), by outcome (ok, http_500, http_503, hang, reset,
 overflow_503), connections, in-flight, queued, max_queued.
 
@@ -48,6 +50,7 @@ DEFAULTS = {
     "error_kind": "500",
     "max_concurrency": 0,
     "queue_limit": 0,
+    "report": 0,
 }
 KINDS = ("500", "503", "hang", "reset", "refuse")
 RANGES = {
@@ -58,6 +61,7 @@ RANGES = {
     "error_rate": (0.0, 1.0),
     "max_concurrency": (0, 100000),
     "queue_limit": (0, 1000000),
+    "report": (0, 1),
 }
 
 
@@ -84,11 +88,11 @@ def validate(settings):
     return out
 
 
-def response(status, name, body=b"", close=False):
+def response(status, name, body=b"", close=False, extra=""):
     reason = {200: "OK", 400: "Bad Request", 404: "Not Found", 500: "Internal Server Error",
               503: "Service Unavailable"}.get(status, "X")
-    head = "HTTP/1.1 %d %s\r\nX-Backend: %s\r\nContent-Type: text/plain\r\nContent-Length: %d\r\n%s\r\n" % (
-        status, reason, name, len(body), "Connection: close\r\n" if close else "")
+    head = "HTTP/1.1 %d %s\r\nX-Backend: %s\r\nContent-Type: text/plain\r\nContent-Length: %d\r\n%s%s\r\n" % (
+        status, reason, name, len(body), extra, "Connection: close\r\n" if close else "")
     return head.encode() + body
 
 
@@ -177,10 +181,14 @@ class Backend:
 
     def done(self, conn):
         self.inflight -= 1
+        mc = self.s["max_concurrency"]
         if not conn.closed:
             self.counts["ok"] += 1
-            conn.reply(self.bodies[200])
-        mc = self.s["max_concurrency"]
+            if self.s["report"] and mc:
+                extra = "endpoint-load-metrics: TEXT cpu_utilization=%.3f\r\n" % ((self.inflight + len(self.queue)) / mc)
+                conn.reply(response(200, self.name, b"200\n", extra=extra))
+            else:
+                conn.reply(self.bodies[200])
         while self.queue and (not mc or self.inflight < mc):
             nxt = self.queue.popleft()
             if not nxt.closed:

@@ -15,8 +15,8 @@ import math
 
 METRICS = ("p50", "p99", "p999", "error_rate")
 METRIC_LABEL = {"p50": "p50", "p99": "p99", "p999": "p99.9", "error_rate": "errors"}
-RUN_COLOR = {"rr": "#d9480f", "autoscale": "#1864ab"}
-RUN_DASH = {"rr": "6 4", "autoscale": ""}
+RUN_COLOR = {"rr": "#d9480f", "autoscale": "#1864ab", "autoscale_noreports": "#868e96"}
+RUN_DASH = {"rr": "6 4", "autoscale": "", "autoscale_noreports": "2 3"}
 BACKEND_COLORS = ("#2b8a3e", "#c2255c", "#5f3dc4", "#e67700", "#0b7285", "#862e9c", "#364fc7", "#a61e4d",
                   "#5c940d", "#d6336c", "#1098ad", "#f08c00", "#495057", "#7048e8", "#099268", "#e8590c")
 ELIGIBLE = ("active", "healthy", "half_open")
@@ -172,7 +172,23 @@ def evaluate_checks(model):
             continue
         v = phase_of(r, c["phase"])[c["metric"]]
         unit = "%" if c["metric"] == "error_rate" else " ms"
-        if "relative_to" in c:
+        other = run_of(model, c["relative_to_variant"]) if "relative_to_variant" in c else None
+        if "relative_to_variant" in c and other is None:
+            res["value"] = None
+            res["text"] = "%s not run" % c["relative_to_variant"]
+            out.append(res)
+            continue
+        if other is not None:
+            base = phase_of(other, c["phase"])[c["metric"]]
+            res["base"] = base
+            res["measured"] = v
+            value = v / base if v is not None and base else None
+            res["value"] = value
+            res["text"] = ("%s %s in '%s' = %s x %s's (%s / %s)" % (
+                r["label"], METRIC_LABEL[c["metric"]], c["phase"], fmt(value, 2), other["label"],
+                fmt(v) + unit, fmt(base) + unit))
+            res["limit_text"] = "<= %s x" % c["max"]
+        elif "relative_to" in c:
             base = phase_of(r, c["relative_to"])[c["metric"]]
             res["base"] = base
             res["measured"] = v

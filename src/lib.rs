@@ -33,6 +33,7 @@ pub mod admission_ffi;
 pub mod cost;
 pub mod discovery_ffi;
 pub mod metrics_ffi;
+pub mod report_ffi;
 mod scaling_ffi;
 
 /// Success.

@@ -16,8 +16,8 @@ pub struct autoscale_scaling_params_t {
     pub min_instances: u32,
     pub max_instances: u32,
     pub capacity: f64,
-    pub targets: [f64; 5],
-    pub hold_ms: [u32; 5],
+    pub targets: [f64; 6],
+    pub hold_ms: [u32; 6],
     pub up_window_ms: u32,
     pub down_window_ms: u32,
     pub panic_window_ms: u32,
@@ -37,7 +37,7 @@ pub struct autoscale_scaling_params_t {
 pub struct autoscale_scaling_signals_t {
     pub current: u32,
     pub ready: u32,
-    pub values: [f64; 5],
+    pub values: [f64; 6],
 }
 
 /// One decision (see `autoscale_core::scaling::Decision`).
@@ -55,8 +55,7 @@ pub struct autoscale_scaling_decision_t {
     pub signal: i32,
     pub recommendation: u32,
     pub panic: u32,
-    pub per_signal: [u32; 5],
-    pub _pad: u32,
+    pub per_signal: [u32; 6],
     pub value: f64,
     pub target: f64,
     /// NaN without a forecast.
@@ -180,7 +179,6 @@ pub unsafe extern "C" fn autoscale_scaler_decide(
             recommendation: d.recommendation,
             panic: d.panic as u32,
             per_signal: d.per_signal,
-            _pad: 0,
             value: d.value,
             target: d.target,
             forecast_rps: d.forecast_rps,
@@ -232,8 +230,8 @@ mod tests {
             min_instances: 1,
             max_instances: 10,
             capacity: 10.0,
-            targets: [0.7, 0.0, 0.0, 0.0, 0.0],
-            hold_ms: [0; 5],
+            targets: [0.7, 0.0, 0.0, 0.0, 0.0, 0.0],
+            hold_ms: [0; 6],
             up_window_ms: 0,
             down_window_ms: 300_000,
             panic_window_ms: 6000,
@@ -261,7 +259,7 @@ mod tests {
             bad.min_instances = 11;
             assert_eq!(autoscale_scaler_new(&bad, &mut h), AUTOSCALE_ERR_ARG);
             assert_eq!(autoscale_scaler_new(&defaults(), &mut h), AUTOSCALE_OK);
-            let s = autoscale_scaling_signals_t { current: 2, ready: 2, values: [28.0, f64::NAN, f64::NAN, f64::NAN, f64::NAN] };
+            let s = autoscale_scaling_signals_t { current: 2, ready: 2, values: [28.0, f64::NAN, f64::NAN, f64::NAN, f64::NAN, f64::NAN] };
             let mut d: autoscale_scaling_decision_t = std::mem::zeroed();
             assert_eq!(autoscale_scaler_decide(h, f64::NAN, &s, &mut d), AUTOSCALE_ERR_ARG);
             assert_eq!(autoscale_scaler_decide(h, 1.0, std::ptr::null(), &mut d), AUTOSCALE_ERR_ARG);

@@ -46,7 +46,7 @@ upstreams.api.peers[1]: "backend:80": host must be an IPv4 address or a brackete
     }
 --- must_die
 --- error_log
-upstreams.api.retires: unknown option (valid: admission, balancer, default_rtt, discovery, ewma_decay, failure_penalty, failure_statuses, fallback, healthcheck, outlier, peers, retries, scaling, slow_peer_factor, slow_peer_penalty, slow_start, slow_start_aggression, slow_start_min_weight)
+upstreams.api.retires: unknown option (valid: admission, balancer, default_rtt, discovery, ewma_decay, failure_penalty, failure_statuses, fallback, healthcheck, outlier, peers, reports, retries, scaling, slow_peer_factor, slow_peer_penalty, slow_start, slow_start_aggression, slow_start_min_weight)
 
 
 

@@ -24,6 +24,7 @@ local discovery = require "resty.autoscale.discovery"
 local scaler = require "resty.autoscale.scaler"
 local admin = require "resty.autoscale.admin"
 local admission = require "resty.autoscale.admission"
+local reports = require "resty.autoscale.reports"
 local ffi = require "ffi"
 
 local ngx = ngx
@@ -121,7 +122,7 @@ function _M.configure(user_conf)
         idx[name] = indices[i - 1]
     end
     lib, conf, index = l, c, idx
-    balancer.init(lib, conf, index)
+    balancer.init(lib, conf, index, reports.init(lib, conf, index))
     status.init(lib, conf, index, lib_file)
     events.init(lib, conf)
     healthcheck.init(lib)

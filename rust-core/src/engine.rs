@@ -18,6 +18,7 @@ use crate::ewma;
 use crate::health::{self, OutlierParams};
 use crate::layout::{state, LayoutError, Peer, PeerHead, Region, Upstream, UpstreamHead};
 use crate::owner::{self, Processes};
+use crate::report::ReportView;
 use std::sync::atomic::AtomicU64;
 use crate::rng::Rng;
 use crate::select::{Algorithm, PeerView};
@@ -796,6 +797,7 @@ impl Region {
         h.probes.store(0, Relaxed);
         h.probe_us.store(0, Relaxed);
         h.half_open_us.store(0, Relaxed);
+        self.reset_report(slot);
         h.state.store(state::ACTIVE, Release);
     }
 
@@ -950,6 +952,7 @@ impl Region {
                 panic: up.head.panic.load(Relaxed) != 0,
                 slow: slow_threshold(up.head, &params),
                 costs: Cell::new([(u32::MAX, 0.0); 2]),
+                reports: up.head.report_flags.load(Relaxed),
             };
             let ticket = if params.algorithm == Algorithm::RoundRobin {
                 up.head.ticket.fetch_add(1, Relaxed)
@@ -1287,6 +1290,7 @@ impl Region {
         }
         for idx in 0..self.params().max_upstreams {
             self.update_baseline(idx, now_us);
+            self.update_reports(idx, now_us);
             self.sweep(idx, now_us, rng);
         }
     }
@@ -1375,7 +1379,15 @@ impl Region {
             totals,
             total_latency_us: h.total_latency_us.load(Relaxed),
             ewma_us: self.decayed_estimate(&peer, params.decay_us as f64, now_us),
-            cost: load_cost(h, params.decay_us as f64, self.slow_threshold(up_idx), now_us),
+            cost: {
+                let reports = if up_idx < p.max_upstreams { ReportView::read(self.upstream(up_idx).head) } else { ReportView::OFF };
+                let slow = self.slow_threshold(up_idx);
+                if reports.flags != 0 {
+                    reported_load_cost(h, params.decay_us as f64, slow, now_us, &reports)
+                } else {
+                    load_cost(h, params.decay_us as f64, slow, now_us)
+                }
+            },
             slow_start: ramp(h, &params.slow_start, now_us),
             added_us: h.added_us.load(Relaxed),
             health: h.health.load(Acquire),
@@ -1424,6 +1436,9 @@ struct ShmView<'a, T: Fn(u32) -> bool> {
     /// The last two costs computed, `(index, cost)`: P2C compares two peers and the pick then reports the winner's
     /// cost, which so is not computed twice (one decayed estimate and its loads fewer per pick).
     costs: Cell<[(u32, f64); 2]>,
+    /// Backend-reported load (`report::flag` bits): 0, one load and one branch per cost, unless the upstream reads
+    /// reports; the rest of its settings is read only then.
+    reports: u32,
 }
 
 impl<T: Fn(u32) -> bool> ShmView<'_, T> {
@@ -1491,6 +1506,8 @@ impl<T: Fn(u32) -> bool> PeerView for ShmView<'_, T> {
         // and it would never come back. claim() keeps the probes to `half_open_probes` at once.
         let c = if self.must_probe(h) {
             0.0
+        } else if self.reports != 0 {
+            reported_load_cost(h, self.decay_us, self.slow, self.now_us, &ReportView::read(self.up.head))
         } else {
             load_cost(h, self.decay_us, self.slow, self.now_us)
         };
@@ -1641,6 +1658,19 @@ fn load_cost(h: &PeerHead, decay_us: f64, slow: (f64, f64), now_us: u64) -> f64 
     } else {
         cost
     }
+}
+
+/// [`load_cost`] of a peer of an upstream that reads reports (see [`crate::report`]); cold, so that the request path
+/// of upstreams without reports keeps its layout.
+#[cold]
+#[inline(never)]
+fn reported_load_cost(h: &PeerHead, decay_us: f64, slow: (f64, f64), now_us: u64, r: &ReportView) -> f64 {
+    let plain = load_cost(h, decay_us, slow, now_us);
+    let (est, elapsed) = ewma::unpack(h.ewma.load(Relaxed), now_us);
+    let est = ewma::decayed(est, elapsed, decay_us).max(1.0);
+    let inflight = h.inflight.load(Relaxed).max(0) as f64;
+    let m = if est > slow.0 && h.totals[counter::REQUESTS].load(Relaxed) > 0 { slow.1 } else { 1.0 };
+    r.cost(h, est, inflight, m, plain, now_us)
 }
 
 /// Writes outlier parameters into their slots of an upstream record.

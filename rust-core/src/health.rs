@@ -55,6 +55,8 @@ pub enum Reason {
     ActiveCheckPassed = 10,
     Operator = 11,
     HalfOpenTimeout = 12,
+    /// The peer's own agent asked for it (`drain`, `maint`, `up`).
+    Agent = 13,
 }
 
 impl Reason {
@@ -73,6 +75,7 @@ impl Reason {
             Reason::ActiveCheckPassed => "active_check_passed",
             Reason::Operator => "operator",
             Reason::HalfOpenTimeout => "half_open_timeout",
+            Reason::Agent => "agent",
         }
     }
 
@@ -92,6 +95,7 @@ impl Reason {
             ActiveCheckPassed,
             Operator,
             HalfOpenTimeout,
+            Agent,
         ]
         .into_iter()
         .find(|r| *r as u32 == v)

@@ -292,6 +292,28 @@ pub struct UpstreamHead {
     /// The upstream's latency baseline (µs, as f64 bits): the lower median of its healthy, measured peers'
     /// estimates, refreshed by the upkeep timer; 0 while unknown.
     pub baseline_us: AtomicU64,
+    /// Backend-reported load (see `report`): `report::flag` bits (0: off).
+    pub report_flags: AtomicU32,
+    /// What a report header holds (`report::ReportKind`).
+    pub report_kind: AtomicU32,
+    pub report_blackout_us: AtomicU64,
+    pub report_expiry_us: AtomicU64,
+    pub backpressure_max_us: AtomicU64,
+    /// f64 bits: back-pressure cost multiplier, weight of the reported load, ORCA error-utilization penalty.
+    pub backpressure_penalty: AtomicU64,
+    pub report_scale: AtomicU64,
+    pub report_error_penalty: AtomicU64,
+    /// f64 bits, refreshed by the upkeep: the mean reported load of the healthy peers with a usable report
+    /// (negative while none has one), their sum and how many they are; the sum and count of the named metric.
+    pub report_mean: AtomicU64,
+    pub report_sum: AtomicU64,
+    pub report_count: AtomicU64,
+    pub named_sum: AtomicU64,
+    pub named_count: AtomicU64,
+    /// Name of the ORCA named metric read (`named_metrics.<name>`).
+    pub report_named: Text64,
+    /// Time constant of the smoothing of each peer's reported load (µs; 0: the last report as it is).
+    pub report_smoothing_us: AtomicU64,
 }
 
 /// A peer record; followed in memory by its window buckets (the per-worker in-flight counts are in a table of their
@@ -338,6 +360,23 @@ pub struct PeerHead {
     pub half_open_us: AtomicU64,
     /// All-time latency counts per range, added from the window buckets as they are cleared.
     pub latency: crate::window::LatencyTotals,
+    /// Backend-reported load (see `report`), f64 bits: the load the cost uses, then the ORCA fields
+    /// cpu, application, rps, eps and the named metric (NaN bits when absent).
+    pub report_load: AtomicU64,
+    pub report_fields: [AtomicU64; 5],
+    /// When the current sequence of reports began (for the blackout) and when the last report came (µs).
+    pub report_since_us: AtomicU64,
+    pub report_us: AtomicU64,
+    /// Back-pressure (`Retry-After`) until then (µs).
+    pub backoff_until_us: AtomicU64,
+    /// Reports taken, headers refused, back-pressure responses.
+    pub reports_total: AtomicU64,
+    pub reports_malformed: AtomicU64,
+    pub backpressure_total: AtomicU64,
+    /// The agent's last answer: `report::AgentState` (0 none) and weight percent (0 none), and when it came.
+    pub agent_state: AtomicU32,
+    pub agent_weight: AtomicU32,
+    pub agent_us: AtomicU64,
 }
 
 /// Admission state of an upstream (see `admission`); f64 values are stored as bits.

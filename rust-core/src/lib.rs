@@ -13,6 +13,7 @@
 //! - [`admission`]: adaptive concurrency limits, token-bucket rate limits and priority classes;
 //! - [`addr`]: strict parsing of peer addresses;
 //! - [`admin`]: run-time changes (peers, weights, tunables) through the same path as a reload;
+//! - [`report`]: backend-reported load (ORCA, plain values, `Retry-After`, agent answers) and its cost;
 //! - [`scaling`]: how many instances a service needs (HPA/Knative rules, Holt forecast);
 //! - [`hmac`]: SHA-256 and HMAC-SHA256 for signed scaling webhooks.
 #![deny(unsafe_code)]
@@ -28,6 +29,7 @@ pub mod hmac;
 pub mod histogram;
 pub mod layout;
 pub mod owner;
+pub mod report;
 mod outlier;
 pub mod reqtrack;
 pub mod rng;

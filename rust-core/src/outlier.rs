@@ -347,6 +347,11 @@ impl Region {
 
     /// Drains a peer (no new requests) or puts it back into service. Returns false when it was already so.
     pub fn set_draining(&self, slot: u32, draining: bool, now_us: u64) -> bool {
+        self.set_draining_for(slot, draining, Reason::Operator, now_us)
+    }
+
+    /// [`Region::set_draining`] with the reason the event gives.
+    pub fn set_draining_for(&self, slot: u32, draining: bool, reason: Reason, now_us: u64) -> bool {
         let h = self.peer_head(slot);
         let up = h.upstream.load(Relaxed);
         let cur = h.health.load(Acquire);
@@ -357,7 +362,7 @@ impl Region {
         if h.health.compare_exchange(cur, want, AcqRel, Acquire).is_err() {
             return false;
         }
-        self.emit(now_us, k, Some(Reason::Operator), up, slot, [0.0; 4]);
+        self.emit(now_us, k, Some(reason), up, slot, [0.0; 4]);
         self.update_panic(up, &self.outlier(up), now_us);
         true
     }

@@ -40,10 +40,13 @@ pub enum Signal {
     ErrorRate = 3,
     /// A number from outside (e.g. a Prometheus query), total over the service, against a per-instance target.
     External = 4,
+    /// Backend-reported load (see `report`): the sum over the ready peers of their reported utilization or named
+    /// metric (e.g. queue depth), against a per-instance target.
+    Reported = 5,
 }
 
 /// Number of signals.
-pub const SIGNALS: usize = 5;
+pub const SIGNALS: usize = 6;
 
 /// Why a decision came out as it did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -426,7 +429,8 @@ fn signal_at(i: usize) -> Signal {
         1 => Signal::Rps,
         2 => Signal::Latency,
         3 => Signal::ErrorRate,
-        _ => Signal::External,
+        4 => Signal::External,
+        _ => Signal::Reported,
     }
 }
 
@@ -485,7 +489,7 @@ mod tests {
         s.values[1] = 250.0; // 250 rps / 100 per instance: 3
         s.values[2] = 10_000.0; // far below the latency target: abstains (would say 1)
         let d = sc.decide(0, &s);
-        assert_eq!(d.per_signal, [2, 3, 0, 0, 0]);
+        assert_eq!(d.per_signal, [2, 3, 0, 0, 0, 0]);
         assert_eq!(d.recommendation, 3);
         s.values[2] = 600_000.0; // 2× latency target on 4 instances: 8
         let d = sc.decide(S, &s);
@@ -509,6 +513,22 @@ mod tests {
         sc.panic_until = 0;
         let d = sc.decide(S, &Signals { current: 6, ready: 6, values });
         assert_eq!((d.per_signal[3], d.per_signal[4], d.desired), (0, 3, 3), "{d:?}");
+    }
+
+    #[test]
+    fn reported_load_is_a_total_against_a_per_instance_target() {
+        let mut p = Params { up_window_us: 0, down_window_us: 0, cooldown_us: 0, ..Params::default() };
+        p.targets = [Target::OFF; SIGNALS];
+        p.targets[Signal::Reported as usize].target = 2.0; // e.g. 2 queued requests per instance
+        let mut sc = Scaler::new(p);
+        let mut values = [f64::NAN; SIGNALS];
+        values[Signal::Reported as usize] = 9.0; // 9 queued over 2 instances: ceil(9 / 2) = 5
+        let d = sc.decide(0, &Signals { current: 2, ready: 2, values });
+        assert_eq!((d.per_signal[5], d.desired, d.signal), (5, 5, Some(Signal::Reported)), "{d:?}");
+        assert_eq!(d.value, 4.5, "per instance");
+        values[Signal::Reported as usize] = f64::NAN; // no usable report: the signal abstains
+        let d = sc.decide(S, &Signals { current: 5, ready: 5, values });
+        assert_eq!(d.per_signal[5], 0);
     }
 
     #[test]

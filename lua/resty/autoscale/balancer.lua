@@ -54,10 +54,13 @@ local addr_buf = ffi.new("uint8_t[64]")
 local gens, hosts, ports = {}, {}, {}
 
 local attached = false
+local reporting = false -- some upstream reads backend-reported load (reports.lua)
+local reports = require "resty.autoscale.reports"
 local no_peer_logged_at = 0
 
-function _M.init(library, configuration, upstream_index)
+function _M.init(library, configuration, upstream_index, any_reports)
     lib = library
+    reporting = any_reports == true
     conf = configuration
     index = upstream_index
     NEED_DETAIL = lib.AUTOSCALE_NEED_DETAIL
@@ -220,7 +223,13 @@ function _M.log()
         return
     end
     local r = get_request()
-    if lib.autoscale_log_finish(r, C.ngx_http_lua_ffi_get_resp_status(r)) == NEED_DETAIL then
+    local status = C.ngx_http_lua_ffi_get_resp_status(r)
+    -- One branch when no upstream reads reports; else the report of the last attempt first (which may finish a
+    -- back-pressure response itself).
+    if reporting and reports.log(r, status) then
+        return
+    end
+    if lib.autoscale_log_finish(r, status) == NEED_DETAIL then
         detail(r)
     end
 end

@@ -15,6 +15,10 @@ static const int AUTOSCALE_ABI_VERSION = 2;
 static const int AUTOSCALE_ADMIT = 0;
 static const int AUTOSCALE_SHED = 1;
 static const int AUTOSCALE_ADMISSION_OFF = 2;
+static const int AUTOSCALE_REPORT_TAKEN = 1;
+static const int AUTOSCALE_REPORT_MALFORMED = 2;
+static const int AUTOSCALE_REPORT_BACKPRESSURE = 4;
+static const int AUTOSCALE_REPORT_FINISHED = 8;
 typedef struct autoscale_scaler_t autoscale_scaler_t;
 typedef struct autoscale_region_params_t {
   uint32_t max_upstreams;
@@ -203,12 +207,51 @@ typedef struct autoscale_cost_t {
   uint64_t log_ns;
   uint64_t log_calls;
 } autoscale_cost_t;
+typedef struct autoscale_reports_spec_t {
+  uint32_t enabled;
+  uint32_t backpressure;
+  uint32_t agent;
+  uint32_t kind;
+  uint32_t blackout_ms;
+  uint32_t expiry_ms;
+  uint32_t backpressure_max_ms;
+  uint32_t smoothing_ms;
+  double backpressure_penalty;
+  double scale;
+  double error_penalty;
+  const uint8_t *named;
+  size_t named_len;
+} autoscale_reports_spec_t;
+typedef struct autoscale_peer_report_t {
+  double load;
+  double cpu_utilization;
+  double application_utilization;
+  double rps_fractional;
+  double eps;
+  double named;
+  double age;
+  double backoff;
+  uint64_t reports;
+  uint64_t malformed;
+  uint64_t backpressure;
+  uint32_t usable;
+  uint32_t agent_state;
+  uint32_t agent_weight;
+  uint32_t _pad;
+} autoscale_peer_report_t;
+typedef struct autoscale_upstream_reported_t {
+  double mean;
+  double sum;
+  uint64_t count;
+  double named_sum;
+  uint64_t named_count;
+} autoscale_upstream_reported_t;
 typedef struct autoscale_scaling_params_t {
   uint32_t min_instances;
   uint32_t max_instances;
   double capacity;
-  double targets[5];
-  uint32_t hold_ms[5];
+  double targets[6];
+  uint32_t hold_ms[6];
   uint32_t up_window_ms;
   uint32_t down_window_ms;
   uint32_t panic_window_ms;
@@ -225,7 +268,7 @@ typedef struct autoscale_scaling_params_t {
 typedef struct autoscale_scaling_signals_t {
   uint32_t current;
   uint32_t ready;
-  double values[5];
+  double values[6];
 } autoscale_scaling_signals_t;
 typedef struct autoscale_scaling_decision_t {
   uint32_t current;
@@ -236,8 +279,7 @@ typedef struct autoscale_scaling_decision_t {
   int32_t signal;
   uint32_t recommendation;
   uint32_t panic;
-  uint32_t per_signal[5];
-  uint32_t _pad;
+  uint32_t per_signal[6];
   double value;
   double target;
   double forecast_rps;
@@ -377,6 +419,27 @@ int autoscale_latency_bounds(double *out,
 int autoscale_peer_latency_buckets(uint32_t slot,
                                    uint64_t *out,
                                    size_t cap);
+int autoscale_upstream_reports(uint32_t upstream, const struct autoscale_reports_spec_t *spec);
+int autoscale_request_upstream(const void *req);
+int autoscale_log_report(const void *req,
+                         int status,
+                         const uint8_t *header,
+                         size_t header_len,
+                         const uint8_t *retry_after,
+                         size_t retry_after_len);
+int autoscale_agent_answer(uint32_t slot,
+                           uint32_t gen,
+                           const uint8_t *text,
+                           size_t len);
+int autoscale_peer_report(uint32_t slot, struct autoscale_peer_report_t *out);
+int autoscale_upstream_reported(uint32_t upstream, struct autoscale_upstream_reported_t *out);
+int autoscale_poll_result(uint32_t slot,
+                          uint32_t gen,
+                          uint32_t format,
+                          const uint8_t *body,
+                          size_t body_len,
+                          const uint8_t *field,
+                          size_t field_len);
 int autoscale_scaler_new(const struct autoscale_scaling_params_t *params,
                          struct autoscale_scaler_t **out);
 void autoscale_scaler_free(struct autoscale_scaler_t *h);

@@ -151,7 +151,7 @@ local UPSTREAM_FIELDS = {
     slow_start_aggression = true, slow_start_min_weight = true, failure_penalty = true, outlier = true,
     slow_peer_factor = true, slow_peer_penalty = true,
     failure_statuses = true, healthcheck = true, fallback = true, discovery = true, scaling = true,
-    admission = true,
+    admission = true, reports = true,
 }
 
 -- A list of HTTP statuses: numbers and "lo-hi" ranges, e.g. { 500, "502-504" } or "500-599".
@@ -388,6 +388,17 @@ local function upstream(path, u)
     out.discovery = check(require("resty.autoscale.discovery").validate(path .. ".discovery", u.discovery, u.peers))
     out.admission = check(require("resty.autoscale.admission").validate(path .. ".admission", u.admission))
     out.scaling = check(require("resty.autoscale.scaler").validate(path .. ".scaling", u.scaling))
+    out.reports = check(require("resty.autoscale.reports").validate(path .. ".reports", u.reports))
+    local sr = out.scaling and out.scaling.reported
+    if sr and out.reports ~= nil then
+        if not out.reports or not out.reports.header then
+            check(fail(path .. ".scaling.reported", "needs reports (a load header to read)"))
+        elseif sr.metric ~= "utilization" and (out.reports.format ~= "orca"
+                or (out.reports.metric ~= "utilization" and out.reports.metric ~= sr.metric)) then
+            check(fail(path .. ".scaling.reported.metric", "%s is not a named metric the reports read (reports.metric %s)",
+                       show(sr.metric), show(out.reports.metric)))
+        end
+    end
     if out.scaling and out.scaling.actuator and out.scaling.actuator.type == "standby" and out.discovery ~= nil
             and not (out.discovery and out.discovery.standby) then
         check(fail(path .. ".scaling.actuator.type", "\"standby\" needs discovery.standby (the pool it activates)"))

@@ -13,7 +13,7 @@ local pairs = pairs
 local tostring = tostring
 local ipairs = ipairs
 
-local LUA_ONLY = { "healthcheck", "fallback", "discovery", "scaling", "admission" }
+local LUA_ONLY = { "healthcheck", "fallback", "discovery", "scaling", "admission", "reports" }
 
 local _M = {}
 

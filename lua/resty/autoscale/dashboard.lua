@@ -394,11 +394,20 @@ function card(U) {
     el.dataset.upstream = U.name;
     el.innerHTML = `<h2></h2><div class="sub"></div><table><thead><tr><th>peer</th><th>state</th><th>weight</th>` +
       `<th>in flight</th><th>req/s</th><th>errors/s</th><th>p50 ms</th><th>p99 ms</th><th>EWMA ms</th><th>cost</th>` +
-      `<th>share</th></tr></thead><tbody></tbody></table><div class="charts"></div><div class="note"></div>` +
+      `<th title="backend-reported load (age s; back-off s)">reported</th><th>share</th></tr></thead><tbody></tbody></table><div class="charts"></div><div class="note"></div>` +
       `<details><summary>configuration in force</summary><pre></pre></details>`;
     document.getElementById("ups").appendChild(el);
   }
   return el;
+}
+// a peer's reported load: value (age), agent state and back-off when there are any; empty without reports
+function reported(r) {
+  if (!r) return "";
+  let t = r.load == null ? "none" : fmt(r.load, 3) + (r.age == null ? "" : ` (${fmt(r.age, 1)} s)`);
+  if (r.agent_state && r.agent_state !== "up") t += " " + r.agent_state;
+  if (r.agent_weight) t += ` ${r.agent_weight} %`;
+  if (r.backoff > 0) t += ` back-off ${fmt(r.backoff, 1)} s`;
+  return esc(t);
 }
 function render() {
   const names = Object.keys(S.ups).sort();
@@ -419,7 +428,7 @@ function render() {
       rows += `<tr data-peer="${esc(addr)}"><td><span class="sw" style="background:${P.color}"></span>${esc(addr)}</td>` +
         `<td><span class="badge ${esc(st)}">${esc(st)}</span></td><td>${esc(p.weight)}</td><td>${esc(p.inflight)}</td>` +
         `<td>${fmt(s.rps)}</td><td>${fmt(s.eps)}</td><td>${fmt(s.p50)}</td><td>${fmt(s.p99)}</td>` +
-        `<td>${fmt(p.ewma * 1000)}</td><td>${fmt(p.cost)}</td>` +
+        `<td>${fmt(p.ewma * 1000)}</td><td>${fmt(p.cost)}</td><td>${reported(p.reported)}</td>` +
         `<td><span class="bar" style="width:${Math.round(s.share * 0.6)}px"></span> ${fmt(s.share, 1)} %</td></tr>`;
     }
     tb.innerHTML = rows;

@@ -12,6 +12,10 @@ local wait = ngx.thread.wait
 local ngx_log = ngx.log
 local ngx_ERR = ngx.ERR
 local tonumber = tonumber
+local ipairs = ipairs
+local pairs = pairs
+local pcall = pcall
+local unpack = unpack
 
 local _M = {}
 
@@ -39,9 +43,11 @@ local function probe(host, port, hc)
     return status ~= nil and hc.pass[status] == true
 end
 
--- One round for upstream `idx`: if this worker holds the lease, probe all its peers concurrently.
-local function round(idx, hc)
-    if lib.autoscale_check_lease(idx, math.floor(hc.interval * 3000)) ~= 1 then
+-- One round for upstream `idx`: if this worker holds the upstream's lease (`lease` seconds), runs
+-- `probe(host, port, arg)` for all its peers concurrently, then `done(slot, gen, ok, ...)` with what each returned.
+-- Active health checks and the polling of backend-reported load (reports.lua) share it, and the lease.
+local function each_peer(idx, lease, probe, arg, done)
+    if lib.autoscale_check_lease(idx, math.floor(lease * 1000)) ~= 1 then
         return
     end
     local count = lib.autoscale_upstream_peers(idx, nil, 0)
@@ -58,13 +64,37 @@ local function round(idx, hc)
             local n = lib.autoscale_peer_addr(slot, addr_buf, 64)
             local text = ffi.string(addr_buf, n)
             local host, port = text:match("^%[?(.-)%]?:(%d+)$")
-            threads[#threads + 1] = { slot, gen, spawn(probe, host, tonumber(port), hc) }
+            threads[#threads + 1] = { slot, gen, spawn(probe, host, tonumber(port), arg) }
         end
     end
     for _, t in ipairs(threads) do
-        local ok, passed = wait(t[3])
-        lib.autoscale_check_result(t[1], t[2], (ok and passed) and 1 or 0, hc.healthy, hc.unhealthy)
+        done(t[1], t[2], wait(t[3]))
     end
+end
+_M.each_peer = each_peer
+
+local function round(idx, hc)
+    each_peer(idx, hc.interval * 3, probe, hc, function(slot, gen, ok, passed)
+        lib.autoscale_check_result(slot, gen, (ok and passed) and 1 or 0, hc.healthy, hc.unhealthy)
+    end)
+end
+
+-- ok, err = healthcheck.every(interval, what, name, fn, ...): runs fn(...) every `interval` seconds in a timer of
+-- this worker, never two at once, logging what fails.
+function _M.every(interval, what, name, fn, ...)
+    local busy = false
+    local args = { ... }
+    return ngx.timer.every(interval, function(premature)
+        if premature or busy then
+            return
+        end
+        busy = true
+        local done, perr = pcall(fn, unpack(args))
+        busy = false
+        if not done then
+            ngx_log(ngx_ERR, "resty.autoscale: ", what, " of ", name, " failed: ", perr)
+        end
+    end)
 end
 
 -- Starts a checking timer per upstream that has `healthcheck`; called in each worker.
@@ -72,24 +102,13 @@ function _M.start(conf, index)
     for name, u in pairs(conf.upstreams) do
         local hc = u.healthcheck
         if hc then
-            local idx, busy = index[name], false
-            local ok, err = ngx.timer.every(hc.interval, function(premature)
-                if premature or busy then
-                    return
-                end
-                busy = true
-                local done, perr = pcall(round, idx, hc)
-                busy = false
-                if not done then
-                    ngx_log(ngx_ERR, "resty.autoscale: health check of ", name, " failed: ", perr)
-                end
-            end)
+            local ok, err = _M.every(hc.interval, "health check", name, round, index[name], hc)
             if not ok then
                 return nil, err
             end
         end
     end
-    return true
+    return require("resty.autoscale.reports").start(conf, index)
 end
 
 return _M

@@ -41,13 +41,26 @@ local FAMILIES = {
     { "autoscale_peer_window_requests", "gauge", "Attempts in the rolling window." },
     { "autoscale_peer_window_failures", "gauge", "Failed attempts in the rolling window." },
     { "autoscale_peer_ewma_seconds", "gauge", "Peak-EWMA latency estimate used by the balancer." },
-    { "autoscale_peer_cost", "gauge", "Balancer cost of the peer (lower is preferred): EWMA x (in flight + 1) / weight." },
+    { "autoscale_peer_cost", "gauge",
+      "Balancer cost of the peer (lower is preferred): EWMA x (in flight + 1) / weight; with reports see docs/reports.md." },
     { "autoscale_peer_weight", "gauge", "Configured weight of the peer." },
     { "autoscale_peer_slow_start_ratio", "gauge", "Slow-start factor applied to the weight (1 when fully ramped)." },
     { "autoscale_peer_traffic_share_ratio", "gauge", "Share of the upstream's attempts in the rolling window." },
     { "autoscale_peer_in_flight_requests", "gauge", "Attempts in flight now, all workers." },
     { "autoscale_peer_state", "gauge", "1 for the peer's current state (healthy, ejected, half_open, draining)." },
     { "autoscale_peer_ejections_total", "counter", "Times the peer was ejected (all time)." },
+    { "autoscale_peer_reported_load", "gauge",
+      "Backend-reported load the balancer uses (smoothed utilization, named metric or plain value; upstreams with reports)." },
+    { "autoscale_peer_reported_metric", "gauge", "Fields of the peer's last load report, by field (ORCA names)." },
+    { "autoscale_peer_report_age_seconds", "gauge", "Age of the peer's last load report." },
+    { "autoscale_peer_report_used", "gauge", "1 while the peer's report enters its cost (past the blackout, not expired)." },
+    { "autoscale_peer_backoff_seconds", "gauge", "Back-pressure (Retry-After) time left; the peer's cost is raised meanwhile." },
+    { "autoscale_peer_reports_total", "counter", "Load reports taken from the peer (all time)." },
+    { "autoscale_peer_reports_malformed_total", "counter", "Load headers or polled answers of the peer refused as malformed." },
+    { "autoscale_peer_backpressure_total", "counter", "Responses of the peer with Retry-After on 429/503 (all time)." },
+    { "autoscale_peer_agent_weight_ratio", "gauge", "Weight the peer's agent set, as a fraction of its configured weight." },
+    { "autoscale_upstream_reported_load", "gauge",
+      "Reported load over the upstream's healthy peers with a usable report, by aggregate (mean, sum) and peers counted." },
     { "autoscale_upstream_peers", "gauge", "Peers of the upstream." },
     { "autoscale_upstream_healthy_peers", "gauge", "Peers of the upstream in the healthy state." },
     { "autoscale_upstream_ejected_peers", "gauge", "Peers of the upstream that are ejected." },
@@ -83,6 +96,10 @@ for i, k in ipairs { "http_5xx", "gateway", "connect", "timeout" } do
 end
 for i, q in ipairs { { "0.5", "p50" }, { "0.9", "p90" }, { "0.99", "p99" }, { "0.999", "p999" } } do
     QUANTILES[i] = { q[2], ',quantile="' .. q[1] .. '"' }
+end
+local REPORT_FIELDS = {}
+for i, f in ipairs { "cpu_utilization", "application_utilization", "rps_fractional", "eps", "named" } do
+    REPORT_FIELDS[i] = { f, ',field="' .. f .. '"' }
 end
 local LE_INF = ',le="+Inf"'
 local LE -- { ',le="0.001"', ... }: the library's bounds, read once
@@ -215,6 +232,20 @@ local function peer_samples(add, ul, p)
         add("autoscale_peer_state", l, p.state == s[1] and 1 or 0, s[2])
     end
     add("autoscale_peer_ejections_total", l, p.ejections)
+    local r = p.reported
+    if r then
+        add("autoscale_peer_reported_load", l, r.load)
+        for _, f in ipairs(REPORT_FIELDS) do
+            add("autoscale_peer_reported_metric", l, r[f[1]], f[2])
+        end
+        add("autoscale_peer_report_age_seconds", l, r.age)
+        add("autoscale_peer_report_used", l, r.used)
+        add("autoscale_peer_backoff_seconds", l, r.backoff)
+        add("autoscale_peer_reports_total", l, r.reports)
+        add("autoscale_peer_reports_malformed_total", l, r.malformed)
+        add("autoscale_peer_backpressure_total", l, r.backpressure)
+        add("autoscale_peer_agent_weight_ratio", l, r.agent_weight and r.agent_weight / 100)
+    end
 end
 
 local function upstream_samples(add, name, u)
@@ -232,6 +263,12 @@ local function upstream_samples(add, name, u)
     end
     for _, o in ipairs(OUTLIER_OPTIONS) do
         add("autoscale_upstream_option", l, c.outlier[o[1]], o[2])
+    end
+    local rep = u.reported
+    if rep then
+        add("autoscale_upstream_reported_load", l, rep.mean, ',aggregate="mean"')
+        add("autoscale_upstream_reported_load", l, rep.sum, ',aggregate="sum"')
+        add("autoscale_upstream_reported_load", l, rep.count, ',aggregate="peers"')
     end
     return l
 end

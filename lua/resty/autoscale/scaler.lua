@@ -34,7 +34,7 @@ local _M = {}
 local DICT = "autoscale_scaling"
 local MAX_PROMETHEUS_BODY = 1024 * 1024 -- the largest query answer read; a larger one is a failed query
 local NAN = 0 / 0
-local SIGNAL_NAMES = { [0] = "utilization", "rps", "latency", "error_rate", "external" }
+local SIGNAL_NAMES = { [0] = "utilization", "rps", "latency", "error_rate", "external", "reported" }
 local REASONS = { [0] = "steady", "scale_up", "scale_down", "holding", "up_window", "stabilizing", "cooldown", "panic",
                   "bounded", "no_data" }
 local PERCENTILES = { p50 = true, p90 = true, p99 = true, p999 = true }
@@ -48,6 +48,7 @@ _M.defaults = {
     latency = { percentile = "p99", hold = 0 },
     error_rate = { hold = 0 },
     external = { hold = 0, interval = 5, timeout = 2 },
+    reported = { metric = "utilization", hold = 0 },
     forecast = { alpha = 0.5, beta = 0.3 },
 }
 
@@ -67,10 +68,11 @@ local SIGNAL_FIELDS = {
     error_rate = { target = { 0.0001, 1 }, hold = { 0, 3600 } },
     external = { target = { 1e-9, 1e12 }, hold = { 0, 3600 }, interval = { 0.1, 3600 }, timeout = { 0.01, 60 },
                  url = "url", query = "string" },
+    reported = { target = { 1e-9, 1e12 }, hold = { 0, 3600 }, metric = "string" },
 }
 -- The option each signal cannot do without.
 local REQUIRED = { utilization = "capacity", rps = "target", latency = "target", error_rate = "target",
-                   external = "target" }
+                   external = "target", reported = "target" }
 
 local function signal(path, name, v)
     if v == nil then
@@ -163,7 +165,7 @@ function _M.validate(path, v)
         any = any or out[name] ~= false
     end
     if not any then
-        return fail(path, "needs at least one signal: utilization, rps, latency, error_rate or external")
+        return fail(path, "needs at least one signal: utilization, rps, latency, error_rate, external or reported")
     end
     if v.forecast ~= nil then
         if type(v.forecast) ~= "table" then
@@ -247,8 +249,9 @@ local function new_engine(s)
         s.latency and s.latency.target * 1e6 or 0,
         s.error_rate and s.error_rate.target or 0,
         s.external and s.external.target or 0,
+        s.reported and s.reported.target or 0,
     }
-    for i, name in ipairs { "utilization", "rps", "latency", "error_rate", "external" } do
+    for i, name in ipairs { "utilization", "rps", "latency", "error_rate", "external", "reported" } do
         params.targets[i - 1] = targets[i]
         params.hold_ms[i - 1] = s[name] and floor(s[name].hold * 1000) or 0
     end
@@ -305,12 +308,22 @@ local function measure(name, svc, s)
     if svc.external and now - svc.external_t <= 3 * s.external.interval then
         d.external = svc.external
     end
+    -- Backend-reported load: the sum over the healthy peers with a usable report (this gateway's view of the same
+    -- backends every gateway sees, so it is not added up across gateways).
+    local rep = s.reported and st.reported
+    if rep then
+        if s.reported.metric == "utilization" then
+            d.reported = rep.count > 0 and rep.sum or nil
+        else
+            d.reported = rep.named_count > 0 and rep.named_sum or nil
+        end
+    end
     return d
 end
 
 -- The whole cluster's demand from the demands of every live gateway.
 local function aggregate(own, demands)
-    local a = { ready = own.ready, external = own.external, inflight = 0, requests = 0, failures = 0, gateways = 0 }
+    local a = { ready = own.ready, external = own.external, reported = own.reported, inflight = 0, requests = 0, failures = 0, gateways = 0 }
     local rps, lat
     for _, d in ipairs(demands) do
         a.gateways = a.gateways + 1
@@ -446,7 +459,7 @@ local function tick(name, s, svc)
         time = now, service = name, mode = mode, gateway = c and c.gateway_id or nil, ready = own.ready,
         current = current, inputs = { inflight = demand.inflight, rps = finite(demand.rps),
         latency = finite(demand.latency), error_rate = finite(demand.error_rate), external = finite(demand.external),
-        gateways = demand.gateways },
+        reported = finite(demand.reported), gateways = demand.gateways },
         leader = view and view.holder or nil, fencing_token = view and view.token or nil,
     }
     if mode == "follower" then
@@ -464,6 +477,7 @@ local function tick(name, s, svc)
     sig.values[2] = s.latency and demand.latency and demand.latency * 1e6 or NAN
     sig.values[3] = s.error_rate and demand.error_rate or NAN
     sig.values[4] = s.external and demand.external or NAN
+    sig.values[5] = s.reported and demand.reported or NAN
     local rc = lib.autoscale_scaler_decide(svc.engine, now * 1000, sig, dec)
     if rc ~= 0 then
         ngx_log(ngx_ERR, "resty.autoscale scaling of ", name, ": decide failed (code ", rc, ")")
@@ -477,7 +491,7 @@ local function tick(name, s, svc)
     end
     r.recommendation, r.panic, r.forecast_rps = dec.recommendation, dec.panic == 1, finite(dec.forecast_rps)
     r.per_signal = {}
-    for i = 0, 4 do
+    for i = 0, 5 do
         if dec.per_signal[i] > 0 then
             r.per_signal[SIGNAL_NAMES[i]] = dec.per_signal[i]
         end

@@ -106,6 +106,7 @@ function _M.peer(slot)
         cost = s.cost,
         slow_start = s.slow_start,
         age = n(s.age_us) / 1e6,
+        reported = require("resty.autoscale.reports").peer(s.upstream, s.slot),
         totals = {
             requests = n(s.total_requests),
             failures = n(s.total_failures),
@@ -191,6 +192,7 @@ function _M.upstream(name)
         discovery = conf.upstreams[name].discovery and require("resty.autoscale.discovery").state(name) or nil,
         scaling = require("resty.autoscale.scaler").state(name),
         admission = require("resty.autoscale.admission").status(name),
+        reported = require("resty.autoscale.reports").upstream(idx),
     }
 end
 
