@@ -1,0 +1,298 @@
+# vim:set ft= ts=4 sw=4 et:
+# Scale to zero and back, end to end with real processes: tools/orchestrator starts lab/backend.py instances on the
+# signed scaling webhook and registers them in a real etcd, which the gateway's discovery reads. With no ready peer a
+# request is held in the gateway (the fallback location, autoscale.fallback) instead of answered 502, the first held
+# request wakes the scaler at once, and the held requests are released to the first instance; a full queue and a
+# failing actuator give the fallback (503 + Retry-After); after idle_window the service goes back to zero.
+
+use lib 't';
+use Autoscale;
+
+workers(2);
+worker_connections(2048); # 200 held client connections, their proxied connections and the test's own
+master_on();
+
+our $Have_etcd = grep { -x "$_/etcd" } split /:/, $ENV{PATH};
+diag("etcd not found (Debian package etcd-server): skipped") unless $Have_etcd;
+
+# The processes' ports, derived from TEST_NGINX_SERVER_PORT: etcd P+0/P+1, the orchestrator P+2, the never-listening
+# placeholder peer P+3, backends P+4..P+6 (control ports P+14..P+16).
+{
+    my $p = 10 * ($ENV{TEST_NGINX_SERVER_PORT} || 1984);
+    $p -= 40000 while $p > 60000;
+    $ENV{TEST_NGINX_Z_PORT} = $p;
+    $ENV{"TEST_NGINX_Z${_}_PORT"} = $p + $_ for 1 .. 16;
+}
+
+our $HttpConfig = <<'_EOC_';
+    lua_shared_dict autoscale_scaling 4m;
+    lua_socket_log_errors off;
+    init_by_lua_block {
+        autoscale = require "resty.autoscale"
+        autoscale.configure { upstreams = { api = {
+            peers = { "127.0.0.1:$TEST_NGINX_Z3_PORT" }, retries = 0,
+            discovery = { keep_static = false, drain_timeout = 1,
+                          etcd = { endpoints = { "http://127.0.0.1:$TEST_NGINX_Z_PORT" }, prefix = "/svc/api/",
+                                   interval = 0.05 } },
+            fallback = { retry_after = 7 },
+            scaling = { min = 0, max = 3, interval = 0.2, cooldown = 1, rps = { target = 100000 },
+                        idle_window = ZERO_IDLE, provision_timeout = 10,
+                        hold = { max_requests = ZERO_MAX, timeout = ZERO_TIMEOUT, release_rate = 2000 },
+                        actuator = { type = "webhook", url = "http://127.0.0.1:$TEST_NGINX_Z2_PORT/",
+                                     secret = "0123456789abcdef-zero", retries = 2, backoff = 0.1, timeout = 3 } },
+        } } }
+    }
+    init_worker_by_lua_block { autoscale.init_worker() }
+    upstream api {
+        server 0.0.0.1;
+        balancer_by_lua_block { autoscale.balance("api") }
+        keepalive 16;
+    }
+    server {
+        listen 127.0.0.1:$TEST_NGINX_RAND_PORT_5 reuseport;
+        location = /scaling { content_by_lua_block { autoscale.scaling_handler() } }
+        location = /metrics { content_by_lua_block { autoscale.prometheus_handler() } }
+        location / {
+            proxy_pass http://api;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            recursive_error_pages on;
+            error_page 502 504 = @api_fallback;
+            log_by_lua_block { autoscale.log() }
+        }
+        location @api_fallback { content_by_lua_block { autoscale.fallback("api") } }
+    }
+_EOC_
+
+our $Helpers = <<'_EOC_';
+    local t = require "autoscale_test"
+    local process = require "autoscale_process"
+    local cjson = require "cjson"
+    local gw = $TEST_NGINX_RAND_PORT_5
+    local dir = ngx.config.prefix() .. "logs/"
+    local ORCH = $TEST_NGINX_Z2_PORT
+    os.execute("rm -rf " .. dir .. "etcd-data")
+    process.write(dir .. "secret", "0123456789abcdef-zero\n")
+    process.write(dir .. "orchestrator.json", cjson.encode {
+        listen = "127.0.0.1:" .. ORCH, secret_file = dir .. "secret",
+        services = { api = { ports = "$TEST_NGINX_Z4_PORT-$TEST_NGINX_Z6_PORT", ctl_offset = 10, initial = 0, min = 0,
+                             drain = 0.5, settings = { latency_ms = 2 },
+                             register = { etcd = "http://127.0.0.1:$TEST_NGINX_Z_PORT", prefix = "/svc/api/" } } },
+    })
+    local function ready() -- peers taking traffic
+        local n = 0
+        for _, p in ipairs(autoscale.status("api").peers) do
+            if p.state ~= "draining" then n = n + 1 end
+        end
+        return n
+    end
+    local function state() return cjson.decode((select(2, t.get(gw, "/scaling?service=api")))) end
+    local function calls() return cjson.decode((select(2, t.get(ORCH, "/calls")))) end
+    local function running() return #cjson.decode((select(2, t.get(ORCH, "/state")))).api.running end
+    local function start_orchestrator()
+        local orch = process.start("python3 $TEST_NGINX_REPO/tools/orchestrator --config " .. dir .. "orchestrator.json",
+                                   dir .. "orchestrator.log")
+        assert(t.poll(function() return t.get(ORCH, "/state", 500) == 200 end, 10),
+               "orchestrator did not start: " .. process.read(dir .. "orchestrator.log"))
+        return orch
+    end
+    -- n requests, spread evenly over `spread` seconds, each from its own light thread: statuses, latencies, headers
+    local function burst(n, spread)
+        local out, threads = { status = {}, latency = {}, retry_after = {}, sent = {} }, {}
+        ngx.update_time()
+        local t0 = ngx.now()
+        for i = 1, n do
+            threads[i] = ngx.thread.spawn(function()
+                ngx.update_time()
+                local s = ngx.now()
+                out.sent[i] = s
+                local status, _, headers = t.request { port = gw, path = "/", timeout = 20000 }
+                ngx.update_time()
+                out.status[i], out.latency[i] = status or 0, ngx.now() - s
+                out.retry_after[i] = headers and headers["retry-after"]
+            end)
+            if spread > 0 then ngx.sleep(spread / n) end
+        end
+        for i = 1, n do ngx.thread.wait(threads[i]) end
+        out.t0 = t0
+        return out
+    end
+    -- runs fn(procs) with etcd started, then stops every process it started (procs.orch too), and reports a failure
+    local function with_etcd(fn)
+        local procs = {}
+        local ok, err = pcall(function()
+            procs.etcd = process.etcd(dir, $TEST_NGINX_Z_PORT)
+            assert(t.poll(function() return ready() == 0 end, 10), "the placeholder peer was not drained")
+            fn(procs)
+        end)
+        if procs.orch then procs.orch:stop() end
+        if procs.etcd then procs.etcd:stop() end
+        if not ok then ngx.say("FAILED: ", err) end
+    end
+    local function tally(res)
+        local by = {}
+        for _, s in ipairs(res.status) do by[s] = (by[s] or 0) + 1 end
+        local keys = {}
+        for s, c in pairs(by) do keys[#keys + 1] = s .. "x" .. c end
+        table.sort(keys)
+        return table.concat(keys, " ")
+    end
+_EOC_
+
+run_tests();
+
+__DATA__
+
+=== TEST 1: from zero, 200 requests in 1 s: none lost, the actuator called at once; idle back to zero and again up
+--- skip_eval: 3: !$::Have_etcd
+--- http_config eval: my $c = $::HttpConfig; $c =~ s/ZERO_IDLE/2/; $c =~ s/ZERO_MAX/250/; $c =~ s/ZERO_TIMEOUT/10/; $c
+--- config eval
+"location = /t { content_by_lua_block { $::Helpers " . <<'_EOC_';
+    with_etcd(function(procs)
+        procs.orch = start_orchestrator()
+        ngx.say("at zero: ready ", ready(), ", running ", running())
+
+        local res = burst(200, 1)
+        local c = calls()
+        local first = c.log[1]
+        local max_lat, first_lat = 0, res.latency[1]
+        for _, l in ipairs(res.latency) do max_lat = math.max(max_lat, l) end
+        local wake = first.at - res.sent[1]
+        local start = first.done - first.at
+        ngx.log(ngx.NOTICE, string.format("scale from zero: actuator called %.1f ms after the first request; "
+            .. "instance start %.0f ms; first request %.0f ms; slowest %.0f ms", wake * 1000, start * 1000,
+            first_lat * 1000, max_lat * 1000))
+        ngx.say("burst: ", tally(res), "; actuator calls ", c.applied, " desired ", first.desired,
+                "; called within 50 ms ", wake <= 0.05,
+                "; first answer within start + 100 ms ", first_lat <= (first.done - res.sent[1]) + 0.1)
+        local st = state()
+        local held = st.hold.total
+        ngx.say("hold: held now ", st.hold.held, ", some held ", held >= 1, ", all released ", st.hold.released == held,
+                ", timeouts ", st.hold.timeouts, ", rejected ", st.hold.rejected,
+                "; episodes ", #st.episodes, " ", st.episodes[1].event, " ", st.episodes[2].event,
+                ", cold start > 0 ", st.cold_start.last > 0)
+
+        -- idle for idle_window (2 s): back to zero
+        assert(t.poll(function() return running() == 0 and ready() == 0 end, 10), "not scaled to zero")
+        st = state()
+        ngx.say("idle: running ", running(), ", ready ", ready(), ", desired ", st.desired, ", idle decided ",
+                st.decisions_total > 0 and (st.reason == "idle" or st.reason == "zero"))
+        local status = t.request { port = gw, path = "/", timeout = 20000 }
+        ngx.say("next request: ", status, ", running ", running(), ", applied ", calls().applied)
+        local _, metrics = t.get(gw, "/metrics")
+        ngx.say("metrics: released = held + 1 ", tonumber(metrics:match(
+                    'autoscale_hold_requests_total{upstream="api",outcome="released"} (%d+)')) == held + 1,
+                ", observed = released ", metrics:match('autoscale_hold_seconds_count{upstream="api"} (%d+)')
+                    == metrics:match('autoscale_hold_requests_total{upstream="api",outcome="released"} (%d+)'),
+                ", cold starts ", metrics:match('autoscale_scaling_cold_start_seconds_count{upstream="api"} (%d+)'))
+    end)
+} }
+_EOC_
+--- log_level: notice
+--- request
+GET /t
+--- timeout: 60
+--- response_body
+at zero: ready 0, running 0
+burst: 200x200; actuator calls 1 desired 1; called within 50 ms true; first answer within start + 100 ms true
+hold: held now 0, some held true, all released true, timeouts 0, rejected 0; episodes 2 activating activated, cold start > 0 true
+idle: running 0, ready 0, desired 0, idle decided true
+next request: 200, running 1, applied 3
+metrics: released = held + 1 true, observed = released true, cold starts 2
+--- no_error_log
+[alert]
+[crit]
+actuator_failed
+lua entry thread aborted
+
+
+
+=== TEST 2: hold.max_requests = 50: the 51st gets the fallback at once; a failing actuator: the held ones get it within hold.timeout, then the next instance serves
+--- skip_eval: 3: !$::Have_etcd
+--- http_config eval: my $c = $::HttpConfig; $c =~ s/ZERO_IDLE/300/; $c =~ s/ZERO_MAX/50/; $c =~ s/ZERO_TIMEOUT/1/; $c
+--- config eval
+"location = /t { content_by_lua_block { $::Helpers " . <<'_EOC_';
+    with_etcd(function(procs)
+        -- no orchestrator yet: the webhook is refused (connection refused), retried after the backoff, fails
+        local res = burst(60, 0)
+        local fast, slow, late, ra = 0, 0, 0, 0
+        for i, s in ipairs(res.status) do
+            if s == 503 and res.latency[i] < 0.5 then fast = fast + 1 end
+            if s == 503 and res.latency[i] >= 0.95 and res.latency[i] <= 1.2 then slow = slow + 1 end
+            if res.latency[i] > 1.2 then late = late + 1 end
+            if res.retry_after[i] == "7" then ra = ra + 1 end
+        end
+        local lats = {}
+        for i, l in ipairs(res.latency) do lats[i] = string.format("%.3f", l) end
+        table.sort(lats)
+        ngx.log(ngx.NOTICE, "60 at once, latencies: ", table.concat(lats, " "))
+        ngx.say("60 at once: ", tally(res), "; at once ", fast, ", after hold.timeout ", slow, ", later ", late,
+                ", Retry-After ", ra)
+        local st = state()
+        ngx.say("hold: total ", st.hold.total, ", timeouts ", st.hold.timeouts, ", rejected ", st.hold.rejected,
+                "; actuator failures ", st.actuator_failures, "; last episode ", st.episodes[#st.episodes].event)
+
+        -- the actuator comes back: after the cooldown the next held request brings an instance up
+        procs.orch = start_orchestrator()
+        local status
+        assert(t.poll(function()
+            status = t.request { port = gw, path = "/", timeout = 5000 }
+            return status == 200
+        end, 15), "no instance came up")
+        ngx.say("actuator back: ", status, ", running ", running(), "; last episode ",
+                state().episodes[#state().episodes].event)
+    end)
+} }
+_EOC_
+--- log_level: notice
+--- request
+GET /t
+--- timeout: 60
+--- response_body
+60 at once: 503x60; at once 10, after hold.timeout 50, later 0, Retry-After 60
+hold: total 50, timeouts 50, rejected 10; actuator failures 1; last episode activation_failed
+actuator back: 200, running 1; last episode activated
+--- error_log
+activation_failed
+
+
+
+=== TEST 3: bad hold and idle options stop nginx with the field path and the reason
+--- http_config
+    lua_shared_dict autoscale_scaling 1m;
+    init_by_lua_block {
+        local config = require "resty.autoscale.config"
+        local peers = { "127.0.0.1:1" }
+        config_errors = {}
+        for _, case in ipairs {
+            { rps = { target = 10 }, min = 0, hold = { max_requests = 0 } },
+            { rps = { target = 10 }, min = 0, hold = { timeout = "5" } },
+            { rps = { target = 10 }, min = 0, hold = { deadline_header = "bad header" } },
+            { rps = { target = 10 }, min = 0, hold = { release_rate = 0 } },
+            { rps = { target = 10 }, min = 0, hold = { queue = 1 } },
+            { rps = { target = 10 }, min = 0, hold = 5 },
+            { rps = { target = 10 }, min = 1, idle_window = 60 },
+            { rps = { target = 10 }, min = 0, idle_window = 0 },
+        } do
+            local _, err = config.validate { upstreams = { api = { peers = peers, scaling = case } } }
+            config_errors[#config_errors + 1] = tostring(err)
+        end
+        local c = config.validate { upstreams = { api = { peers = peers, scaling = { rps = { target = 10 }, min = 0 } } } }
+        local h = c.upstreams.api.scaling.hold
+        config_errors[#config_errors + 1] = string.format("defaults: max_requests %d, timeout %d, header %s, idle %d",
+            h.max_requests, h.timeout, h.deadline_header, c.upstreams.api.scaling.idle_window)
+    }
+--- config
+    location = /t { content_by_lua_block { ngx.say(table.concat(config_errors, "\n")) } }
+--- request
+GET /t
+--- response_body
+upstreams.api.scaling.hold.max_requests: must be between 1 and 100000 (got 0)
+upstreams.api.scaling.hold.timeout: must be a number (got string "5")
+upstreams.api.scaling.hold.deadline_header: must be a header name (letters, digits, '-') or false (got "bad header")
+upstreams.api.scaling.hold.release_rate: must be between 1 and 1000000 (got 0)
+upstreams.api.scaling.hold.queue: unknown option (valid: deadline_header, max_requests, release_rate, timeout)
+upstreams.api.scaling.hold: must be a table or false (got number)
+upstreams.api.scaling.idle_window: scales to zero: needs min = 0 (got min = 1)
+upstreams.api.scaling.idle_window: must be between 1 and 86400 (got 0)
+defaults: max_requests 100, timeout 30, header X-Request-Timeout, idle 300
