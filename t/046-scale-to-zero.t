@@ -232,6 +232,13 @@ lua entry thread aborted
         ngx.say("hold: total ", st.hold.total, ", timeouts ", st.hold.timeouts, ", rejected ", st.hold.rejected,
                 "; actuator failures ", st.actuator_failures, "; last episode ", st.episodes[#st.episodes].event)
 
+        -- the client's own deadline (X-Request-Timeout, seconds) is shorter than hold.timeout
+        ngx.update_time()
+        local t1 = ngx.now()
+        local code = t.request { port = gw, path = "/", headers = { ["X-Request-Timeout"] = "0.3" } }
+        ngx.update_time()
+        ngx.say("client deadline 0.3 s: ", code, " after 0.3-0.5 s ", ngx.now() - t1 >= 0.29 and ngx.now() - t1 < 0.5)
+
         -- the actuator comes back: after the cooldown the next held request brings an instance up
         procs.orch = start_orchestrator()
         local status
@@ -251,13 +258,114 @@ GET /t
 --- response_body
 60 at once: 503x60; at once 10, after hold.timeout 50, later 0, Retry-After 60
 hold: total 50, timeouts 50, rejected 10; actuator failures 1; last episode activation_failed
+client deadline 0.3 s: 503 after 0.3-0.5 s true
 actuator back: 200, running 1; last episode activated
 --- error_log
 activation_failed
 
 
 
-=== TEST 3: bad hold and idle options stop nginx with the field path and the reason
+=== TEST 3: nginx -s reload while requests are held: they finish in the old workers (released to the instance that comes up), none is reset
+--- skip_eval: 3: !$::Have_etcd
+--- http_config eval: my $c = $::HttpConfig; $c =~ s/ZERO_IDLE/300/; $c =~ s/ZERO_MAX/50/; $c =~ s/ZERO_TIMEOUT/15/; $c
+--- config eval
+"location = /t { content_by_lua_block { $::Helpers " . <<'_EOC_';
+    with_etcd(function(procs)
+        local function children() -- the master's worker PIDs
+            local f = assert(io.open(ngx.config.prefix() .. "logs/nginx.pid"))
+            local master = f:read("*l")
+            f:close()
+            local p = io.popen("ps -o pid= --ppid " .. master)
+            local out = p:read("*a")
+            p:close()
+            return out
+        end
+        local before = children()
+        local res
+        local load = ngx.thread.spawn(function() res = burst(10, 0) end)
+        assert(t.poll(function() return require("resty.autoscale.hold").held("api") == 10 end, 5), "not held")
+        t.reload(dir .. "reload.txt", "")
+        assert(t.poll(function() return children() ~= before end, 10), "no new workers")
+        ngx.say("reloaded with 10 held: new workers ", children() ~= before)
+        procs.orch = start_orchestrator() -- the webhook has failed meanwhile: the new workers' scaler tries again
+        ngx.thread.wait(load)
+        ngx.say("held across the reload: ", tally(res))
+    end)
+} }
+_EOC_
+--- log_level: notice
+--- request
+GET /t
+--- timeout: 60
+--- response_body
+reloaded with 10 held: new workers true
+held across the reload: 200x10
+
+
+
+=== TEST 4: SIGKILL of a worker that holds requests: its slot stops counting within 2 s, the bound is whole again
+--- skip_eval: 3: !$::Have_etcd
+--- http_config eval: my $c = $::HttpConfig; $c =~ s/ZERO_IDLE/300/; $c =~ s/ZERO_MAX/10/; $c =~ s/ZERO_TIMEOUT/6/; $c
+--- config eval
+"location = /t { content_by_lua_block { $::Helpers " . <<'_EOC_';
+    with_etcd(function(procs)
+        local hold = require "resty.autoscale.hold"
+        local dict = ngx.shared.autoscale_scaling
+        local me = ngx.worker.pid()
+        local function other() -- the other worker's slot, when it holds something: pid, count
+            for i = 1, 64 do
+                local pid, n = dict:get("hold_owner:api:" .. i), dict:get("hold:api:" .. i)
+                if pid and pid ~= me and n and n > 0 then return pid, n end
+            end
+        end
+        local threads = {}
+        local function send(n)
+            for _ = 1, n do
+                threads[#threads + 1] = ngx.thread.spawn(t.request, { port = gw, path = "/", timeout = 10000 })
+            end
+        end
+        -- requests until the other worker holds some (the kernel spreads the connections over both)
+        assert(t.poll(function()
+            if hold.held("api") < 10 then send(1) end
+            return other() ~= nil and hold.held("api") == 10
+        end, 5), "the other worker holds nothing")
+        local pid, n = other()
+        os.execute("kill -KILL " .. pid)
+        local reclaimed = t.poll(function() return hold.held("api") == 10 - n end, 4)
+        ngx.say("killed a worker holding some: its share stopped counting ", reclaimed)
+        local rejected = cjson.decode((select(2, t.get(gw, "/scaling?service=api")))).hold.rejected
+        local extra = {}
+        for i = 1, n do
+            extra[i] = ngx.thread.spawn(t.request, { port = gw, path = "/", timeout = 10000 })
+        end
+        local full = t.poll(function() return hold.held("api") == 10 end, 3)
+        local now_rejected = cjson.decode((select(2, t.get(gw, "/scaling?service=api")))).hold.rejected
+        ngx.say("as many again are held: ", full, ", none rejected ", now_rejected == rejected)
+        procs.orch = start_orchestrator()
+        local statuses = {}
+        for _, th in ipairs(extra) do
+            local _, code = ngx.thread.wait(th)
+            statuses[#statuses + 1] = code
+        end
+        for _, th in ipairs(threads) do ngx.thread.wait(th) end
+        local ok200 = 0
+        for _, c in ipairs(statuses) do if c == 200 then ok200 = ok200 + 1 end end
+        ngx.say("the new ones served once the instance is up: ", ok200 == #statuses)
+    end)
+} }
+_EOC_
+--- log_level: notice
+--- request
+GET /t
+--- timeout: 60
+--- response_body
+killed a worker holding some: its share stopped counting true
+as many again are held: true, none rejected true
+the new ones served once the instance is up: true
+
+
+
+=== TEST 5: bad hold and idle options stop nginx with the field path and the reason
 --- http_config
     lua_shared_dict autoscale_scaling 1m;
     init_by_lua_block {
