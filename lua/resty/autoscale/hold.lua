@@ -17,6 +17,7 @@
 -- count. Counters: hold_total / hold_released / hold_timeouts / hold_rejected / hold_failed, and a histogram of the
 -- time held (hold_le:<name>:<bound>).
 
+local ffi = require "ffi"
 local semaphore = require "ngx.semaphore"
 local config = require "resty.autoscale.config"
 
@@ -90,7 +91,6 @@ end
 ----------------------------------------------------------------------------------------------------------------------
 
 local lib, conf, index, dict
-local status -- resty.autoscale.status, loaded lazily (it requires this module's users)
 local scaler
 local local_state = {} -- name -> { sema, waiting, slot, watching }
 
@@ -100,16 +100,28 @@ function _M.init(library, configuration, upstream_index)
     local_state = {}
 end
 
--- n = hold.ready(name): peers of the upstream that take traffic now (neither draining nor retired).
+-- n = hold.ready(name): peers of the upstream that take traffic now (active and not draining), read from shared
+-- memory without allocating per peer.
+local slots, stats, slots_n
+local ACTIVE, DRAINING = 1, 3 -- record state "active"; health "draining" (status.lua's STATES / HEALTH)
 function _M.ready(name)
-    status = status or require "resty.autoscale.status"
-    local st = status.upstream(name)
-    if not st then
+    local idx = index and index[name]
+    if not idx then
         return 0
     end
+    local count = lib.autoscale_upstream_peers(idx, nil, 0)
+    if count <= 0 then
+        return 0
+    end
+    if not slots or count + 1 > slots_n then
+        slots_n = count + 1
+        slots = ffi.new("uint32_t[?]", slots_n)
+        stats = stats or ffi.new("autoscale_peer_stats_t")
+    end
+    count = lib.autoscale_upstream_peers(idx, slots, slots_n)
     local n = 0
-    for _, p in ipairs(st.peers) do
-        if p.state ~= "draining" and p.state ~= "retired" and p.state ~= "free" then
+    for i = 0, count - 1 do
+        if lib.autoscale_peer_stats(slots[i], stats) == 0 and stats.state == ACTIVE and stats.health ~= DRAINING then
             n = n + 1
         end
     end
