@@ -370,7 +370,85 @@ the new ones served once the instance is up: true
 
 
 
-=== TEST 5: bad hold and idle options stop nginx with the field path and the reason
+=== TEST 5: held requests are released at hold.release_rate, the most important admission class first
+--- http_config
+    lua_shared_dict autoscale_scaling 1m;
+    server {
+        listen 127.0.0.1:$TEST_NGINX_RAND_PORT_1;
+        location / { return 200 "ok\n"; }
+    }
+    init_by_lua_block {
+        autoscale = require "resty.autoscale"
+        autoscale.configure { upstreams = { api = {
+            peers = { "127.0.0.1:$TEST_NGINX_RAND_PORT_1" }, retries = 0,
+            admission = { classes = { { name = "gold", header = "X-Tier", value = "gold" }, { name = "default" } } },
+            scaling = { min = 0, max = 1, rps = { target = 1000 }, hold = { timeout = 10, release_rate = 20 } },
+        } } }
+    }
+    init_worker_by_lua_block { autoscale.init_worker() }
+    upstream api {
+        server 0.0.0.1;
+        balancer_by_lua_block { autoscale.balance("api") }
+    }
+    server {
+        listen 127.0.0.1:$TEST_NGINX_RAND_PORT_5;
+        location / {
+            proxy_pass http://api;
+            recursive_error_pages on;
+            error_page 502 504 = @api_fallback;
+            log_by_lua_block { autoscale.log() }
+        }
+        location @api_fallback { content_by_lua_block { autoscale.fallback("api") } }
+    }
+--- config
+    location = /t {
+        content_by_lua_block {
+            local t = require "autoscale_test"
+            local hold = require "resty.autoscale.hold"
+            local gw, peer = $TEST_NGINX_RAND_PORT_5, "127.0.0.1:$TEST_NGINX_RAND_PORT_1"
+            assert(autoscale.control.drain("api", peer)) -- no ready peer: requests are held
+            local done, threads = {}, {}
+            local function send(tier)
+                threads[#threads + 1] = ngx.thread.spawn(function()
+                    local status = t.request { port = gw, path = "/", timeout = 15000, headers = { ["X-Tier"] = tier } }
+                    ngx.update_time()
+                    done[#done + 1] = { tier = tier, status = status, at = ngx.now() }
+                end)
+            end
+            for _ = 1, 6 do send("none") end
+            assert(t.poll(function() return hold.held("api") == 6 end, 5), "not held")
+            for _ = 1, 6 do send("gold") end
+            assert(t.poll(function() return hold.held("api") == 12 end, 5), "not held")
+            ngx.update_time()
+            local t0 = ngx.now()
+            assert(autoscale.control.enable("api", peer))
+            for _, th in ipairs(threads) do ngx.thread.wait(th) end
+            local rank, sum, ok = 0, { gold = 0, none = 0 }, 0
+            for _, d in ipairs(done) do
+                rank = rank + 1
+                sum[d.tier] = sum[d.tier] + rank
+                ok = ok + (d.status == 200 and 1 or 0)
+            end
+            local span = done[#done].at - t0
+            ngx.log(ngx.NOTICE, "12 held requests released over ", span, " s; completion rank sums gold ", sum.gold,
+                    ", default ", sum.none)
+            ngx.say("released: ", ok, " of 12 answered 200; gold ones first: ", sum.gold < sum.none,
+                    "; at 20/s, over 0.4-1.2 s: ", span >= 0.4 and span <= 1.2)
+        }
+    }
+--- request
+GET /t
+--- timeout: 20
+--- response_body
+released: 12 of 12 answered 200; gold ones first: true; at 20/s, over 0.4-1.2 s: true
+--- no_error_log
+[alert]
+[crit]
+lua entry thread aborted
+
+
+
+=== TEST 6: bad hold and idle options stop nginx with the field path and the reason
 --- http_config
     lua_shared_dict autoscale_scaling 1m;
     init_by_lua_block {

@@ -29,7 +29,6 @@ local update_time = ngx.update_time
 local fail, number, known, show = config.fail, config.number, config.known, config.show
 local format = string.format
 local floor = math.floor
-local ceil = math.ceil
 local min = math.min
 local max = math.max
 local tonumber = tonumber
@@ -91,8 +90,8 @@ end
 ----------------------------------------------------------------------------------------------------------------------
 
 local lib, conf, index, dict
-local scaler
-local local_state = {} -- name -> { sema, waiting, slot, watching }
+local scaler, admission -- loaded on first use
+local local_state = {} -- name -> { semas = { [rank] = semaphore }, waiting, slot, watching }
 
 function _M.init(library, configuration, upstream_index)
     lib, conf, index = library, configuration, upstream_index
@@ -146,7 +145,7 @@ end
 local function st_of(name)
     local st = local_state[name]
     if not st then
-        st = { sema = semaphore.new(0), waiting = 0, slot = nil, watching = false }
+        st = { semas = {}, ranks = 0, waiting = 0, slot = nil, watching = false }
         local_state[name] = st
     end
     return st
@@ -193,22 +192,36 @@ end
 -- releases the waiting requests in arrival order at the configured pace.
 -- (Also in a worker that is shutting down after a reload: its held requests are still released or time out.)
 local function watch(_, name, st, h)
-    local per_tick = max(1, ceil(h.release_rate * WATCH / max(1, ngx.worker.count())))
+    -- this worker's share of release_rate, as credit that accrues with the time that passes (the first release is
+    -- at once)
+    local rate = h.release_rate / max(1, ngx.worker.count())
+    local cap = max(1, rate * 0.1)
+    local credit, last = 1, nil
     local renewed = 0
     while st.waiting > 0 do
         update_time()
         local t = ngx_now()
+        credit = min(cap, credit + (last and (t - last) * rate or 0))
+        last = t
         if t - renewed >= OWNER_TTL / 4 then
             own_slot(name, st)
             renewed = t
         end
-        local waiting = -st.sema:count() -- requests blocked on the semaphore, not yet posted
-        if waiting > 0 then
-            local ready = _M.ready(name)
-            if ready > 0 then
-                scaler = scaler or require "resty.autoscale.scaler"
-                scaler.activated(name, ready)
-                st.sema:post(min(per_tick, waiting))
+        local ready = credit >= 1 and _M.ready(name) or 0
+        if ready > 0 then
+            scaler = scaler or require "resty.autoscale.scaler"
+            scaler.activated(name, ready)
+            -- the most important admission class first; in arrival order within a class (a semaphore's queue)
+            local budget_left = floor(credit)
+            for rank = 1, st.ranks do
+                local sema = st.semas[rank]
+                local waiting = sema and -sema:count() or 0 -- blocked on it, not yet posted
+                if waiting > 0 and budget_left > 0 then
+                    local n = min(budget_left, waiting)
+                    sema:post(n)
+                    budget_left = budget_left - n
+                    credit = credit - n
+                end
             end
         end
         ngx.sleep(WATCH)
@@ -282,7 +295,18 @@ function _M.wait(name, u)
     local t0 = ngx_now()
     scaler = scaler or require "resty.autoscale.scaler"
     scaler.wake(name)
-    local ok = st.sema:wait(budget(h))
+    local rank = 1
+    if u.admission then
+        admission = admission or require "resty.autoscale.admission"
+        rank = admission.rank(name)
+    end
+    local sema = st.semas[rank]
+    if not sema then
+        sema = semaphore.new(0)
+        st.semas[rank] = sema
+        st.ranks = math.max(st.ranks, rank)
+    end
+    local ok = sema:wait(budget(h))
     st.waiting = st.waiting - 1
     if st.slot then
         dict:incr(format("hold:%s:%d", name, st.slot), -1, 0)
