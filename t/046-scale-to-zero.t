@@ -185,6 +185,14 @@ __DATA__
         local status = t.request { port = gw, path = "/", timeout = 20000 }
         ngx.say("next request: ", status, ", running ", running(), ", applied ", calls().applied)
         local _, metrics = t.get(gw, "/metrics")
+        local kinds = {}
+        for _, e in ipairs(autoscale.events(200)) do
+            if e.event:find("^activat") then
+                kinds[#kinds + 1] = e.event .. (e.event == "activated" and (e.cold_start > 0 and "(cold_start > 0)" or "(0)")
+                                                or "")
+            end
+        end
+        ngx.say("events: ", table.concat(kinds, " "))
         ngx.say("metrics: released = held + 1 ", tonumber(metrics:match(
                     'autoscale_hold_requests_total{upstream="api",outcome="released"} (%d+)')) == held + 1,
                 ", observed = released ", metrics:match('autoscale_hold_seconds_count{upstream="api"} (%d+)')
@@ -203,6 +211,7 @@ burst: 200x200; actuator calls 1 desired 1; called within 50 ms true; first answ
 hold: held now 0, some held true, all released true, timeouts 0, rejected 0; episodes 2 activating activated, cold start > 0 true
 idle: running 0, ready 0, desired 0, idle decided true
 next request: 200, running 1, applied 3
+events: activating activated(cold_start > 0) activating activated(cold_start > 0)
 metrics: released = held + 1 true, observed = released true, cold starts 2
 --- no_error_log
 [alert]

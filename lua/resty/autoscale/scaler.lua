@@ -378,16 +378,20 @@ local function record(name, s, r)
 end
 
 -- Scale-from-zero episodes: one `activating` event when the first instance is asked for, then `activated` (with the
--- time from the first held request to the first ready peer) or `activation_failed`, each logged once across all
--- workers (the episode key is taken by whoever ends it first). The last MAX_EPISODES are kept for the status.
+-- time from the first held request to the first ready peer) or `activation_failed`, each once across all workers
+-- (the episode key is taken by whoever ends it first): events of the library's ring (the event log,
+-- autoscale.events(), the dashboard, autoscale_events_total). The last MAX_EPISODES, with more detail, are kept for
+-- the status.
 local MAX_EPISODES = 20
+local EPISODE_KINDS = { activating = { 0, "desired", "held" }, activated = { 1, "cold_start", "ready" },
+                        activation_failed = { 2, "attempts", "retry_in" } }
 
 local function episode_event(name, e)
     e.service = name
-    local line = cjson.encode(e)
     local seq = dict:incr("episeq:" .. name, 1, 0)
-    dict:set(format("episode:%s:%d", name, seq % MAX_EPISODES), line)
-    ngx_log(e.event == "activation_failed" and ngx_ERR or ngx_WARN, "resty.autoscale scaling: ", line)
+    dict:set(format("episode:%s:%d", name, seq % MAX_EPISODES), cjson.encode(e))
+    local k = EPISODE_KINDS[e.event]
+    lib.autoscale_event_activation(index[name], k[1], tonumber(e[k[2]]) or 0, tonumber(e[k[3]]) or 0)
 end
 
 -- Ends the open episode of `name` with `event`; true for the one caller that ended it.
