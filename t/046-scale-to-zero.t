@@ -481,6 +481,12 @@ lua entry thread aborted
             local _, err = config.validate { upstreams = { api = { peers = peers, scaling = case } } }
             config_errors[#config_errors + 1] = tostring(err)
         end
+        local both = { peers = peers, fallback = { upstream = "spare" }, scaling = { rps = { target = 10 }, min = 0 } }
+        local spare = { peers = peers }
+        local c2 = config.validate { upstreams = { api = both, spare = spare } }
+        config_errors[#config_errors + 1] = "fallback.upstream: hold " .. tostring(c2.upstreams.api.scaling.hold)
+        both.scaling.hold = { timeout = 5 }
+        config_errors[#config_errors + 1] = tostring(select(2, config.validate { upstreams = { api = both, spare = spare } }))
         local c = config.validate { upstreams = { api = { peers = peers, scaling = { rps = { target = 10 }, min = 0 } } } }
         local h = c.upstreams.api.scaling.hold
         config_errors[#config_errors + 1] = string.format("defaults: max_requests %d, timeout %d, header %s, idle %d",
@@ -499,4 +505,6 @@ upstreams.api.scaling.hold.queue: unknown option (valid: deadline_header, max_re
 upstreams.api.scaling.hold: must be a table or false (got number)
 upstreams.api.scaling.idle_window: scales to zero: needs min = 0 (got min = 1)
 upstreams.api.scaling.idle_window: must be between 1 and 86400 (got 0)
+fallback.upstream: hold false
+upstreams.api.scaling.hold: cannot hold requests that fallback.upstream takes at once (remove one)
 defaults: max_requests 100, timeout 30, header X-Request-Timeout, idle 300
