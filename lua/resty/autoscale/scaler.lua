@@ -359,7 +359,7 @@ local function why(r)
         follower = "decided by the leader " .. tostring(r.leader),
         zero = "no change: scaled to zero and nothing held",
         idle = "no request for idle_window: scale to zero",
-        activate = "requests held with no ready peer: scale from zero",
+        activate = "requests held (or external demand) with no ready peer: scale from zero",
         held = "requests held: more instances than the signals ask for",
     })[reason] or reason
 end
@@ -504,12 +504,18 @@ local function zero_rule(name, s, r, demand, current, pending, now)
     local held = demand.held or 0
     r.inputs.held = held
     if s.min == 0 then
-        if held > 0 or (demand.inflight or 0) > 0 or (demand.rps or 0) > 0 or not dict:get("active_at:" .. name) then
+        -- the external signal (a queue's depth, say) is demand too: it keeps the service up and wakes it
+        local ext = s.external and demand.external and demand.external > 0 and demand.external or 0
+        if held > 0 or ext > 0 or (demand.inflight or 0) > 0 or (demand.rps or 0) > 0
+                or not dict:get("active_at:" .. name) then
             dict:set("active_at:" .. name, now)
         end
         if current == 0 then
-            r.desired, r.action, r.reason = held > 0 and for_held(s, held) or 0, held > 0, held > 0 and "activate"
-                                            or "zero"
+            local want = held > 0 and for_held(s, held) or 0
+            if ext > 0 then
+                want = math.max(want, math.min(s.max, math.ceil(ext / s.external.target)))
+            end
+            r.desired, r.action, r.reason = want, want > 0, want > 0 and "activate" or "zero"
             return true
         end
         if held == 0 and not pending and now - dict:get("active_at:" .. name) >= s.idle_window then
@@ -606,7 +612,7 @@ local function tick(name, s, svc)
         return
     end
 
-    if s.hold and zero_rule(name, s, r, demand, current, pending, now) then
+    if (s.hold or s.min == 0) and zero_rule(name, s, r, demand, current, pending, now) then
         r.why = why(r)
         act(name, s, r, current, own.ready, mode, c, now)
         if r.action or r.reason ~= svc.last_reason then
