@@ -708,10 +708,15 @@ end
 -- scaler.wake(name): from hold.wait, for every held request; the first one (no capacity coming, no recent failure)
 -- opens the scale-from-zero episode and starts `activate` at once.
 function _M.wake(name)
-    if not dict or coming(name) or dict:get("failed:" .. name) then
+    if not dict then
         return
     end
     ngx.update_time()
+    -- a held request is activity: the idle rule starts its window again (between two ticks it would not see it)
+    dict:set("active_at:" .. name, ngx.now())
+    if coming(name) or dict:get("failed:" .. name) then
+        return
+    end
     dict:add("episode:" .. name, ngx.now(), conf.upstreams[name].scaling.provision_timeout)
     if dict:add("waking:" .. name, true, 1) then
         local ok, err = ngx.timer.at(0, activate, name)
