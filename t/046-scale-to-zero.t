@@ -198,6 +198,15 @@ __DATA__
                 ", observed = released ", metrics:match('autoscale_hold_seconds_count{upstream="api"} (%d+)')
                     == metrics:match('autoscale_hold_requests_total{upstream="api",outcome="released"} (%d+)'),
                 ", cold starts ", metrics:match('autoscale_scaling_cold_start_seconds_count{upstream="api"} (%d+)'))
+        process.write(dir .. "scrape.prom", metrics)
+        local out = "rc=0" -- without promtool (Debian package prometheus) the scrape is not linted
+        local have = os.execute("command -v promtool >/dev/null")
+        if have == 0 or have == true then
+            local promtool = io.popen("promtool check metrics < " .. dir .. "scrape.prom 2>&1; echo rc=$?")
+            out = promtool:read("*a")
+            promtool:close()
+        end
+        ngx.say("promtool: ", out:match("rc=(%d+)"), " ", (out:gsub("rc=%d+%s*$", "")))
     end)
 } }
 _EOC_
@@ -213,6 +222,7 @@ idle: running 0, ready 0, desired 0, idle decided true
 next request: 200, running 1, applied 3
 events: activating activated(cold_start > 0) activating activated(cold_start > 0)
 metrics: released = held + 1 true, observed = released true, cold starts 2
+promtool: 0 
 --- no_error_log
 [alert]
 [crit]
