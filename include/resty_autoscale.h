@@ -832,6 +832,20 @@ int autoscale_event_scale(uint32_t upstream,
                           int panic);
 
 /**
+ * Records a step of a scale-from-zero episode of `upstream` as an event (the event log, `autoscale.events()`, the
+ * dashboard, `autoscale_events_total`): `kind` 0 `activating` (`a` = desired, `b` = held requests), 1 `activated`
+ * (`a` = cold start in seconds, `b` = ready peers), 2 `activation_failed` (`a` = attempts, `b` = seconds until the
+ * next try). Returns 1 when recorded.
+ *
+ * # Errors
+ * `AUTOSCALE_ERR_NO_REGION`, `AUTOSCALE_ERR_UPSTREAM`, `AUTOSCALE_ERR_ARG` (another kind).
+ */
+int autoscale_event_activation(uint32_t upstream,
+                               int kind,
+                               double a,
+                               double b);
+
+/**
  * Adds peer `addr` (`host:port`) with `weight` to upstream `upstream`, in every worker at once (not persisted: a
  * reload applies nginx.conf again).
  *

@@ -1278,6 +1278,31 @@ pub extern "C" fn autoscale_event_scale(upstream: u32, current: u32, desired: u3
     })
 }
 
+/// Records a step of a scale-from-zero episode of `upstream` as an event (the event log, `autoscale.events()`, the
+/// dashboard, `autoscale_events_total`): `kind` 0 `activating` (`a` = desired, `b` = held requests), 1 `activated`
+/// (`a` = cold start in seconds, `b` = ready peers), 2 `activation_failed` (`a` = attempts, `b` = seconds until the
+/// next try). Returns 1 when recorded.
+///
+/// # Errors
+/// `AUTOSCALE_ERR_NO_REGION`, `AUTOSCALE_ERR_UPSTREAM`, `AUTOSCALE_ERR_ARG` (another kind).
+#[no_mangle]
+pub extern "C" fn autoscale_event_activation(upstream: u32, kind: c_int, a: f64, b: f64) -> c_int {
+    guard(|| {
+        let Some(region) = REGION.get() else { return AUTOSCALE_ERR_NO_REGION };
+        if upstream >= region.params().max_upstreams {
+            return AUTOSCALE_ERR_UPSTREAM;
+        }
+        use autoscale_core::events::kind as k;
+        let kind = match kind {
+            0 => k::ACTIVATING,
+            1 => k::ACTIVATED,
+            2 => k::ACTIVATION_FAILED,
+            _ => return AUTOSCALE_ERR_ARG,
+        };
+        region.note_activation(upstream, kind, a, b, now_us()) as c_int
+    })
+}
+
 /// Runs a run-time change and reports its error text.
 ///
 /// # Safety

@@ -298,6 +298,9 @@ read: 200 backend 2 peers, balancer random
 list: 200 backend single
 peer: 200 true weight 1
 config config peer_added config weight draining enabled config peer_removed config tuned config tuned
+autoscale_events_total{kind="activated"} 0
+autoscale_events_total{kind="activating"} 0
+autoscale_events_total{kind="activation_failed"} 0
 autoscale_events_total{kind="config"} 6
 autoscale_events_total{kind="draining"} 1
 autoscale_events_total{kind="ejected"} 0

@@ -396,7 +396,7 @@ scaling: upstreams.api.scaling.actuator.name: must be a Kubernetes object name (
 scaling: upstreams.api.scaling.actuator.retries: must be between 0 and 20 (got -1)
 scaling: upstreams.api.scaling.forecast: forecasts the request rate: needs the rps signal
 scaling: upstreams.api.scaling.cooldown: must be a number (got string "5")
-scaling: upstreams.api.scaling.bogus: unknown option (valid: actuator, cooldown, decisions, error_rate, external, forecast, interval, latency, max, max_scale_down_rate, max_scale_up_rate, max_step_up, min, panic_threshold, panic_window, provision_timeout, reported, rps, scale_down_window, scale_up_window, tolerance, utilization)
+scaling: upstreams.api.scaling.bogus: unknown option (valid: actuator, cooldown, decisions, error_rate, external, forecast, hold, idle_window, interval, latency, max, max_scale_down_rate, max_scale_up_rate, max_step_up, min, panic_threshold, panic_window, provision_timeout, reported, rps, scale_down_window, scale_up_window, tolerance, utilization)
 cluster: cluster.redis.port: must be between 1 and 65535 (got 0)
 cluster: cluster.gateway_id: must be 1-100 of letters, digits, '_', '.', '-', ':' (got "a b")
 cluster: cluster.actuate_without_redis: must be true or false (got "yes")

@@ -82,7 +82,7 @@ our $Helpers = <<'_EOC_';
         return start("receiver", "python3 $TEST_NGINX_REPO/t/lib/scale_receiver.py --port $TEST_NGINX_HOOK_PORT --secret 0123456789abcdef-secret", $TEST_NGINX_HOOK_PORT)
     end
     -- a gateway of its own: another nginx (in logs/`name`/) on `port` with the upstream api configured by `upstream`
-    local function gateway(name, port, upstream)
+    local function gateway(name, port, upstream, extra)
         local root = dir .. name .. "/"
         os.execute("mkdir -p " .. root .. "conf " .. root .. "logs")
         process.write(root .. "conf/nginx.conf", table.concat({
@@ -100,7 +100,7 @@ our $Helpers = <<'_EOC_';
             "upstream api { server 0.0.0.1; balancer_by_lua_block { autoscale.balance('api') } }",
             "server { listen 127.0.0.1:" .. port .. ";",
             "location = /scaling { content_by_lua_block { autoscale.scaling_handler() } }",
-            "location / { proxy_pass http://api; log_by_lua_block { autoscale.log() } } }", "}",
+            extra or "location / { proxy_pass http://api; log_by_lua_block { autoscale.log() } }", "}", "}",
         }, "\n"))
         return start(name, "/usr/sbin/nginx -p " .. root .. " -c conf/nginx.conf -g 'daemon off;'", port)
     end
@@ -260,3 +260,70 @@ calls decided while Redis was down: 0, mode then: no_redis, suppressed actions: 
 calls resumed after Redis returned: true
 --- error_log
 deciding locally, not acting
+
+
+
+=== TEST 3: scale from zero with two gateways: requests held on the follower wake the leader, whose one call counts them
+--- skip_eval: 3: !$::Have{'redis-server'}
+--- http_config eval: $::Backends
+--- config eval
+my ($a, $b) = map { my $g = $_; $::Upstream =~ s/GATEWAY/$g/r =~ s/PROVISION/30/r
+    =~ s/min = 2, max = 20, utilization = \{ capacity = 4, target = 0.75 \}/min = 0, max = 4, interval = 0.2, rps = { target = 1000 }, hold = { max_requests = 20, timeout = 10 }/r
+    =~ s/peers = \{ "127.0.0.1:\$TEST_NGINX_RAND_PORT_1", /peers = { /r } qw(gw-a gw-b);
+"location = /t { content_by_lua_block { $::Helpers " . <<'_EOC_' =~ s/UPSTREAM_A/$a/r =~ s/UPSTREAM_B/$b/r;
+    gw_a = $TEST_NGINX_GWA_PORT
+    local peer = "127.0.0.1:$TEST_NGINX_RAND_PORT_2"
+    local extra = table.concat({
+        "location / { proxy_pass http://api; recursive_error_pages on; error_page 502 504 = @fallback;",
+        "             log_by_lua_block { autoscale.log() } }",
+        "location @fallback { content_by_lua_block { autoscale.fallback('api') } }",
+        "location = /drain { content_by_lua_block { ngx.say(autoscale.control.drain('api', '" .. peer .. "')) } }",
+        "location = /enable { content_by_lua_block { ngx.say(autoscale.control.enable('api', '" .. peer .. "')) } }",
+    }, "\n")
+    local ok, err = pcall(function()
+        redis()
+        receiver()
+        gateway("gw-a", gw_a, [==[UPSTREAM_A]==], extra)
+        gateway("gw-b", gw_b, [==[UPSTREAM_B]==], extra)
+        assert(t.poll(function()
+            local a, b = state(gw_a), state(gw_b)
+            return (a.mode == "leader" and b.mode == "follower") or (a.mode == "follower" and b.mode == "leader")
+        end, 5), "no leader and follower")
+        local leader, follower = gw_a, gw_b
+        if state(gw_b).mode == "leader" then leader, follower = gw_b, gw_a end
+        -- zero instances: the one peer drained on both gateways
+        t.get(gw_a, "/drain")
+        t.get(gw_b, "/drain")
+        local held = {}
+        for i = 1, 3 do
+            held[i] = ngx.thread.spawn(t.request, { port = follower, path = "/", timeout = 15000 })
+        end
+        local called = t.poll(function() return #calls() > 0 end, 5)
+        local c = calls()
+        local ls, fs = state(leader), state(follower)
+        local from_leader = c[1] and c[1].decision.gateway == ls.decisions[#ls.decisions].gateway
+        local counted
+        for _, d in ipairs(ls.decisions) do
+            if d.reason == "activate" then counted = d.inputs.held end
+        end
+        ngx.say("held on the follower: ", fs.held, "; leader called: ", called, ", calls ", #c, ", desired ",
+                c[1] and c[1].decision.desired, ", current ", c[1] and c[1].decision.current,
+                "; from the leader ", from_leader, ", the follower's held counted ", counted,
+                "; follower's own actions ", fs.actions.up)
+        -- the instance is up: on both gateways
+        t.get(gw_a, "/enable")
+        t.get(gw_b, "/enable")
+        local codes = {}
+        for i = 1, 3 do codes[i] = select(2, ngx.thread.wait(held[i])) end
+        ngx.say("released: ", table.concat(codes, " "), "; calls ", #calls())
+    end)
+    stop_all()
+    assert(ok, err)
+} }
+_EOC_
+--- request
+GET /t
+--- timeout: 30
+--- response_body
+held on the follower: 3; leader called: true, calls 1, desired 1, current 0; from the leader true, the follower's held counted 3; follower's own actions 0
+released: 200 200 200; calls 1

@@ -133,6 +133,7 @@ function _M.configure(user_conf)
         error("resty.autoscale: " .. serr, 2)
     end
     admission.init(lib, conf, index)
+    require("resty.autoscale.hold").init(lib, conf, index)
     return true
 end
 

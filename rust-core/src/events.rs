@@ -34,6 +34,11 @@ pub mod kind {
     /// A scaling action (rust-core `scaling`, decided by the Lua scaler), up or down.
     pub const SCALE_UP: u32 = 17;
     pub const SCALE_DOWN: u32 = 18;
+    /// A scale-from-zero episode (decided by the Lua scaler): the first instance asked for, the first peer ready,
+    /// or the actuator failed.
+    pub const ACTIVATING: u32 = 19;
+    pub const ACTIVATED: u32 = 20;
+    pub const ACTIVATION_FAILED: u32 = 21;
 
     /// Name used in JSON and logs.
     pub fn name(k: u32) -> &'static str {
@@ -56,13 +61,16 @@ pub mod kind {
             RATE_RELAXED => "rate_relaxed",
             SCALE_UP => "scale_up",
             SCALE_DOWN => "scale_down",
+            ACTIVATING => "activating",
+            ACTIVATED => "activated",
+            ACTIVATION_FAILED => "activation_failed",
             _ => "unknown",
         }
     }
 
     /// Whether the event is a warning (something broke) rather than a notice.
     pub fn is_warning(k: u32) -> bool {
-        matches!(k, EJECTED | PANIC_ON | EJECTION_SKIPPED | FALLBACK)
+        matches!(k, EJECTED | PANIC_ON | EJECTION_SKIPPED | FALLBACK | ACTIVATION_FAILED)
     }
 }
 
@@ -216,6 +224,19 @@ impl Region {
         true
     }
 
+    /// Records a step of a scale-from-zero episode of upstream `up`: `kind` is [`kind::ACTIVATING`] (`a` = desired,
+    /// `b` = held requests), [`kind::ACTIVATED`] (`a` = cold start in seconds, `b` = ready peers) or
+    /// [`kind::ACTIVATION_FAILED`] (`a` = attempts, `b` = seconds until the next try). Returns false for an unknown
+    /// upstream or kind.
+    pub fn note_activation(&self, up: u32, k: u32, a: f64, b: f64, now_us: u64) -> bool {
+        if up >= self.params().max_upstreams || !matches!(k, kind::ACTIVATING | kind::ACTIVATED | kind::ACTIVATION_FAILED) {
+            return false;
+        }
+        let clean = |x: f64| if x.is_finite() { x } else { 0.0 };
+        self.emit(now_us, k, None, up, NO_PEER, [clean(a), clean(b), 0.0, 0.0]);
+        true
+    }
+
     pub fn note_fallback(&self, up: u32, status: u32, now_us: u64, quiet_us: u64) -> bool {
         if up >= self.params().max_upstreams {
             return false;
@@ -269,6 +290,9 @@ impl Region {
             kind::FALLBACK => &[("status", v[0]), ("healthy", v[1]), ("total", v[2])],
             kind::RATE_TIGHTENED | kind::RATE_RELAXED => &[("rate_factor", v[0]), ("overloaded", v[1]), ("scale_up_pending", v[2]), ("limit", v[3])],
             kind::SCALE_UP | kind::SCALE_DOWN => &[("current", v[0]), ("desired", v[1]), ("ready", v[2]), ("panic", v[3])],
+            kind::ACTIVATING => &[("desired", v[0]), ("held", v[1])],
+            kind::ACTIVATED => &[("cold_start", v[0]), ("ready", v[1])],
+            kind::ACTIVATION_FAILED => &[("attempts", v[0]), ("retry_in", v[1])],
             _ => &[],
         };
         for (name, x) in fields {
@@ -322,6 +346,23 @@ mod tests {
         assert_eq!((totals[kind::EJECTED as usize], totals[EVENT_KINDS - 1], totals.iter().sum::<u64>()), (1, 1, EVENT_RING as u64 + 12));
         let json = r.event_json(&out[0], 0);
         assert_eq!(json, "{\"seq\":10,\"time\":0.010,\"event\":\"config\",\"epoch\":10,\"upstreams\":1,\"peers\":2}");
+    }
+
+    #[test]
+    fn activation_steps_are_events_with_their_fields() {
+        let r = Region::new_heap(Params { max_upstreams: 2, max_peers: 2, max_workers: 2, ..Params::default() }, 0).unwrap();
+        assert!(r.note_activation(1, kind::ACTIVATING, 1.0, 3.0, 1_000));
+        assert!(r.note_activation(1, kind::ACTIVATED, 0.25, 1.0, 2_000));
+        assert!(r.note_activation(1, kind::ACTIVATION_FAILED, 3.0, f64::NAN, 3_000));
+        assert!(!r.note_activation(2, kind::ACTIVATED, 0.25, 1.0, 4_000), "unknown upstream");
+        assert!(!r.note_activation(1, kind::CONFIG, 0.0, 0.0, 4_000), "not an activation kind");
+        let mut out = vec![EventRecord::default(); 4];
+        assert_eq!(r.read_events(0, &mut out).0, 3);
+        let names: Vec<_> = out[..3].iter().map(|e| kind::name(e.kind)).collect();
+        assert_eq!(names, ["activating", "activated", "activation_failed"]);
+        assert!(kind::is_warning(kind::ACTIVATION_FAILED) && !kind::is_warning(kind::ACTIVATED));
+        let json = r.event_json(&out[2], 0);
+        assert!(json.contains("\"event\":\"activation_failed\"") && json.contains("\"attempts\":3,\"retry_in\":0"), "{json}");
     }
 
     /// A writer that took its number and has not published (preempted, or killed between its stores): logging

@@ -516,6 +516,14 @@ local function reject(a, cl, why, status, seconds)
     return ngx.exit(status)
 end
 
+-- rank = admission.rank(name): the priority of the current request's admission class for upstream `name` (1 = the
+-- most important class), 1 without admission. Classifies again from the request (route, headers), so it also works
+-- after an internal redirect (the fallback location, where held requests wait).
+function _M.rank(name)
+    local a = ups[name]
+    return a and classify(a).index + 1 or 1
+end
+
 -- ok = autoscale.admit(upstream_name, opts?), in access_by_lua*: returns true when the request may go on; otherwise
 -- answers it (503/429) and ends it. opts.class names the class instead of classifying.
 function _M.admit(name, opts)

@@ -56,6 +56,7 @@ local gens, hosts, ports = {}, {}, {}
 local attached = false
 local reporting = false -- some upstream reads backend-reported load (reports.lua)
 local reports = require "resty.autoscale.reports"
+local hold -- resty.autoscale.hold, loaded on the first fallback with scaling.hold
 local no_peer_logged_at = 0
 
 function _M.init(library, configuration, upstream_index, any_reports)
@@ -142,7 +143,10 @@ function _M.balance(name)
             local now = ngx_now()
             if now - no_peer_logged_at >= 1 then
                 no_peer_logged_at = now
-                ngx_log(ngx_ERR, "resty.autoscale: upstream ", name, ": no peer available (code ", rc, ")")
+                -- a normal state for a service that holds requests while it has no peer (scaled to zero)
+                local sc = conf.upstreams[name].scaling
+                ngx_log(sc and sc.hold and ngx.NOTICE or ngx_ERR, "resty.autoscale: upstream ", name,
+                        ": no peer available (code ", rc, ")")
             end
             return ngx_exit(NGX_BUSY)
         end
@@ -234,12 +238,21 @@ function _M.log()
     end
 end
 
--- autoscale.fallback(name): the upstream's configured fallback response. The first one after 10 s without any
+-- autoscale.fallback(name): the upstream's configured fallback response; with scaling.hold, while the upstream has
+-- no ready peer, the request is held first (resty.autoscale.hold) and sent again once a peer is ready. The first one after 10 s without any
 -- becomes a `fallback` event, so it is logged once per episode across all workers, not per request.
 function _M.fallback(name)
     local u = conf and conf.upstreams[name]
     if not u then
         error("resty.autoscale: unknown upstream " .. tostring(name) .. " (not in autoscale.configure)", 2)
+    end
+    if u.scaling and u.scaling.hold then
+        -- no ready peer (scaled to zero, or starting): wait for one, then send the request again from the start
+        -- (its location, its proxy_pass), as if it had just arrived
+        hold = hold or require "resty.autoscale.hold"
+        if hold.wait(name, u) == "released" then
+            return ngx.exec(var.uri, var.args)
+        end
     end
     local fb = u.fallback
     lib.autoscale_upstream_fallback(index[name], fb.status)

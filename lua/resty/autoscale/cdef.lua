@@ -344,6 +344,10 @@ int autoscale_event_scale(uint32_t upstream,
                           uint32_t desired,
                           uint32_t ready,
                           int panic);
+int autoscale_event_activation(uint32_t upstream,
+                               int kind,
+                               double a,
+                               double b);
 int autoscale_admin_peer_add(uint32_t upstream,
                              const uint8_t *addr,
                              size_t addr_len,

@@ -399,6 +399,14 @@ local function upstream(path, u)
                        show(sr.metric), show(out.reports.metric)))
         end
     end
+    if out.scaling and out.scaling.hold and out.fallback and out.fallback.upstream then
+        -- the balancer sends a request with no peer to the fallback upstream at once: nothing is left to hold
+        if type(u.scaling) == "table" and u.scaling.hold ~= nil then
+            check(fail(path .. ".scaling.hold", "cannot hold requests that fallback.upstream takes at once (remove one)"))
+        else
+            out.scaling.hold = false
+        end
+    end
     if out.scaling and out.scaling.actuator and out.scaling.actuator.type == "standby" and out.discovery ~= nil
             and not (out.discovery and out.discovery.standby) then
         check(fail(path .. ".scaling.actuator.type", "\"standby\" needs discovery.standby (the pool it activates)"))

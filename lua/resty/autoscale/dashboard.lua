@@ -409,6 +409,13 @@ function reported(r) {
   if (r.backoff > 0) t += ` back-off ${fmt(r.backoff, 1)} s`;
   return esc(t);
 }
+// scale to zero: requests held while no peer is ready, the fallbacks they got, the last cold start
+function held(sc) {
+  if (!sc || !sc.hold) return "";
+  const h = sc.hold, cs = sc.cold_start || {};
+  return ` · <span class="badge${h.held > 0 ? " panic" : ""}">${esc(h.held)} held</span> · ${esc(h.released)} released · ` +
+    `${esc(h.timeouts + h.rejected)} fallback` + (cs.last != null ? ` · cold start ${fmt(cs.last * 1000)} ms` : "");
+}
 function render() {
   const names = Object.keys(S.ups).sort();
   // the time axis grows with the data (at least 10 s), up to `history`
@@ -418,7 +425,8 @@ function render() {
     el.querySelector("h2").textContent = name;
     const sub = el.querySelector(".sub");
     sub.innerHTML = `${esc(u.balancer || "")} · ${arr(u.peers).length} peers · ${u.healthy ?? "?"} healthy · ` +
-      `${u.ejected ?? 0} ejected · ${u.draining ?? 0} draining` + (u.panic ? ' <span class="badge panic">PANIC MODE</span>' : "");
+      `${u.ejected ?? 0} ejected · ${u.draining ?? 0} draining` + (u.panic ? ' <span class="badge panic">PANIC MODE</span>' : "") +
+      held(u.scaling);
     const tb = el.querySelector("tbody");
     let rows = "";
     for (const addr of U.order) {

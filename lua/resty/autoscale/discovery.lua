@@ -282,6 +282,14 @@ local function apply(u, set, adds)
     return added
 end
 
+local function count_peers(cur)
+    local n = 0
+    for _ in pairs(cur) do
+        n = n + 1
+    end
+    return n
+end
+
 -- Brings the upstream's peers to the desired set in one change set per round (additions, weight changes and the
 -- removal of drained peers: one reconfiguration), adding (and taking back drained peers that came back) before
 -- draining, so that the upstream never runs short; then drains the peers that left (removed in a later round once
@@ -312,7 +320,8 @@ local function reconcile(u)
             end
         end
     end
-    if serving + adds == 0 then -- never drain the peers that serve now for nothing
+    local to_zero = u.zero and serving + adds == 0 and next(want) == nil
+    if serving + adds == 0 and not to_zero then -- never drain the peers that serve now for nothing
         return once(u, "empty", ngx_WARN, next(want) == nil and "no source names any peer: keeping the current ones"
                     or "none of the peers the sources name could be added: keeping the current ones")
     end
@@ -332,12 +341,18 @@ local function reconcile(u)
             end
         end
     end
+    if to_zero then
+        -- scaled to zero: every peer drains; the last one stays as a drained record (an upstream keeps one)
+        if #leaving == 0 and #set > 0 and #set >= count_peers(cur) then
+            set[#set] = nil
+        end
+    end
     local added = apply(u, set, adds)
     if not added then -- busy: nothing changed, and nothing is drained until the additions are in
         u.pending = true
         return
     end
-    if serving + added == 0 then
+    if serving + added == 0 and not to_zero then
         return once(u, "empty", ngx_WARN, "none of the peers the sources name could be added: keeping the current ones")
     end
     u.logged.empty = nil
@@ -594,6 +609,8 @@ function _M.init(library, configuration, upstream_index)
             local u = {
                 name = name, idx = upstream_index[name], c = c, sources = {}, drained = {}, logged = {},
                 static = {}, carried = c.carried, next_sweep = 0, pending = false, owner = false,
+                -- a service that scales to zero may have no peer: sources naming none drain them all
+                zero = uc.scaling and uc.scaling.min == 0 or false,
             }
             for i, p in ipairs(c.static or uc.peers) do -- what nginx.conf lists (carry_over may have added peers)
                 u.static[i] = { addr = addr.canonical(p.addr) or p.addr, weight = p.weight }

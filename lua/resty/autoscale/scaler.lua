@@ -12,6 +12,7 @@ local config = require "resty.autoscale.config"
 local actuator = require "resty.autoscale.actuator"
 local cluster = require "resty.autoscale.cluster"
 local http = require "resty.autoscale.http"
+local hold = require "resty.autoscale.hold"
 
 local ngx = ngx
 local ngx_log = ngx.log
@@ -42,7 +43,7 @@ local PERCENTILES = { p50 = true, p90 = true, p99 = true, p999 = true }
 _M.defaults = {
     interval = 0.5, min = 1, max = 100, tolerance = 0.1, scale_up_window = 1, scale_down_window = 300,
     panic_threshold = 2.0, panic_window = 6, cooldown = 5, max_scale_up_rate = 2.0, max_step_up = 4,
-    max_scale_down_rate = 2.0, provision_timeout = 60, decisions = 100,
+    max_scale_down_rate = 2.0, provision_timeout = 60, decisions = 100, idle_window = 300,
     utilization = { target = 0.7, hold = 0 },
     rps = { hold = 0 },
     latency = { percentile = "p99", hold = 0 },
@@ -57,7 +58,7 @@ local RANGES = {
     scale_up_window = { 0, 3600 }, scale_down_window = { 0, 3600 }, panic_threshold = { 1, 1000 },
     panic_window = { 0, 3600 }, cooldown = { 0, 3600 }, max_scale_up_rate = { 1, 1000 },
     max_step_up = { 0, 100000, true }, max_scale_down_rate = { 1, 1000 }, provision_timeout = { 0.1, 86400 },
-    decisions = { 1, 10000, true },
+    decisions = { 1, 10000, true }, idle_window = { 1, 86400 },
 }
 
 -- Options of each signal: name = { range } (a string range lists the allowed values).
@@ -135,7 +136,7 @@ function _M.validate(path, v)
     if type(v) ~= "table" then
         return fail(path, "must be a table (got %s)", type(v))
     end
-    local allowed = { actuator = true, forecast = true }
+    local allowed = { actuator = true, forecast = true, hold = true }
     for k in pairs(RANGES) do
         allowed[k] = true
     end
@@ -199,6 +200,13 @@ function _M.validate(path, v)
     if out.actuator == nil then
         return nil, err
     end
+    if v.idle_window ~= nil and out.min > 0 then
+        return fail(path .. ".idle_window", "scales to zero: needs min = 0 (got min = %s)", out.min)
+    end
+    out.hold, err = hold.validate(path .. ".hold", v.hold, out.min == 0)
+    if out.hold == nil then
+        return nil, err
+    end
     return out
 end
 
@@ -241,7 +249,8 @@ function _M.init(library, configuration, upstream_index)
 end
 
 local function new_engine(s)
-    params.min_instances, params.max_instances = s.min, s.max
+    -- zero is reached by the idle rule only (scaler.tick), never by the signals
+    params.min_instances, params.max_instances = math.max(1, s.min), s.max
     params.capacity = s.utilization and s.utilization.capacity or 0
     local targets = {
         s.utilization and s.utilization.target or 0,
@@ -278,7 +287,7 @@ end
 -- This gateway's demand for service `name`: what its peers show now.
 local function measure(name, svc, s)
     local st = require("resty.autoscale.status").upstream(name)
-    local d = { ready = 0, inflight = 0, requests = 0, failures = 0 }
+    local d = { ready = 0, inflight = 0, requests = 0, failures = 0, held = s.hold and hold.held(name) or 0 }
     if not st then
         return d
     end
@@ -323,13 +332,15 @@ end
 
 -- The whole cluster's demand from the demands of every live gateway.
 local function aggregate(own, demands)
-    local a = { ready = own.ready, external = own.external, reported = own.reported, inflight = 0, requests = 0, failures = 0, gateways = 0 }
+    local a = { ready = own.ready, external = own.external, reported = own.reported, inflight = 0, requests = 0, failures = 0,
+                gateways = 0, held = 0 }
     local rps, lat
     for _, d in ipairs(demands) do
         a.gateways = a.gateways + 1
         a.inflight = a.inflight + (d.inflight or 0)
         a.requests = a.requests + (d.requests or 0)
         a.failures = a.failures + (d.failures or 0)
+        a.held = a.held + (tonumber(d.held) or 0)
         if d.rps then
             rps = (rps or 0) + d.rps
         end
@@ -359,6 +370,10 @@ local function why(r)
         bounded = "no change: min/max instances or the step limits",
         no_data = "no change: no signal has data",
         follower = "decided by the leader " .. tostring(r.leader),
+        zero = "no change: scaled to zero and nothing held",
+        idle = "no request for idle_window: scale to zero",
+        activate = "requests held (or external demand) with no ready peer: scale from zero",
+        held = "requests held: more instances than the signals ask for",
     })[reason] or reason
 end
 
@@ -373,6 +388,53 @@ local function record(name, s, r)
         time = r.time, seq = seq,
     }
     dict:set("state:" .. name, cjson.encode(state) or "{}")
+end
+
+-- Scale-from-zero episodes: one `activating` event when the first instance is asked for, then `activated` (with the
+-- time from the first held request to the first ready peer) or `activation_failed`, each once across all workers
+-- (the episode key is taken by whoever ends it first): events of the library's ring (the event log,
+-- autoscale.events(), the dashboard, autoscale_events_total). The last MAX_EPISODES, with more detail, are kept for
+-- the status.
+local MAX_EPISODES = 20
+local EPISODE_KINDS = { activating = { 0, "desired", "held" }, activated = { 1, "cold_start", "ready" },
+                        activation_failed = { 2, "attempts", "retry_in" } }
+
+local function episode_event(name, e)
+    e.service = name
+    local seq = dict:incr("episeq:" .. name, 1, 0)
+    dict:set(format("episode:%s:%d", name, seq % MAX_EPISODES), cjson.encode(e))
+    local k = EPISODE_KINDS[e.event]
+    lib.autoscale_event_activation(index[name], k[1], tonumber(e[k[2]]) or 0, tonumber(e[k[3]]) or 0)
+end
+
+-- Ends the open episode of `name` with `event`; true for the one caller that ended it.
+local function episode_end(name, event, extra)
+    local t0 = dict:get("episode:" .. name)
+    if not t0 or not dict:add(format("episode_end:%s:%.3f", name, t0), true, 3600) then
+        return false
+    end
+    dict:delete("episode:" .. name)
+    ngx.update_time()
+    local e = extra or {}
+    e.event, e.started = event, t0
+    if event == "activated" then
+        e.cold_start = ngx.now() - t0
+        dict:set("cold_start_last:" .. name, e.cold_start)
+        dict:incr("cold_start_count:" .. name, 1, 0)
+        dict:incr("cold_start_sum_ms:" .. name, floor(e.cold_start * 1000 + 0.5), 0)
+    else
+        dict:incr("activation_failures:" .. name, 1, 0)
+    end
+    episode_event(name, e)
+    return true
+end
+
+-- scaler.activated(name, ready): called when a peer of `name` is ready (hold's watcher, the tick); ends an open
+-- scale-from-zero episode with its `activated` event.
+function _M.activated(name, ready)
+    if dict and dict:get("episode:" .. name) then
+        episode_end(name, "activated", { ready = ready })
+    end
 end
 
 -- Runs the actuator for one decision in its own timer (the tick goes on meanwhile).
@@ -393,7 +455,92 @@ local function actuate(premature, name, s, call)
         dict:set("failed:" .. name, true, wait)
         ngx_log(ngx_ERR, "resty.autoscale scaling: ", cjson.encode { event = "actuator_failed", service = name,
                 desired = call.desired, decision_id = call.decision_id, attempts = attempts, error = err })
+        if call.current == 0 then -- held requests time out into the fallback; the tick tries again after `wait`
+            episode_end(name, "activation_failed", { decision_id = call.decision_id, attempts = attempts,
+                                                     error = err, retry_in = wait })
+        end
     end
+end
+
+-- The action of decision `r` (r.action true): counted, one scale event, the pending capacity, the actuator call in
+-- its own timer; or suppressed (the actuator failed less than the cooldown ago, or Redis is unreachable).
+local function act(name, s, r, current, ready, mode, c, now)
+    if r.action and r.reason == "activate" and not dict:add("activate_claim:" .. name, true, 1) then
+        r.action, r.suppressed = false, "an activation is under way (another worker)"
+    end
+    if r.action then
+        local boot = dict:get("boot") or 0
+        local seq = dict:incr("seq", 1, 0)
+        r.decision_id = format("%s-%s-%d-%d", r.gateway or "gw", name, boot, seq)
+        r.idempotency_key = format("%s-%d-%d-%d", name, r.fencing_token or 0, boot, seq)
+        local may_act = mode == "local" or mode == "leader" or c.actuate_without_redis
+        local up = r.desired > current
+        if may_act and dict:get("failed:" .. name) then
+            r.suppressed = "the actuator failed less than the cooldown ago"
+            dict:incr("suppressed:" .. name, 1, 0)
+        elseif may_act then
+            dict:incr("actions:" .. name .. (up and ":up" or ":down"), 1, 0)
+            -- one scale_up/scale_down event: the event log, autoscale.events() and the dashboard's timeline
+            lib.autoscale_event_scale(index[name], current, r.desired, ready, r.panic and 1 or 0)
+            dict:set("pending:" .. name, r.desired, s.provision_timeout)
+            dict:set("pending_from:" .. name, ready, s.provision_timeout)
+            if current == 0 and up then
+                dict:add("episode:" .. name, now, s.provision_timeout) -- the first held request may have opened it
+                episode_event(name, { event = "activating", desired = r.desired, held = r.inputs.held,
+                                      decision_id = r.decision_id, since = dict:get("episode:" .. name) })
+            end
+            if s.actuator then
+                local call = { service = name, current = current, desired = r.desired, reason = r.why,
+                               decision_id = r.decision_id, idempotency_key = r.idempotency_key,
+                               gateway = r.gateway or "gateway", fencing_token = r.fencing_token or 0, ts = now }
+                local ok, terr = ngx.timer.at(0, actuate, name, s, call)
+                if not ok then
+                    ngx_log(ngx_ERR, "resty.autoscale scaling of ", name, ": cannot start the actuator: ", terr)
+                end
+            end
+        else
+            r.suppressed = "Redis unreachable and cluster.actuate_without_redis is false"
+            dict:incr("suppressed:" .. name, 1, 0)
+        end
+    end
+end
+
+-- Instances wanted for `held` requests: at least one, more when they exceed what one instance carries
+-- (utilization.capacity).
+local function for_held(s, held)
+    local cap = s.utilization and s.utilization.capacity
+    return math.min(s.max, math.max(1, cap and math.ceil(held / cap) or 1))
+end
+
+-- The rules of scale to zero and of held demand, before the signals: true when they decided `r`.
+local function zero_rule(name, s, r, demand, current, pending, now)
+    local held = demand.held or 0
+    r.inputs.held = held
+    if s.min == 0 then
+        -- the external signal (a queue's depth, say) is demand too: it keeps the service up and wakes it
+        local ext = s.external and demand.external and demand.external > 0 and demand.external or 0
+        if held > 0 or ext > 0 or (demand.inflight or 0) > 0 or (demand.rps or 0) > 0
+                or not dict:get("active_at:" .. name) then
+            dict:set("active_at:" .. name, now)
+        end
+        if current == 0 then
+            local want = held > 0 and for_held(s, held) or 0
+            if ext > 0 then
+                want = math.max(want, math.min(s.max, math.ceil(ext / s.external.target)))
+            end
+            r.desired, r.action, r.reason = want, want > 0, want > 0 and "activate" or "zero"
+            return true
+        end
+        if held == 0 and not pending and now - dict:get("active_at:" .. name) >= s.idle_window then
+            r.desired, r.action, r.reason = 0, true, "idle"
+            return true
+        end
+    end
+    if held > 0 and for_held(s, held) > current then
+        r.desired, r.action, r.reason = for_held(s, held), true, "held"
+        return true
+    end
+    return false
 end
 
 local function tick(name, s, svc)
@@ -444,6 +591,13 @@ local function tick(name, s, svc)
         end
     end
     svc.mode = mode
+    dict:set("mode:" .. name, mode, 3 * s.interval + 1) -- for scaler.wake in the other workers
+    if view then
+        dict:set("token:" .. name, view.token or 0, 3 * s.interval + 1)
+    end
+    if own.ready > 0 then
+        _M.activated(name, own.ready)
+    end
 
     -- Capacity asked for and not there yet counts as current until it comes or provision_timeout passes.
     local pending = dict:get("pending:" .. name)
@@ -471,6 +625,19 @@ local function tick(name, s, svc)
         return
     end
 
+    if (s.hold or s.min == 0) and zero_rule(name, s, r, demand, current, pending, now) then
+        r.why = why(r)
+        act(name, s, r, current, own.ready, mode, c, now)
+        if r.action or r.reason ~= svc.last_reason then
+            ngx_log(r.action and ngx_WARN or ngx_NOTICE, "resty.autoscale scaling: ", cjson.encode(r))
+        end
+        svc.last_reason = r.reason
+        record(name, s, r)
+        if mode == "leader" then
+            cluster.publish(c, name, { desired = r.desired, panic = false, seq = r.seq })
+        end
+        return
+    end
     sig.current, sig.ready = current, own.ready
     sig.values[0] = s.utilization and demand.inflight or NAN
     sig.values[1] = s.rps and demand.rps or NAN
@@ -498,35 +665,8 @@ local function tick(name, s, svc)
     end
     r.why = why(r)
 
+    act(name, s, r, current, own.ready, mode, c, now)
     if r.action then
-        local boot = dict:get("boot") or 0
-        local seq = dict:incr("seq", 1, 0)
-        r.decision_id = format("%s-%s-%d-%d", r.gateway or "gw", name, boot, seq)
-        r.idempotency_key = format("%s-%d-%d-%d", name, r.fencing_token or 0, boot, seq)
-        local may_act = mode == "local" or mode == "leader" or c.actuate_without_redis
-        local up = r.desired > current
-        if may_act and dict:get("failed:" .. name) then
-            r.suppressed = "the actuator failed less than the cooldown ago"
-            dict:incr("suppressed:" .. name, 1, 0)
-        elseif may_act then
-            dict:incr("actions:" .. name .. (up and ":up" or ":down"), 1, 0)
-            -- one scale_up/scale_down event: the event log, autoscale.events() and the dashboard's timeline
-            lib.autoscale_event_scale(index[name], current, r.desired, own.ready, r.panic and 1 or 0)
-            dict:set("pending:" .. name, r.desired, s.provision_timeout)
-            dict:set("pending_from:" .. name, own.ready, s.provision_timeout)
-            if s.actuator then
-                local call = { service = name, current = current, desired = r.desired, reason = r.why,
-                               decision_id = r.decision_id, idempotency_key = r.idempotency_key,
-                               gateway = r.gateway or "gateway", fencing_token = r.fencing_token or 0, ts = now }
-                local ok, terr = ngx.timer.at(0, actuate, name, s, call)
-                if not ok then
-                    ngx_log(ngx_ERR, "resty.autoscale scaling of ", name, ": cannot start the actuator: ", terr)
-                end
-            end
-        else
-            r.suppressed = "Redis unreachable and cluster.actuate_without_redis is false"
-            dict:incr("suppressed:" .. name, 1, 0)
-        end
         ngx_log(ngx_WARN, "resty.autoscale scaling: ", cjson.encode(r))
     elseif r.reason ~= svc.last_reason then
         ngx_log(ngx_NOTICE, "resty.autoscale scaling: ", cjson.encode(r))
@@ -537,6 +677,65 @@ local function tick(name, s, svc)
         local ok, perr = cluster.publish(c, name, { desired = r.desired, panic = r.panic, seq = r.seq })
         if not ok then
             ngx_log(ngx_WARN, "resty.autoscale scaling of ", name, ": ", perr)
+        end
+    end
+end
+
+-- Coming capacity: a pending action for at least one instance (a pending scale-down to 0 is not).
+local function coming(name)
+    local p = dict:get("pending:" .. name)
+    return p and p > 0
+end
+
+-- The wake-up: a scale-from-zero decision made at once in the worker of the first held request (a zero-delay timer),
+-- not at the scaler's next tick. Acts as the tick would: locally, or as the Redis leader; a follower leaves it to the
+-- leader, which gets this gateway's held demand with its next exchange.
+local function activate(premature, name)
+    if premature then
+        return
+    end
+    local s = conf.upstreams[name].scaling
+    local c = conf.cluster
+    local mode = c and dict:get("mode:" .. name) or "local"
+    if not (mode == "local" or mode == "leader" or (mode == "no_redis" and c.actuate_without_redis)) then
+        return
+    end
+    if coming(name) or hold.ready(name) > 0 then
+        return
+    end
+    ngx.update_time()
+    local now = ngx.now()
+    local held = hold.held(name)
+    local r = { time = now, service = name, mode = mode, gateway = c and c.gateway_id or nil, ready = 0, current = 0,
+                inputs = { held = held }, wake = true, leader = mode == "leader" and c.gateway_id or nil,
+                fencing_token = c and dict:get("token:" .. name) or nil }
+    r.desired, r.action, r.reason = for_held(s, held), true, "activate"
+    r.why = why(r)
+    act(name, s, r, 0, 0, mode, c, now)
+    ngx_log(ngx_WARN, "resty.autoscale scaling: ", cjson.encode(r))
+    record(name, s, r)
+    if mode == "leader" and r.action then
+        cluster.publish(c, name, { desired = r.desired, panic = false, seq = r.seq })
+    end
+end
+
+-- scaler.wake(name): from hold.wait, for every held request; the first one (no capacity coming, no recent failure)
+-- opens the scale-from-zero episode and starts `activate` at once.
+function _M.wake(name)
+    if not dict then
+        return
+    end
+    ngx.update_time()
+    -- a held request is activity: the idle rule starts its window again (between two ticks it would not see it)
+    dict:set("active_at:" .. name, ngx.now())
+    if coming(name) or dict:get("failed:" .. name) then
+        return
+    end
+    dict:add("episode:" .. name, ngx.now(), conf.upstreams[name].scaling.provision_timeout)
+    if dict:add("waking:" .. name, true, 1) then
+        local ok, err = ngx.timer.at(0, activate, name)
+        if not ok then
+            ngx_log(ngx_ERR, "resty.autoscale scaling of ", name, ": cannot wake the scaler: ", err)
         end
     end
 end
@@ -621,6 +820,21 @@ function _M.state(name)
     st.actions = { up = dict:get("actions:" .. name .. ":up") or 0, down = dict:get("actions:" .. name .. ":down") or 0 }
     st.actuator_failures = dict:get("failures:" .. name) or 0
     st.suppressed = dict:get("suppressed:" .. name) or 0
+    if u.scaling.hold then
+        -- held requests of this gateway (a KEDA metrics-api trigger can scale from zero on `held`)
+        st.hold = hold.state(name)
+        st.held = st.hold.held
+        local n = dict:get("cold_start_count:" .. name) or 0
+        st.cold_start = { last = dict:get("cold_start_last:" .. name), count = n,
+                          sum = (dict:get("cold_start_sum_ms:" .. name) or 0) / 1000,
+                          failures = dict:get("activation_failures:" .. name) or 0 }
+        st.episodes = {}
+        local last = dict:get("episeq:" .. name) or 0
+        for seq = math.max(1, last - MAX_EPISODES + 1), last do
+            st.episodes[#st.episodes + 1] = cjson.decode(dict:get(format("episode:%s:%d", name, seq % MAX_EPISODES))
+                                                         or "null")
+        end
+    end
     st.actuator = u.scaling.actuator and u.scaling.actuator.type or "publish"
     return st
 end
@@ -687,6 +901,53 @@ function _M.handler()
     ngx.say(cjson.encode(require("resty.autoscale.redact").value(body)))
 end
 
+-- The hold and scale-from-zero families of the services with scaling.hold, in Prometheus' text format.
+local function hold_families(list)
+    local sts = {}
+    for _, name in ipairs(list) do
+        local st = _M.state(name)
+        if st.hold then
+            sts[#sts + 1] = st
+        end
+    end
+    if #sts == 0 then
+        return ""
+    end
+    local out = {}
+    local function family(metric, kind, help, fn)
+        out[#out + 1] = format("# HELP %s %s\n# TYPE %s %s\n", metric, help, metric, kind)
+        for _, st in ipairs(sts) do
+            fn('upstream="' .. st.service .. '"', st.hold, st.cold_start)
+        end
+    end
+    family("autoscale_hold_requests_total", "counter", "Held requests by outcome (released to a peer, timed out "
+           .. "into the fallback, rejected at once: queue full).", function(l, h)
+        for _, k in ipairs { "released", "timeouts", "rejected" } do
+            out[#out + 1] = format("autoscale_hold_requests_total{%s,outcome=\"%s\"} %d\n", l, k, h[k])
+        end
+    end)
+    family("autoscale_hold_seconds", "histogram", "Time requests were held.", function(l, h)
+        local cum = 0
+        for _, b in ipairs(h.histogram) do
+            cum = cum + b.count
+            out[#out + 1] = format("autoscale_hold_seconds_bucket{%s,le=\"%s\"} %d\n", l, tostring(b.le), cum)
+        end
+        out[#out + 1] = format("autoscale_hold_seconds_bucket{%s,le=\"+Inf\"} %d\nautoscale_hold_seconds_sum{%s} "
+                               .. "%.3f\nautoscale_hold_seconds_count{%s} %d\n", l, h.seconds_count, l, h.seconds_sum,
+                               l, h.seconds_count)
+    end)
+    family("autoscale_scaling_cold_start_seconds", "summary", "Time from the first held request to the first ready "
+           .. "peer, per scale-from-zero episode.", function(l, _, cs)
+        out[#out + 1] = format("autoscale_scaling_cold_start_seconds_sum{%s} %.3f\n"
+                               .. "autoscale_scaling_cold_start_seconds_count{%s} %d\n", l, cs.sum, l, cs.count)
+    end)
+    family("autoscale_scaling_activation_failures_total", "counter", "Scale-from-zero episodes whose actuator "
+           .. "failed.", function(l, _, cs)
+        out[#out + 1] = format("autoscale_scaling_activation_failures_total{%s} %d\n", l, cs.failures)
+    end)
+    return concat(out)
+end
+
 -- text = scaler.prometheus(): the scaling families in Prometheus' text format ("" without scaling).
 function _M.prometheus()
     local list = names()
@@ -703,6 +964,7 @@ function _M.prometheus()
         { "autoscale_scaling_decisions_total", "counter", "Decisions made (including no change).", "decisions_total" },
         { "autoscale_scaling_actions_total", "counter", "Scaling actions decided, by direction.", "actions" },
         { "autoscale_scaling_actuator_failures_total", "counter", "Actions whose actuator failed after all retries.", "actuator_failures" },
+        { "autoscale_hold_requests", "gauge", "Requests held now while the service has no ready peer.", "held" },
     }
     local out = {}
     for _, f in ipairs(families) do
@@ -727,6 +989,7 @@ function _M.prometheus()
             end
         end
     end
+    out[#out + 1] = hold_families(list)
     return concat(out)
 end
 
