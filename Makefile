@@ -29,7 +29,7 @@ DEB_PACKAGES := nginx-core libnginx-mod-http-lua lua-resty-core lua-resty-lrucac
 	libtest-base-perl libtext-diff-perl libtest-longstring-perl liblist-moreutils-perl \
 	libhttp-message-perl libipc-run-perl liburi-perl \
 	lua-nginx-dns dnsmasq-base etcd-server etcd-client \
-	redis-server lua-nginx-redis openssl luarocks python3-yaml
+	redis-server redis-sentinel lua-nginx-redis openssl luarocks python3-yaml
 
 SCENARIO ?= headline
 

@@ -1253,6 +1253,25 @@ pub extern "C" fn autoscale_event_scale(upstream: u32, current: u32, desired: u3
     })
 }
 
+/// Records that dependency `dependency` (1 redis, 2 etcd, 3 dns, 4 prometheus, 5 actuator, 6 consul, 7 kubernetes)
+/// of upstream `upstream` (`u32::MAX`: of none) stopped answering (`up` 0: a `dependency_down` event) or answers
+/// again (`up` 1: `dependency_up`, with the `failures` of the episode and `down_for` seconds). The caller writes one
+/// per episode, not one per attempt. Returns 1 when recorded, 0 for an unknown dependency.
+///
+/// # Errors
+/// `AUTOSCALE_ERR_NO_REGION`, `AUTOSCALE_ERR_UPSTREAM`.
+#[no_mangle]
+pub extern "C" fn autoscale_event_dependency(upstream: u32, dependency: u32, up: c_int, failures: u32, down_for: f64) -> c_int {
+    guard(|| {
+        let Some(region) = REGION.get() else { return AUTOSCALE_ERR_NO_REGION };
+        if upstream != u32::MAX && upstream >= region.params().max_upstreams {
+            return AUTOSCALE_ERR_UPSTREAM;
+        }
+        let down_for = if down_for.is_finite() { down_for.max(0.0) } else { 0.0 };
+        region.note_dependency(upstream, dependency, up != 0, failures as f64, down_for, now_us()) as c_int
+    })
+}
+
 /// Runs a run-time change and reports its error text.
 ///
 /// # Safety

@@ -300,6 +300,11 @@ int autoscale_event_scale(uint32_t upstream,
                           uint32_t desired,
                           uint32_t ready,
                           int panic);
+int autoscale_event_dependency(uint32_t upstream,
+                               uint32_t dependency,
+                               int up,
+                               uint32_t failures,
+                               double down_for);
 int autoscale_admin_peer_add(uint32_t upstream,
                              const uint8_t *addr,
                              size_t addr_len,

@@ -18,6 +18,7 @@ require "resty.autoscale.lib" -- declares the C types
 local cjson = require "cjson.safe"
 local config = require "resty.autoscale.config"
 local control = require "resty.autoscale.control"
+local events = require "resty.autoscale.events"
 local addr = require "resty.autoscale.discovery.addr"
 local redact = require "resty.autoscale.redact"
 
@@ -367,6 +368,7 @@ local function ask(u, s)
             ngx_log(ngx_WARN, "resty.autoscale: discovery of ", u.name, ": ", s.kind, " failed (", tostring(interval),
                     "); keeping its last good set of ", s.peers and #s.peers or 0, " peers")
         end
+        events.dependency(u.idx, s.kind, false) -- one dependency_down event per episode
         s.error, s.failures, s.streak = tostring(interval), s.failures + 1, s.streak + 1
         s.next_at = t + s.retry
         return false
@@ -375,6 +377,7 @@ local function ask(u, s)
         ngx_log(ngx_NOTICE, "resty.autoscale: discovery of ", u.name, ": ", s.kind, " answers again after ",
                 s.streak, " failed attempts")
     end
+    events.dependency(u.idx, s.kind, true)
     s.error, s.streak, s.last_ok, s.next_at = nil, 0, t, t + interval
     for key, why in pairs(bad or {}) do
         once(u, "bad " .. key, ngx_WARN, s.kind .. " key " .. key .. " skipped: " .. why)
