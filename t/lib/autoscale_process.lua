@@ -150,7 +150,8 @@ end
 -- proc, root = process.gateway{ dir =, name =, port =, init = Lua code that configures, workers = 1, http = extra
 -- http-level directives, server = extra server-level directives, seconds = 120 }: a gateway of its own, another nginx
 -- in `dir`/`name`/ listening on `port`, with the upstream `api` balanced by resty.autoscale (location / proxies to it,
--- /scaling, /status and /events answer as autoscale does), started and waited for. Stop it with proc:stop().
+-- /scaling, /status and /events answer as autoscale does), started and waited for; `init_worker` is more Lua for
+-- init_worker_by_lua. Stop it with proc:stop().
 function _M.gateway(o)
     local root = o.dir .. o.name .. "/"
     os.execute("mkdir -p " .. root .. "conf " .. root .. "logs")
@@ -166,7 +167,7 @@ function _M.gateway(o)
         "lua_shared_dict autoscale_scaling 1m;",
         o.http or "",
         "init_by_lua_block { autoscale = require 'resty.autoscale'\n" .. o.init .. "\n}",
-        "init_worker_by_lua_block { autoscale.init_worker() }",
+        "init_worker_by_lua_block { autoscale.init_worker()\n" .. (o.init_worker or "") .. "\n}",
         "upstream api { server 0.0.0.1; balancer_by_lua_block { autoscale.balance('api') } keepalive 32; }",
         "server { listen 127.0.0.1:" .. o.port .. ";",
         "location = /scaling { content_by_lua_block { autoscale.scaling_handler() } }",
