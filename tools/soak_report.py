@@ -57,6 +57,8 @@ def main(src, dst):
             ("in flight after the load", r["phantom"]), ("peer records used / addresses", "%d / %d" % (
                 r["records"], r["addresses"])), ("scaling calls", r["calls"]),
             ("steady phase: RSS growth per worker (kB)", flat["rss_kb"]),
+            ("... of which private (RssAnon)", flat.get("anon_kb")),
+            ("... of which shared pages first touched (RssShmem)", flat.get("shmem_kb")),
             ("steady phase: Lua memory growth per worker (kB)", "%.0f" % flat["lua_kb"]),
             ("steady phase: timers growth", flat["timers"]), ("steady phase: sockets growth", flat["sockets"]),
             ("error log (bytes)", r["errlog_bytes"])]
@@ -66,6 +68,7 @@ def main(src, dst):
     o.append(lab.chart("rate", "Requests answered per second", "req/s",
                        [{"name": "200 answers", "color": "#1864ab", "points": per_second}], model))
     o.append(lab.chart("rss", "Worker RSS", "MB", series_by_worker(smp, "rss", 1 / 1024.0), model))
+    o.append(lab.chart("anon", "Worker private RSS (RssAnon)", "MB", series_by_worker(smp, "anon", 1 / 1024.0), model))
     o.append(lab.chart("lua", "Worker Lua memory (collectgarbage count)", "MB",
                        series_by_worker(smp, "lua", 1 / 1024.0), model))
     o.append(lab.chart("sockets", "Worker sockets", "sockets", series_by_worker(smp, "sockets"), model))

@@ -10,7 +10,8 @@
 -- the caller can tell the requests a killed worker was serving from any other.
 --
 --     local client = require "soak_client"
---     local res = client.run { port =, path = "/", rate = 2000, concurrency = 16, duration = 60, timeout = 5000 }
+--     local res = client.run { port =, path = "/", rate = 2000, concurrency = 16, duration = 60, timeout = 5000,
+--                              stop = function() return true to end before `duration` end }
 --     -- res = { sent =, ok =, failed =, retried =, retries = { { t =, worker = } },
 --     --         failures = { { t0 =, t1 =, worker =, err = } },
 --     --         by_key = { [body] = n }, per_second = { [s] = n }, connections = n }
@@ -99,10 +100,10 @@ function _M.run(o)
         while true do
             update_time()
             local t = now()
-            if t >= deadline then
+            if t >= deadline or (o.stop and o.stop()) then
                 break
             end
-            if next_at > t then
+            if next_at - t >= 0.001 then -- (a shorter ngx.sleep is a sleep(0), which nginx logs)
                 sleep(next_at - t)
             elseif t - next_at > 1 then
                 next_at = t -- too far behind: no burst to catch up
