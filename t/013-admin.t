@@ -299,6 +299,8 @@ list: 200 backend single
 peer: 200 true weight 1
 config config peer_added config weight draining enabled config peer_removed config tuned config tuned
 autoscale_events_total{kind="config"} 6
+autoscale_events_total{kind="dependency_down"} 0
+autoscale_events_total{kind="dependency_up"} 0
 autoscale_events_total{kind="draining"} 1
 autoscale_events_total{kind="ejected"} 0
 autoscale_events_total{kind="ejection_skipped"} 0
