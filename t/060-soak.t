@@ -345,7 +345,7 @@ location = /t { content_by_lua_block {
     ngx.say("steady phase, workers followed: ", r.flat.workers >= 2, ", private RSS growth < 1 MB: ", r.flat.anon_kb < 1024,
             ", Lua memory growth < 2 MB: ", r.flat.lua_kb < 2048, ", timers growth <= 2: ", r.flat.timers <= 2,
             ", sockets within clients + upstream keepalive pool (16 + 32 + 16): ", r.flat.sockets_max <= 64)
-    ngx.say("report written: ", io.open(out) ~= nil)
+    ngx.say("report written, charts: ", select(2, process.read(out):gsub('<figure class="chart"', "")))
 } }
 --- log_level: warn
 --- request
@@ -360,4 +360,4 @@ gateway and clients agree on the static peers' requests (within 2 per kill): tru
 peer records used: true (7 addresses)
 scaling calls: true, carried over (statistics, ejections, decisions): true 
 steady phase, workers followed: true, private RSS growth < 1 MB: true, Lua memory growth < 2 MB: true, timers growth <= 2: true, sockets within clients + upstream keepalive pool (16 + 32 + 16): true
-report written: true
+report written, charts: 8
