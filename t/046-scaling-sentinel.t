@@ -4,7 +4,9 @@
 # own) find the master through the Sentinels. Under load on both gateways the master is SIGKILLed: Sentinel promotes
 # the replica, both gateways follow it, one leader again with a larger fencing token (the master's configuration
 # epoch is part of it), the demand of both gateways aggregated again, no client request lost and no actuator call
-# refused by the receiver (which refuses a token lower than one it has seen). Every process is stopped by PID.
+# refused by the receiver (which refuses a token lower than one it has seen). Then the new master stops answering
+# (SIGSTOP, a partition): both gateways decide alone and say so (mode no_redis, one dependency_down event each), and
+# one leader again once it answers. Every process is stopped by PID.
 # Ports: TEST_NGINX_SERVER_PORT + 60 .. + 66.
 
 use lib 't';
@@ -112,7 +114,7 @@ location = /t { content_by_lua_block {
     local report = {}
     local ok, err = pcall(function()
         local master = start("master", "redis-server " .. redis_conf(M), M)
-        start("replica", "redis-server " .. redis_conf(R, M), R)
+        local replica = start("replica", "redis-server " .. redis_conf(R, M), R)
         for i, port in ipairs(S) do
             start("sentinel" .. i, "redis-sentinel " .. sentinel_conf(port), port)
         end
@@ -139,8 +141,8 @@ location = /t { content_by_lua_block {
         end
         local function why() local a, b = modes() return a .. " and " .. b end
         if not t.poll(met, 10) then error("no leader and follower: " .. why()) end
-        local la = ngx.thread.spawn(t.load, { port = GWA, concurrency = 8, duration = 16, timeout = 3000 })
-        local lb = ngx.thread.spawn(t.load, { port = GWB, concurrency = 8, duration = 16, timeout = 3000 })
+        local la = ngx.thread.spawn(t.load, { port = GWA, concurrency = 8, duration = 22, timeout = 3000 })
+        local lb = ngx.thread.spawn(t.load, { port = GWB, concurrency = 8, duration = 22, timeout = 3000 })
         -- the leader sees both gateways' demand and has called the receiver
         local function aggregated(since)
             local _, _, a, b = modes()
@@ -172,6 +174,18 @@ location = /t { content_by_lua_block {
                 if x.decision.ts > killed + report.recovered then return true end
             end
         end, 6), "no call after the failover")
+        -- a partition: the new master stops answering (SIGSTOP) for 2 s: each gateway decides alone and says so
+        -- (mode no_redis, a dependency_down event), then one leader again
+        local down_before = #process.events(GWA, "dependency_down") + #process.events(GWB, "dependency_down")
+        replica:signal("STOP")
+        local alone = t.poll(function()
+            local a, b = modes()
+            return a == "no_redis" and b == "no_redis"
+        end, 4)
+        report.partition = alone and (#process.events(GWA, "dependency_down") + #process.events(GWB, "dependency_down") - down_before)
+        ngx.sleep(1) -- more failed attempts: still one event per gateway
+        replica:signal("CONT")
+        report.rejoined = t.poll(met, 6)
         local ra, rb = select(2, assert(ngx.thread.wait(la))), select(2, assert(ngx.thread.wait(lb)))
         report.errors, report.requests = ra.errors + rb.errors, ra.total + rb.total
         report.first_error = ra.first_error or rb.first_error
@@ -216,7 +230,8 @@ location = /t { content_by_lua_block {
     ngx.say("leader decisions with a smaller token than one before: ", report.backwards, ", tokens of two gateways: ", report.shared)
     ngx.say("counter on the old master above the promoted replica's: ", (report.fence_master or 0) > 0)
     ngx.say("calls refused as stale: ", report.refused, ", tokens after the failover larger: ", report.larger)
-    ngx.say("events of the episode on each gateway: ", table.concat(report.episodes, "; "))
+    ngx.say("partition: both gateways alone, dependency_down events: ", report.partition, ", one leader again: ", report.rejoined)
+    ngx.say("events of the two episodes on each gateway: ", table.concat(report.episodes, "; "))
 } }
 --- request
 GET /t
@@ -227,7 +242,8 @@ new master within 10 s: true, gateways follow it within 5 s more: true
 leader decisions with a smaller token than one before: 0, tokens of two gateways: 0
 counter on the old master above the promoted replica's: true
 calls refused as stale: 0, tokens after the failover larger: true
-events of the episode on each gateway: 1 down, 1 up; 1 down, 1 up
+partition: both gateways alone, dependency_down events: 2, one leader again: true
+events of the two episodes on each gateway: 2 down, 2 up; 2 down, 2 up
 
 
 
