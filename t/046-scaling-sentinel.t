@@ -7,13 +7,13 @@
 # refused by the receiver (which refuses a token lower than one it has seen). Then the new master stops answering
 # (SIGSTOP, a partition): both gateways decide alone and say so (mode no_redis, one dependency_down event each), and
 # one leader again once it answers. Every process is stopped by PID.
-# Ports: TEST_NGINX_SERVER_PORT + 60 .. + 66.
+# TEST 3: cluster.redis over TLS (redis-server --tls-port), the certificate checked. Ports: TEST_NGINX_SERVER_PORT + 60 .. + 68.
 
 use lib 't';
 use Autoscale;
 
 my $base = $ENV{TEST_NGINX_SERVER_PORT} || 1984;
-my @names = qw(MASTER REPLICA SENT1 SENT2 SENT3 HOOK GWA GWB);
+my @names = qw(MASTER REPLICA SENT1 SENT2 SENT3 HOOK GWA GWB TLSREDIS);
 $ENV{"TEST_NGINX_$names[$_]_PORT"} = $base + 60 + $_ for 0 .. $#names;
 
 workers(1);
@@ -23,6 +23,15 @@ master_on();
 our %Have = map { my $tool = $_; ($tool => scalar grep { -x "$_/$tool" } split /:/, $ENV{PATH}) } qw(redis-server redis-sentinel);
 diag("redis-server / redis-sentinel not found (Debian packages redis-server, redis-sentinel): skipped")
     unless $Have{'redis-server'} && $Have{'redis-sentinel'};
+
+# A self-signed certificate for redis.test (TEST 3), made before nginx reads lua_ssl_trusted_certificate.
+use File::Temp ();
+our $TlsDir = File::Temp::tempdir(CLEANUP => 1);
+our $Have_tls = system("openssl req -x509 -newkey rsa:2048 -nodes -keyout $TlsDir/key.pem -out $TlsDir/cert.pem -days 1"
+    . " -subj /CN=redis.test -addext subjectAltName=DNS:redis.test >/dev/null 2>&1") == 0;
+chmod 0644, "$TlsDir/key.pem";
+chmod 0755, $TlsDir;
+$ENV{TEST_NGINX_TLS_DIR} = $TlsDir;
 
 run_tests();
 
@@ -264,6 +273,8 @@ events of the two episodes on each gateway: 2 down, 2 up; 2 down, 2 up
             { master_name = "main", sentinels = { "127.0.0.1:26379" }, username = "gw" },
             { master_name = "main", sentinels = { "127.0.0.1:26379" }, sentinel_username = "s", password = "p" },
             { master_name = "main", sentinels = { "127.0.0.1:26379" }, password = "" },
+            { ssl = "yes" },
+            { ssl = true, server_name = "a b" },
             { master_name = "main", sentinels = { "127.0.0.1:26379", "[::1]:26380" }, username = "gw", password = "p",
               sentinel_username = "s", sentinel_password = "q" },
         } do
@@ -288,4 +299,49 @@ cluster.redis: takes either host/port or sentinels/master_name, not both
 cluster.redis.username: needs a password
 cluster.redis.sentinel_username: needs a sentinel_password
 cluster.redis.password: must be a non-empty string without control characters
+cluster.redis.ssl: must be true or false (got "yes")
+cluster.redis.server_name: must be a host name (got "a b")
 ok: 2 sentinels, ::1
+
+
+
+=== TEST 3: cluster.redis over TLS: the exchange goes through with the certificate checked, and fails with another server name or without TLS
+--- skip_eval: 1: !($::Have{'redis-server'} && $::Have_tls)
+--- http_config
+    lua_ssl_trusted_certificate $TEST_NGINX_TLS_DIR/cert.pem;
+--- config
+location = /t { content_by_lua_block {
+    local t = require "autoscale_test"
+    local process = require "autoscale_process"
+    local cluster = require "resty.autoscale.cluster"
+    local dir = ngx.config.prefix() .. "logs/"
+    local P, tls = $TEST_NGINX_TLSREDIS_PORT, "$TEST_NGINX_TLS_DIR"
+    local redis = process.start("redis-server --port 0 --tls-port " .. P .. " --bind 127.0.0.1 --save '' --appendonly no --dir " .. dir
+        .. " --tls-cert-file " .. tls .. "/cert.pem --tls-key-file " .. tls .. "/key.pem --tls-ca-cert-file " .. tls .. "/cert.pem"
+        .. " --tls-auth-clients no --requirepass tls-secret", dir .. "redis-tls.log", 30)
+    local ok, err = pcall(function()
+        assert(t.poll(function() return process.listening(P) end, 5), "redis did not start: " .. process.read(dir .. "redis-tls.log"))
+        local function try(more)
+            local r = { port = P, password = "tls-secret", timeout = 0.5 }
+            for k, v in pairs(more) do r[k] = v end
+            local c = assert(cluster.validate { gateway_id = "gw-tls", redis = r })
+            local view, e = cluster.exchange(c, "api", { inflight = 1, ready = 1 })
+            return view and ("leader " .. tostring(view.leader) .. ", token " .. view.token) or e:gsub("%d+", "N")
+        end
+        ngx.say("TLS, server name redis.test: ", try { ssl = true, server_name = "redis.test" })
+        ngx.say("TLS again (a kept connection): ", try { ssl = true, server_name = "redis.test" })
+        ngx.say("TLS, server name other.test: ", try { ssl = true, server_name = "other.test" })
+        ngx.say("TLS, not checked: ", try { ssl = true, server_name = "other.test", ssl_verify = false })
+        ngx.say("without TLS: ", try {})
+    end)
+    redis:stop()
+    assert(ok, err)
+} }
+--- request
+GET /t
+--- response_body
+TLS, server name redis.test: leader true, token 1
+TLS again (a kept connection): leader true, token 1
+TLS, server name other.test: redis N.N.N.N:N TLS: certificate host mismatch
+TLS, not checked: leader true, token 1
+without TLS: redis N.N.N.N:N auth: connection reset by peer

@@ -87,7 +87,8 @@ function _M.validate(v)
     end
     ok, err = known("cluster.redis", r, { host = true, port = true, username = true, password = true, db = true,
                                           timeout = true, sentinels = true, master_name = true,
-                                          sentinel_username = true, sentinel_password = true })
+                                          sentinel_username = true, sentinel_password = true, ssl = true,
+                                          ssl_verify = true, server_name = true })
     if not ok then
         return nil, err
     end
@@ -101,6 +102,16 @@ function _M.validate(v)
         end
         out.redis[k] = r[k]
     end
+    for _, k in ipairs { "ssl", "ssl_verify" } do
+        if r[k] ~= nil and type(r[k]) ~= "boolean" then
+            return fail("cluster.redis." .. k, "must be true or false (got %s)", show(r[k]))
+        end
+    end
+    out.redis.ssl, out.redis.ssl_verify = r.ssl == true, r.ssl_verify ~= false
+    if r.server_name ~= nil and (type(r.server_name) ~= "string" or not r.server_name:find("^[%w%.%-]+$")) then
+        return fail("cluster.redis.server_name", "must be a host name (got %s)", show(r.server_name))
+    end
+    out.redis.server_name = r.server_name
     if r.username and not r.password then
         return fail("cluster.redis.username", "needs a password")
     end
@@ -162,15 +173,27 @@ redis.call('SET', KEYS[1], ARGV[1] .. '/' .. tok, 'PX', ARGV[2])
 return {1, tok}
 ]]
 
--- red, err = open(host, port, r, user, password): a connection (a fresh one authenticated with `user`/`password`)
-local function open(host, port, r, user, password)
+-- red, err = open(host, port, r, user, password, ssl): a connection (a fresh one over TLS when `ssl`, with the
+-- certificate checked against nginx's lua_ssl_trusted_certificate unless r.ssl_verify is false, then authenticated
+-- with `user`/`password`)
+local function open(host, port, r, user, password, ssl)
     local redis = redis_client()
     local red = redis:new()
     red:set_timeout(floor(r.timeout * 1000)) -- (resty.redis 0.27 has no set_timeouts: an unknown method would
                                              -- become a Redis command)
-    local ok, err = red:connect(host, port)
+    -- TLS connections are kept apart from plain ones, and by the name and check they were made with
+    local pool = ssl and { pool = host .. ":" .. port .. ":tls:" .. (r.server_name or host) .. (r.ssl_verify and ":v" or "") }
+    local ok, err = red:connect(host, port, pool)
     if not ok then
         return nil, "redis " .. host .. ":" .. port .. ": " .. tostring(err)
+    end
+    if ssl and (red:get_reused_times() or 0) == 0 then
+        -- resty.redis 0.27 has no TLS option: the handshake on its cosocket, before any command
+        ok, err = rawget(red, "_sock"):sslhandshake(nil, r.server_name or host, r.ssl_verify)
+        if not ok then
+            red:close()
+            return nil, "redis " .. host .. ":" .. port .. " TLS: " .. tostring(err)
+        end
     end
     if password and (red:get_reused_times() or 0) == 0 then
         if user then
@@ -248,7 +271,7 @@ local function connect(c)
         end
         host, port, epoch = m.host, m.port, m.epoch
     end
-    local red, err = open(host, port, r, r.username, r.password)
+    local red, err = open(host, port, r, r.username, r.password, r.ssl)
     if not red then
         masters[r] = nil
         return nil, err
