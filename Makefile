@@ -6,7 +6,11 @@
 #   make demo     the lab's headline scenario: round robin vs resty.autoscale, side by side, with an HTML report
 #   make lab      SCENARIO=name (lab/lab --list)
 #   make lib      only the library: cargo build --release -> target/release/libresty_autoscale.so (no apt-get)
-#   make install  every Lua module under lua/ and the library; PREFIX=/usr/local, DESTDIR (staging root),
+#   make module   the native nginx module -> target/release/ngx_http_autoscale_module.so, against the nginx of
+#                 NGINX_SOURCE_DIR (default /usr/share/nginx/src, Debian's nginx-dev) or an already configured
+#                 NGINX_BUILD_DIR (its objs/ directory); see docs/native-module.md
+#   make install  every Lua module under lua/, the library and (when built) the native module; PREFIX=/usr/local,
+#                 DESTDIR (staging root), NGINX_MODULES_DIR=/usr/lib/nginx/modules (the native module; empty: not it),
 #                 LUA_LIB_DIR=$(PREFIX)/share/lua/5.1 (Lua files), LUA_CLIB_DIR=$(PREFIX)/lib/lua/5.1 (the .so)
 #   make uninstall  removes what `make install` put there (same variables)
 #   make check-config CONF=/etc/nginx/nginx.conf (or a .lua file returning the configuration): what nginx -t cannot see
@@ -31,11 +35,12 @@ DEB_PACKAGES := nginx-core libnginx-mod-http-lua lua-resty-core lua-resty-lrucac
 	libtest-base-perl libtext-diff-perl libtest-longstring-perl liblist-moreutils-perl \
 	libhttp-message-perl libipc-run-perl liburi-perl \
 	lua-nginx-dns dnsmasq-base etcd-server etcd-client \
-	redis-server redis-sentinel lua-nginx-redis openssl luarocks python3-yaml
+	redis-server redis-sentinel lua-nginx-redis openssl luarocks python3-yaml \
+	nginx-dev libclang-dev
 
 SCENARIO ?= headline
 
-.PHONY: all deps build lib test test-rust test-nginx run bench bench-reconfigure demo lab install uninstall cdef clean check-config soak
+.PHONY: all deps build lib module test test-rust test-nginx test-native test-native-long run bench bench-reconfigure demo lab install uninstall cdef clean check-config soak
 
 all: build
 
@@ -53,6 +58,19 @@ deps:
 
 build: deps
 	$(CARGO) build --release
+	$(MAKE) --no-print-directory module
+
+# The native module: its bindings (the `ngx` crate's nginx-sys) need the configure output of the nginx that will load
+# it; nginx-module/prepare makes it from the sources (once) unless NGINX_BUILD_DIR names one.
+NGINX_MODULES_DIR ?= /usr/lib/nginx/modules
+MODULE := target/release/ngx_http_autoscale_module.so
+module:
+	@objs="$${NGINX_BUILD_DIR:-}"; \
+	if [ -z "$$objs" ]; then objs=$$(nginx-module/prepare target/nginx-build) || exit 1; fi; \
+	[ -f "$$objs/ngx_auto_config.h" ] || { echo "NGINX_BUILD_DIR=$$objs is not a configured nginx objs/ directory"; exit 1; }; \
+	echo "building the native module against $$objs"; \
+	cd nginx-module && NGINX_BUILD_DIR="$$objs" $(CARGO) build --release --target-dir ../target
+	cp target/release/libngx_http_autoscale_module.so $(MODULE)
 
 # The library alone, without `make deps` (used by `luarocks make` and after `opm get`).
 RUST_SOURCES := $(shell find src rust-core/src -name '*.rs' 2>/dev/null) build.rs Cargo.toml rust-core/Cargo.toml Cargo.lock
@@ -61,13 +79,24 @@ lib: $(LIB)
 $(LIB): $(RUST_SOURCES)
 	$(CARGO) build --release
 
-test: build test-rust test-nginx
+test: build test-rust test-nginx test-native
 
 test-rust:
 	$(CARGO) test --release --workspace
 
 test-nginx:
 	$(PROVE) -r $(TESTS)
+
+# The behaviour suites again, against native upstreams (`autoscale backend;` instead of balancer_by_lua): balancing,
+# workers / reload / SIGKILL and no-allocation in `make test` (about 55 s on 2 cores); `make test-native-long` adds
+# the resilience suite (ejection, half-open, panic mode, fallback: about 100 s more).
+NATIVE_TESTS ?= t/003-balancing.t t/004-workers.t t/007-no-alloc.t
+NATIVE_LONG_TESTS ?= t/008-resilience.t
+test-native:
+	AUTOSCALE_NATIVE=1 $(PROVE) $(NATIVE_TESTS)
+
+test-native-long:
+	AUTOSCALE_NATIVE=1 $(PROVE) $(NATIVE_TESTS) $(NATIVE_LONG_TESTS)
 
 run: build
 	scripts/demo
@@ -113,10 +142,15 @@ install: $(LIB)
 	sed -e 's|^INSTALLED_LUA_DIR=$$|INSTALLED_LUA_DIR=$(LUA_LIB_DIR)|' -e 's|^INSTALLED_LIB_DIR=$$|INSTALLED_LIB_DIR=$(LUA_CLIB_DIR)|' \
 		bin/resty-autoscale-check > $(DESTDIR)$(BINDIR)/resty-autoscale-check
 	chmod 0755 $(DESTDIR)$(BINDIR)/resty-autoscale-check
+	@if [ -f $(MODULE) ] && [ -n "$(NGINX_MODULES_DIR)" ]; then \
+		echo "install $(DESTDIR)$(NGINX_MODULES_DIR)/ngx_http_autoscale_module.so"; \
+		install -D -m 0644 $(MODULE) $(DESTDIR)$(NGINX_MODULES_DIR)/ngx_http_autoscale_module.so; \
+	elif [ -n "$(NGINX_MODULES_DIR)" ]; then echo "(no native module: make module builds it)"; fi
 
 uninstall:
 	rm -f $(addprefix $(DESTDIR)$(LUA_LIB_DIR)/,$(LUA_MODULES)) $(DESTDIR)$(LUA_CLIB_DIR)/libresty_autoscale.so \
-		$(DESTDIR)$(BINDIR)/resty-autoscale-check
+		$(DESTDIR)$(BINDIR)/resty-autoscale-check \
+		$(if $(NGINX_MODULES_DIR),$(DESTDIR)$(NGINX_MODULES_DIR)/ngx_http_autoscale_module.so)
 	-rmdir $(DESTDIR)$(LUA_LIB_DIR)/resty/autoscale/discovery $(DESTDIR)$(LUA_LIB_DIR)/resty/autoscale 2>/dev/null
 
 clean:

@@ -31,6 +31,7 @@ build = {
       LUA_LIB_DIR = "$(LUADIR)",
       LUA_CLIB_DIR = "$(LIBDIR)",
       PREFIX = "$(PREFIX)",
+      NGINX_MODULES_DIR = "", -- a rock holds no nginx module (make install puts a built one into nginx's directory)
       BINDIR = "$(BINDIR)",
    },
 }

@@ -487,6 +487,20 @@ int autoscale_region_init(const struct autoscale_region_params_t *params,
                           size_t err_len);
 
 /**
+ * The address of this process's shared region into `base` and its size in bytes into `size`, for the native nginx
+ * module: it maps nothing itself but works on the region this library made (it checks the header's layout version
+ * against its own).
+ *
+ * # Safety
+ * `base` and `size` must point to writable values.
+ *
+ * # Errors
+ * `AUTOSCALE_ERR_NO_REGION` before `autoscale_region_init`, `AUTOSCALE_ERR_ARG` for a NULL pointer.
+ */
+int autoscale_region_base(void **base,
+                          uint64_t *size);
+
+/**
  * Replaces the configuration with the `n` upstreams of `specs` and writes each one's index into `indices`.
  * Peers that stay keep their statistics; removed ones are retired; nothing changes when an error is returned.
  *

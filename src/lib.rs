@@ -427,6 +427,30 @@ pub unsafe extern "C" fn autoscale_region_init(
     })
 }
 
+/// The address of this process's shared region into `base` and its size in bytes into `size`, for the native nginx
+/// module: it maps nothing itself but works on the region this library made (it checks the header's layout version
+/// against its own).
+///
+/// # Safety
+/// `base` and `size` must point to writable values.
+///
+/// # Errors
+/// `AUTOSCALE_ERR_NO_REGION` before `autoscale_region_init`, `AUTOSCALE_ERR_ARG` for a NULL pointer.
+#[no_mangle]
+pub unsafe extern "C" fn autoscale_region_base(base: *mut *mut c_void, size: *mut u64) -> c_int {
+    guard(|| {
+        let Some(region) = REGION.get() else {
+            return AUTOSCALE_ERR_NO_REGION;
+        };
+        if base.is_null() || size.is_null() {
+            return AUTOSCALE_ERR_ARG;
+        }
+        *base = region.base_ptr() as *mut c_void;
+        *size = region.layout().total as u64;
+        AUTOSCALE_OK
+    })
+}
+
 /// Replaces the configuration with the `n` upstreams of `specs` and writes each one's index into `indices`.
 /// Peers that stay keep their statistics; removed ones are retired; nothing changes when an error is returned.
 ///

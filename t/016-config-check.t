@@ -37,6 +37,9 @@ my $Nginx = $ENV{TEST_NGINX_BINARY} && $ENV{TEST_NGINX_BINARY} !~ m{/t/Autoscale
           : '/usr/sbin/nginx';
 my $Lib   = $ENV{AUTOSCALE_LIB_DIR} || "$Repo/target/release";
 my @Modules = grep { -f } map { "/usr/lib/nginx/modules/$_.so" } qw(ndk_http_module ngx_http_lua_module);
+# the native module (make module), for the examples with `autoscale` upstreams (docs/native-module.md); loaded after
+# the Lua module, it does nothing for a configuration without them
+my $Native_module = "$Repo/target/release/ngx_http_autoscale_module.so";
 
 plan skip_all => "no nginx at $Nginx" unless -x $Nginx;
 plan skip_all => "no $Lib/libresty_autoscale.so (cargo build --release)" unless -f "$Lib/libresty_autoscale.so";
@@ -298,7 +301,12 @@ for my $doc ("$Repo/README.md", sort glob "$Repo/docs/*.md") {
         # nginx -t: directives and syntax, in a scratch prefix (its own pid, error log and temp paths)
         my $t = $conf;
         $t =~ s/^(\s*load_module[^\n]*\n)*//;
-        my $head = join('', map { "load_module $_;\n" } @Modules)
+        my @load = @Modules;
+        if ($t =~ /^[ \t]*autoscale(?:[ \t]+[\w.-]+)?[ \t]*;/m) {
+            ok(-f $Native_module, "$where: the native module is built (make module)") or next;
+            push @load, $Native_module;
+        }
+        my $head = join('', map { "load_module $_;\n" } @load)
                  . "pid $dir/nginx.pid;\nerror_log $dir/error.log;\n";
         $t =~ s/\bhttp\s*\{/"http {\n" . join('', map { "    ${_}_temp_path $dir\/${_}_temp;\n" }
                                                   qw(client_body proxy fastcgi uwsgi scgi))

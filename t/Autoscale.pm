@@ -32,6 +32,16 @@ if (-x $Debian_nginx && !$ENV{TEST_NGINX_BINARY}) {
         ? $Debian_nginx : "$Repo/t/Autoscale/nginx";
 }
 $ENV{TEST_NGINX_LOAD_MODULES} //= "@Debian_modules" if !grep { !-f } @Debian_modules;
+
+# AUTOSCALE_NATIVE=1: the suites run against native upstreams (`autoscale NAME;`, ngx_http_autoscale_module from
+# target/release, loaded after the Lua module) instead of balancer_by_lua; see docs/native-module.md.
+our $Native = $ENV{AUTOSCALE_NATIVE} ? 1 : 0;
+our $Native_module = ($ENV{AUTOSCALE_NATIVE_MODULE} || "$Repo/target/release/ngx_http_autoscale_module.so");
+if ($Native) {
+    die "AUTOSCALE_NATIVE=1 but $Native_module is missing (make build)\n" unless -f $Native_module;
+    $ENV{TEST_NGINX_LOAD_MODULES} .= " $Native_module"
+        unless ($ENV{TEST_NGINX_LOAD_MODULES} // '') =~ /ngx_http_autoscale_module/;
+}
 $ENV{TEST_NGINX_REPO} = $Repo;
 
 eval "require $Backend; 1" or die $@;
@@ -93,7 +103,7 @@ sub gateway_upstream {
     init_worker_by_lua_block { autoscale.init_worker() }
     upstream backend {
         server 0.0.0.1;
-        balancer_by_lua_block { autoscale.balance("backend") }
+        @{[ $Native ? 'autoscale backend;' : 'balancer_by_lua_block { autoscale.balance("backend") }' ]}
         keepalive 32;
     }
 _EOC_

@@ -23,6 +23,7 @@ use crate::rng::Rng;
 use crate::select::{Algorithm, PeerView};
 use crate::slowstart::SlowStart;
 use crate::window::{counter, Outcome, WindowSum};
+use std::cell::Cell;
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::atomic::{fence, Ordering::*};
@@ -295,6 +296,19 @@ impl Region {
         }
         let word = self.upstream(idx).head.failure_statuses[status as usize / 64].load(Relaxed);
         word & (1 << (status % 64)) != 0
+    }
+
+    /// How an attempt on upstream `idx` that got an HTTP response with `status` ended: a failure when the upstream
+    /// counts the status as one (502 to 504 as gateway errors), [`Outcome::Aborted`] for 0 and 499 (the client went
+    /// away before a response), else a success.
+    #[inline]
+    pub fn response_outcome(&self, idx: u32, status: u32) -> Outcome {
+        match status {
+            0 | 499 => Outcome::Aborted,
+            502..=504 if self.fails_on(idx, status) => Outcome::Gateway,
+            _ if self.fails_on(idx, status) => Outcome::Http5xx,
+            _ => Outcome::Success,
+        }
     }
 
     /// Reads an upstream's tunables and peer count consistently; `Ok(None)` for an index that is no upstream.
@@ -928,6 +942,7 @@ impl Region {
                 tried: &excluded,
                 panic: up.head.panic.load(Relaxed) != 0,
                 slow: slow_threshold(up.head, &params),
+                costs: Cell::new([(u32::MAX, 0.0); 2]),
             };
             let ticket = if params.algorithm == Algorithm::RoundRobin {
                 up.head.ticket.fetch_add(1, Relaxed)
@@ -1399,6 +1414,9 @@ struct ShmView<'a, T: Fn(u32) -> bool> {
     panic: bool,
     /// Slow-peer threshold (µs) and cost multiplier.
     slow: (f64, f64),
+    /// The last two costs computed, `(index, cost)`: P2C compares two peers and the pick then reports the winner's
+    /// cost, which so is not computed twice (one decayed estimate and its loads fewer per pick).
+    costs: Cell<[(u32, f64); 2]>,
 }
 
 impl<T: Fn(u32) -> bool> ShmView<'_, T> {
@@ -1454,13 +1472,23 @@ impl<T: Fn(u32) -> bool> PeerView for ShmView<'_, T> {
 
     #[inline(always)]
     fn cost(&self, i: u32) -> f64 {
+        let [a, b] = self.costs.get();
+        if a.0 == i {
+            return a.1;
+        }
+        if b.0 == i {
+            return b.1;
+        }
         let h = self.head(i);
         // A probe costs nothing: its estimate, inflated by the failures that ejected it, would lose every comparison
         // and it would never come back. claim() keeps the probes to `half_open_probes` at once.
-        if self.must_probe(h) {
-            return 0.0;
-        }
-        load_cost(h, self.decay_us, self.slow, self.now_us)
+        let c = if self.must_probe(h) {
+            0.0
+        } else {
+            load_cost(h, self.decay_us, self.slow, self.now_us)
+        };
+        self.costs.set([(i, c), a]);
+        c
     }
 
     #[inline]

@@ -24,7 +24,7 @@ use std::sync::atomic::{AtomicI32, AtomicU32, AtomicU64, Ordering::*};
 /// "ASCALE" and a format number.
 pub const MAGIC: u64 = u64::from_le_bytes(*b"ASCALE\x00\x01");
 /// Bumped whenever any record changes shape.
-pub const LAYOUT_VERSION: u32 = 8;
+pub const LAYOUT_VERSION: u32 = 9;
 /// Events kept in the ring (the most recent ones).
 pub const EVENT_RING: usize = 1024;
 /// Event kinds counted in [`Header::event_totals`] (kinds at or above it count in the last one).
@@ -80,6 +80,19 @@ pub enum LayoutError {
     Foreign,
     #[error("restart nginx to resize the shared region (a reload cannot): {}", differences(.have, .want))]
     Mismatch { have: Params, want: Params },
+}
+
+/// Why [`Region::from_shared_raw`] refused a region.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AttachError {
+    #[error("no shared region")]
+    Null,
+    #[error("the memory is not a resty.autoscale region (magic number)")]
+    Magic,
+    #[error("the shared region has layout version {have}, this build needs layout version {want}")]
+    Version { have: u32, want: u32 },
+    #[error("the shared region's header does not match its size")]
+    Size,
 }
 
 fn differences(have: &Params, want: &Params) -> String {
@@ -281,7 +294,13 @@ pub struct UpstreamHead {
     pub baseline_us: AtomicU64,
 }
 
-/// A peer record; followed in memory by its window buckets and per-worker in-flight counts.
+/// A peer record; followed in memory by its window buckets (the per-worker in-flight counts are in a table of their
+/// own, one cache line or more per worker, see [`Region::peer`]).
+///
+/// Field order is by use: the first 64 bytes hold everything the request path reads or writes on a peer that is
+/// healthy (what P2C reads of each candidate, the claim and its release, the health check of a success, the estimate
+/// and the sample count), so a pick reads one line per candidate and a success writes two (this one and the one of
+/// `total_latency_us`), besides its window bucket.
 #[repr(C)]
 pub struct PeerHead {
     pub state: AtomicU32,
@@ -289,24 +308,24 @@ pub struct PeerHead {
     pub gen: AtomicU32,
     pub upstream: AtomicU32,
     pub weight: AtomicU32,
-    pub port: AtomicU32,
-    pub host_len: AtomicU32,
     pub inflight: AtomicI32,
     /// Half-open probes in flight, counted apart from `inflight` (which may hold counts a lost request leaked).
     pub probes: AtomicU32,
-    pub added_us: AtomicU64,
-    pub retired_us: AtomicU64,
+    /// `health::state`.
+    pub health: AtomicU32,
+    /// Consecutive failures: any kind, gateway (incl. connect), timeouts.
+    pub consecutive: [AtomicU32; 3],
     /// Packed peak-EWMA estimate and time stamp (see `ewma`).
     pub ewma: AtomicU64,
+    pub added_us: AtomicU64,
     /// All-time counters, indexed like `window::counter`, then the latency sum.
     pub totals: [AtomicU64; crate::window::counter::N],
     pub total_latency_us: AtomicU64,
+    pub port: AtomicU32,
+    pub host_len: AtomicU32,
+    pub retired_us: AtomicU64,
     pub addr: Text64,
-    /// `health::state`.
-    pub health: AtomicU32,
     pub times_ejected: AtomicU32,
-    /// Consecutive failures: any kind, gateway (incl. connect), timeouts.
-    pub consecutive: [AtomicU32; 3],
     pub half_open_ok: AtomicU32,
     pub active_ok: AtomicU32,
     pub active_fail: AtomicU32,
@@ -395,7 +414,67 @@ pub struct Upstream<'a> {
 pub struct Peer<'a> {
     pub head: &'a PeerHead,
     pub window: &'a [WindowBucket],
-    pub inflight_by_worker: &'a [AtomicI32],
+    pub inflight_by_worker: WorkerColumns<'a>,
+}
+
+/// The in-flight counts of one peer record, one per worker column. They live in a table of their own, worker by
+/// worker (each worker's counts for all peer records together, starting on a cache line of their own): a count is
+/// written by its worker only, so no two workers write the same cache line on the request path.
+#[derive(Clone, Copy)]
+pub struct WorkerColumns<'a> {
+    table: &'a [AtomicI32],
+    slot: usize,
+    /// Counts per worker row (`max_peers` rounded up to a cache line).
+    row: usize,
+    workers: usize,
+}
+
+impl<'a> WorkerColumns<'a> {
+    /// The count of worker column `col`, if there is such a column.
+    #[inline]
+    pub fn get(&self, col: usize) -> Option<&'a AtomicI32> {
+        if col < self.workers {
+            self.table.get(col * self.row + self.slot)
+        } else {
+            None
+        }
+    }
+
+    /// Number of worker columns.
+    pub fn len(&self) -> usize {
+        self.workers
+    }
+
+    /// Whether there is no worker column.
+    pub fn is_empty(&self) -> bool {
+        self.workers == 0
+    }
+
+    /// The counts, column by column.
+    pub fn iter(&self) -> impl Iterator<Item = &'a AtomicI32> + '_ {
+        (0..self.workers).filter_map(|c| self.get(c))
+    }
+}
+
+impl std::ops::Index<usize> for WorkerColumns<'_> {
+    type Output = AtomicI32;
+    fn index(&self, col: usize) -> &AtomicI32 {
+        self.get(col).expect("worker column out of range")
+    }
+}
+
+impl Header {
+    /// The parameters the header records.
+    fn params(&self) -> Params {
+        Params {
+            max_upstreams: self.max_upstreams.load(Relaxed),
+            max_peers: self.max_peers.load(Relaxed),
+            max_workers: self.max_workers.load(Relaxed),
+            window_buckets: self.window_buckets.load(Relaxed),
+            bucket_ms: self.bucket_ms.load(Relaxed),
+            rate_slots: self.rate_slots.load(Relaxed),
+        }
+    }
 }
 
 const fn round64(n: usize) -> usize {
@@ -416,6 +495,9 @@ pub struct Layout {
     admission_stride: usize,
     owners_off: usize,
     rate_off: usize,
+    /// The per-worker in-flight counts: `max_workers` rows of `column_row` i32, each row 64-aligned.
+    columns_off: usize,
+    column_row: usize,
     pub total: usize,
 }
 
@@ -430,9 +512,7 @@ impl Layout {
             round64(std::mem::size_of::<UpstreamHead>() + p.max_peers as usize * 4);
         let peers_off = upstreams_off + upstream_stride * p.max_upstreams as usize;
         let peer_stride = round64(
-            std::mem::size_of::<PeerHead>()
-                + (p.window_buckets as usize + 1) * std::mem::size_of::<WindowBucket>()
-                + p.max_workers as usize * 4,
+            std::mem::size_of::<PeerHead>() + (p.window_buckets as usize + 1) * std::mem::size_of::<WindowBucket>(),
         );
         let admission_off = peers_off + peer_stride * p.max_peers as usize;
         let admission_stride = round64(
@@ -441,8 +521,12 @@ impl Layout {
         );
         let owners_off = admission_off + admission_stride * p.max_upstreams as usize;
         let rate_off = owners_off + round64(p.max_workers as usize * 4);
-        let total = rate_off + p.rate_slots as usize * std::mem::size_of::<RateSlot>();
+        let columns_off = round64(rate_off + p.rate_slots as usize * std::mem::size_of::<RateSlot>());
+        let column_row = round64(p.max_peers as usize * 4) / 4;
+        let total = columns_off + p.max_workers as usize * column_row * 4;
         Layout {
+            columns_off,
+            column_row,
             admission_off,
             admission_stride,
             owners_off,
@@ -547,6 +631,41 @@ impl Region {
         h.magic.store(MAGIC, Release);
     }
 
+    /// The region another copy of this code mapped in this process at `base` (the native nginx module works on the
+    /// region the library made, see docs/native-module.md): the header must carry this build's magic number, layout
+    /// version and a size matching its parameters. The memory is borrowed, never unmapped.
+    ///
+    /// # Errors
+    /// [`AttachError`] naming the layout version found and the one of this build.
+    ///
+    /// # Safety
+    /// `base` must be the start of a live mapping made by [`Region::new_shared`] (of any version: only its header is
+    /// read before the checks) that stays mapped for the life of the process.
+    pub unsafe fn from_shared_raw(base: *mut u8) -> Result<Region, AttachError> {
+        let base = NonNull::new(base).ok_or(AttachError::Null)?;
+        // SAFETY: the caller guarantees a mapping of at least a header (every version begins with magic and version).
+        let h = unsafe { &*(base.as_ptr() as *const Header) };
+        if h.magic.load(Acquire) != MAGIC {
+            return Err(AttachError::Magic);
+        }
+        let version = h.version.load(Relaxed);
+        if version != LAYOUT_VERSION {
+            return Err(AttachError::Version { have: version, want: LAYOUT_VERSION });
+        }
+        let params = h.params();
+        params.validate().map_err(|_| AttachError::Size)?;
+        let layout = Layout::new(params);
+        if h.total_size.load(Relaxed) != layout.total as u64 {
+            return Err(AttachError::Size);
+        }
+        Ok(Region { base, layout, _backing: Backing::Shared })
+    }
+
+    /// The address of the region's first byte (for [`Region::from_shared_raw`] in another copy of this code).
+    pub fn base_ptr(&self) -> *mut u8 {
+        self.base.as_ptr()
+    }
+
     /// Verifies the header against this build and `want`.
     pub fn check(&self, want: &Params) -> Result<(), LayoutError> {
         let h = self.header();
@@ -556,14 +675,7 @@ impl Region {
         {
             return Err(LayoutError::Foreign);
         }
-        let have = Params {
-            max_upstreams: h.max_upstreams.load(Relaxed),
-            max_peers: h.max_peers.load(Relaxed),
-            max_workers: h.max_workers.load(Relaxed),
-            window_buckets: h.window_buckets.load(Relaxed),
-            bucket_ms: h.bucket_ms.load(Relaxed),
-            rate_slots: h.rate_slots.load(Relaxed),
-        };
+        let have = h.params();
         if have != self.layout.params {
             return Err(LayoutError::Foreign);
         }
@@ -650,14 +762,19 @@ impl Region {
         let off = self.layout.peers_off + i * self.layout.peer_stride;
         let head = std::mem::size_of::<PeerHead>();
         let buckets = p.window_buckets as usize + 1;
-        let window_size = buckets * std::mem::size_of::<WindowBucket>();
-        // SAFETY: record `i` lies within the peer table; head, buckets and worker counts follow each other within the
-        // stride, and every size involved is a multiple of 8.
+        // SAFETY: record `i` lies within the peer table; head and buckets follow each other within the stride, and
+        // every size involved is a multiple of 8. The column table (64-aligned, `max_workers` rows of `column_row`
+        // i32) ends the region.
         unsafe {
             Peer {
                 head: &self.slice_at::<PeerHead>(off, 1)[0],
                 window: self.slice_at(off + head, buckets),
-                inflight_by_worker: self.slice_at(off + head + window_size, p.max_workers as usize),
+                inflight_by_worker: WorkerColumns {
+                    table: self.slice_at(self.layout.columns_off, p.max_workers as usize * self.layout.column_row),
+                    slot: i,
+                    row: self.layout.column_row,
+                    workers: p.max_workers as usize,
+                },
             }
         }
     }
@@ -719,6 +836,31 @@ mod tests {
     }
 
     #[test]
+    fn from_shared_raw_sees_the_same_records_and_refuses_other_versions() {
+        let p = Params { max_upstreams: 2, max_peers: 3, max_workers: 2, window_buckets: 2, bucket_ms: 1000, rate_slots: 64 };
+        let r = Region::new_heap(p, 7).unwrap();
+        // SAFETY: `r` is a live region for the whole test.
+        let view = unsafe { Region::from_shared_raw(r.base_ptr()) }.unwrap();
+        assert_eq!(*view.params(), p);
+        view.peer(2).inflight_by_worker[1].store(5, Relaxed);
+        assert_eq!(r.peer(2).inflight_by_worker[1].load(Relaxed), 5);
+        r.header().version.store(LAYOUT_VERSION + 1, Relaxed);
+        // SAFETY: as above.
+        let err = unsafe { Region::from_shared_raw(r.base_ptr()) }.err().unwrap();
+        assert_eq!(err, AttachError::Version { have: LAYOUT_VERSION + 1, want: LAYOUT_VERSION });
+        assert!(err.to_string().contains(&format!("layout version {}", LAYOUT_VERSION + 1)), "{err}");
+        r.header().version.store(LAYOUT_VERSION, Relaxed);
+        r.header().total_size.store(1, Relaxed);
+        // SAFETY: as above.
+        assert_eq!(unsafe { Region::from_shared_raw(r.base_ptr()) }.err(), Some(AttachError::Size));
+        r.header().magic.store(0, Relaxed);
+        // SAFETY: as above.
+        assert_eq!(unsafe { Region::from_shared_raw(r.base_ptr()) }.err(), Some(AttachError::Magic));
+        // SAFETY: NULL is refused before any read.
+        assert_eq!(unsafe { Region::from_shared_raw(std::ptr::null_mut()) }.err(), Some(AttachError::Null));
+    }
+
+    #[test]
     fn admission_records_fit_in_the_region() {
         let p = Params { max_upstreams: 3, max_peers: 2, max_workers: 3, window_buckets: 2, bucket_ms: 1000, rate_slots: 64 };
         let r = Region::new_heap(p, 0).unwrap();
@@ -732,7 +874,9 @@ mod tests {
         assert_eq!(r.admission(1).columns.last().unwrap().load(Relaxed), 2);
         assert_eq!(r.peer(1).inflight_by_worker[2].load(Relaxed), 0);
         let last = r.rate_slots().last().unwrap() as *const _ as usize + 16;
-        assert_eq!(last, end);
+        assert!(last <= &r.peer(0).inflight_by_worker[0] as *const _ as usize);
+        let last = &r.peer(1).inflight_by_worker[2] as *const _ as usize + 4;
+        assert!(last <= end);
         assert_eq!(r.admission_owners().len(), 3);
     }
 
@@ -750,7 +894,7 @@ mod tests {
         let end = r.base.as_ptr() as usize + r.layout.total;
         for i in 0..5 {
             let peer = r.peer(i);
-            let last = peer.inflight_by_worker.last().unwrap() as *const _ as usize + 4;
+            let last = &peer.inflight_by_worker[2] as *const _ as usize + 4;
             assert!(last <= end);
             peer.head.weight.store(i + 1, Relaxed);
             peer.inflight_by_worker[2].store(7, Relaxed);
@@ -764,6 +908,48 @@ mod tests {
         assert!(matches!(r.check(&other), Err(LayoutError::Mismatch { .. })));
         r.header().magic.store(1, Relaxed);
         assert_eq!(r.check(&p), Err(LayoutError::Foreign));
+    }
+
+    #[test]
+    fn hot_peer_fields_share_one_cache_line_and_workers_write_their_own_lines() {
+        let p = Params { max_upstreams: 2, max_peers: 20, max_workers: 4, window_buckets: 2, bucket_ms: 1000, rate_slots: 64 };
+        let r = Region::new_heap(p, 0).unwrap();
+        let h = r.peer_head(3);
+        let base = h as *const PeerHead as usize;
+        // (the mapped region is page-aligned; this heap copy is not, so offsets are taken from its start)
+        let start = r.base.as_ptr() as usize;
+        assert_eq!((base - start) % 64, 0, "peer records start on a cache line");
+        let end = |f: *const u8, size: usize| f as usize + size - base;
+        for (name, e) in [
+            ("state", end(&h.state as *const _ as *const u8, 4)),
+            ("gen", end(&h.gen as *const _ as *const u8, 4)),
+            ("upstream", end(&h.upstream as *const _ as *const u8, 4)),
+            ("weight", end(&h.weight as *const _ as *const u8, 4)),
+            ("inflight", end(&h.inflight as *const _ as *const u8, 4)),
+            ("health", end(&h.health as *const _ as *const u8, 4)),
+            ("consecutive", end(&h.consecutive as *const _ as *const u8, 12)),
+            ("ewma", end(&h.ewma as *const _ as *const u8, 8)),
+            ("added_us", end(&h.added_us as *const _ as *const u8, 8)),
+            ("totals[REQUESTS]", end(&h.totals[crate::window::counter::REQUESTS] as *const _ as *const u8, 8)),
+        ] {
+            assert!(e <= 64, "{name} ends at byte {e} of the peer record, past its first cache line");
+        }
+        // each worker's counts: contiguous over the peer records, on lines no other worker writes
+        let line = |a: &AtomicI32| (a as *const _ as usize - start) / 64;
+        for w in 0..4 {
+            for slot in 0..20 {
+                let c = &r.peer(slot).inflight_by_worker[w];
+                for other in (0..4).filter(|&o| o != w) {
+                    for s2 in 0..20 {
+                        assert_ne!(line(c), line(&r.peer(s2).inflight_by_worker[other]), "workers {w} and {other} share a line");
+                    }
+                }
+            }
+        }
+        r.peer(19).inflight_by_worker[3].store(5, Relaxed);
+        assert_eq!(r.peer(19).inflight_by_worker.iter().map(|c| c.load(Relaxed)).sum::<i32>(), 5);
+        assert!(r.peer(0).inflight_by_worker.get(4).is_none());
+        assert!(&r.peer(19).inflight_by_worker[3] as *const _ as usize + 4 <= r.base.as_ptr() as usize + r.layout.total);
     }
 
     #[test]

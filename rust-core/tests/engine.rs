@@ -673,3 +673,22 @@ fn a_sample_of_the_old_occupant_racing_the_reuse_does_not_stay_on_the_new_one() 
     }
     assert_eq!(polluted, 0, "rounds whose new occupant kept a sample of the old one");
 }
+
+#[test]
+fn response_outcome_follows_the_failure_statuses() {
+    let r = region();
+    let mut c = conf("api", &[1]);
+    c.params.failure_statuses = [0; 10];
+    for st in [429u32, 500, 502] {
+        c.params.failure_statuses[st as usize / 64] |= 1 << (st % 64);
+    }
+    let up = r.configure(&[c], 1, &yes, 0).unwrap()[0];
+    assert_eq!(r.response_outcome(up, 200), Outcome::Success);
+    assert_eq!(r.response_outcome(up, 429), Outcome::Http5xx);
+    assert_eq!(r.response_outcome(up, 500), Outcome::Http5xx);
+    assert_eq!(r.response_outcome(up, 502), Outcome::Gateway);
+    assert_eq!(r.response_outcome(up, 503), Outcome::Success); // not in this upstream's list
+    assert_eq!(r.response_outcome(up, 0), Outcome::Aborted);
+    assert_eq!(r.response_outcome(up, 499), Outcome::Aborted);
+    assert_eq!(r.response_outcome(up + 1, 500), Outcome::Success); // no upstream there: nothing fails
+}

@@ -246,6 +246,8 @@ uint32_t autoscale_abi_version(void);
 int autoscale_region_init(const struct autoscale_region_params_t *params,
                           char *err,
                           size_t err_len);
+int autoscale_region_base(void **base,
+                          uint64_t *size);
 int autoscale_config_apply(const struct autoscale_upstream_spec_t *specs,
                            size_t n,
                            uint32_t *indices,
