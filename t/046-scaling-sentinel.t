@@ -320,9 +320,9 @@ location = /t { content_by_lua_block {
         .. " --tls-cert-file " .. tls .. "/cert.pem --tls-key-file " .. tls .. "/key.pem --tls-ca-cert-file " .. tls .. "/cert.pem"
         .. " --tls-auth-clients no --requirepass tls-secret", dir .. "redis-tls.log", 30)
     local ok, err = pcall(function()
-        assert(t.poll(function() return process.listening(P) end, 5), "redis did not start: " .. process.read(dir .. "redis-tls.log"))
+        assert(t.poll(function() return process.listening(P) end, 10), "redis did not start: " .. process.read(dir .. "redis-tls.log"))
         local function try(more)
-            local r = { port = P, password = "tls-secret", timeout = 0.5 }
+            local r = { port = P, password = "tls-secret", timeout = 2 }
             for k, v in pairs(more) do r[k] = v end
             local c = assert(cluster.validate { gateway_id = "gw-tls", redis = r })
             local view, e = cluster.exchange(c, "api", { inflight = 1, ready = 1 })

@@ -93,7 +93,7 @@ location = /t { content_by_lua_block {
         return table.concat(out, " ")
     end
     local function scaling()
-        return cjson.decode((select(2, t.get(GW, "/scaling?service=api"))))
+        return cjson.decode((select(2, t.get(GW, "/scaling?service=api&decisions=100"))))
     end
     local lines, figures = {}, {}
     local done = false
@@ -136,10 +136,15 @@ location = /t { content_by_lua_block {
                 if fault == "kill" then d.proc:signal("KILL") else d.proc:signal("STOP") end
                 local down = t.poll(function() return events("dependency_down", name) > base_down end, 8)
                 f[fault .. "_seen"] = down and now() - t0
-                local kept = { peers = peers(), desired = scaling().desired }
+                local kept = peers()
                 ngx.sleep(1) -- a few failed attempts: still one event
-                if peers() ~= kept.peers or scaling().desired ~= kept.desired then
-                    f[fault .. "_changed"] = peers() .. " / " .. tostring(scaling().desired)
+                -- the last good state: the same peers, and no scale-down decided for want of a signal
+                local downs = 0
+                for _, dec in ipairs(scaling().decisions or {}) do
+                    if dec.time >= t0 and dec.action and dec.desired < dec.current then downs = downs + 1 end
+                end
+                if peers() ~= kept or downs > 0 then
+                    f[fault .. "_changed"] = kept .. " -> " .. peers() .. ", scale-downs " .. downs
                 end
                 if fault == "kill" then d.proc:stop() start(name) else d.proc:signal("CONT") end
                 local back = now() -- listening (etcd: answering) again
