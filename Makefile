@@ -15,6 +15,8 @@
 #   make uninstall  removes what `make install` put there (same variables)
 #   make check-config CONF=/etc/nginx/nginx.conf (or a .lua file returning the configuration): what nginx -t cannot see
 #                 (installed as $(BINDIR)/resty-autoscale-check, BINDIR=$(PREFIX)/bin)
+#   make soak     10 minutes of keepalive load (2,000 req/s) through reloads, worker SIGKILLs, peer churn, admin
+#                 changes and scaling; SOAK_SECONDS=600, SOAK_RATE=2000; report in lab/out/soak.html (t/060-soak.t)
 #   make cdef     regenerate include/resty_autoscale.h and lua/resty/autoscale/cdef.lua from src/lib.rs
 #
 # `run`, `test` and `bench` install the Debian packages they need first (`make deps`).
@@ -33,12 +35,12 @@ DEB_PACKAGES := nginx-core libnginx-mod-http-lua lua-resty-core lua-resty-lrucac
 	libtest-base-perl libtext-diff-perl libtest-longstring-perl liblist-moreutils-perl \
 	libhttp-message-perl libipc-run-perl liburi-perl \
 	lua-nginx-dns dnsmasq-base etcd-server etcd-client \
-	redis-server lua-nginx-redis openssl luarocks python3-yaml \
+	redis-server redis-sentinel lua-nginx-redis openssl luarocks python3-yaml \
 	nginx-dev libclang-dev
 
 SCENARIO ?= headline
 
-.PHONY: all deps build lib module test test-rust test-nginx test-native test-native-long test-discovery-long run bench bench-reconfigure demo lab install uninstall cdef clean check-config
+.PHONY: all deps build lib module test test-rust test-nginx test-native test-native-long test-discovery-long run bench bench-reconfigure demo lab install uninstall cdef clean check-config soak
 
 all: build
 
@@ -112,6 +114,11 @@ bench-reconfigure:
 
 demo: build
 	lab/lab headline
+
+SOAK_SECONDS ?= 600
+soak: build
+	mkdir -p lab/out
+	SOAK_SECONDS=$(SOAK_SECONDS) SOAK_REPORT=$(CURDIR)/lab/out/soak.html $(PROVE) t/060-soak.t
 
 lab: build
 	lab/lab $(SCENARIO)

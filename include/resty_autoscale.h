@@ -60,7 +60,7 @@
 /**
  * Version of this ABI; the Lua side refuses a library whose version differs from its cdef.
  */
-#define AUTOSCALE_ABI_VERSION 2
+#define AUTOSCALE_ABI_VERSION 3
 
 /**
  * `autoscale_admission_admit`/`_rate`: the request may go on.
@@ -844,6 +844,21 @@ int autoscale_event_activation(uint32_t upstream,
                                int kind,
                                double a,
                                double b);
+
+/**
+ * Records that dependency `dependency` (1 redis, 2 etcd, 3 dns, 4 prometheus, 5 actuator, 6 consul, 7 kubernetes)
+ * of upstream `upstream` (`u32::MAX`: of none) stopped answering (`up` 0: a `dependency_down` event) or answers
+ * again (`up` 1: `dependency_up`, with the `failures` of the episode and `down_for` seconds). The caller writes one
+ * per episode, not one per attempt. Returns 1 when recorded, 0 for an unknown dependency.
+ *
+ * # Errors
+ * `AUTOSCALE_ERR_NO_REGION`, `AUTOSCALE_ERR_UPSTREAM`.
+ */
+int autoscale_event_dependency(uint32_t upstream,
+                               uint32_t dependency,
+                               int up,
+                               uint32_t failures,
+                               double down_for);
 
 /**
  * Adds peer `addr` (`host:port`) with `weight` to upstream `upstream`, in every worker at once (not persisted: a

@@ -59,7 +59,7 @@ pub const AUTOSCALE_ERR_STALE: c_int = -8;
 pub const AUTOSCALE_NEED_DETAIL: c_int = 1;
 
 /// Version of this ABI; the Lua side refuses a library whose version differs from its cdef.
-pub const AUTOSCALE_ABI_VERSION: u32 = 2;
+pub const AUTOSCALE_ABI_VERSION: u32 = 3;
 
 /// Requests tracked per worker between balancer and log phases.
 const REQUEST_TABLE_SIZE: usize = 16384;
@@ -1300,6 +1300,25 @@ pub extern "C" fn autoscale_event_activation(upstream: u32, kind: c_int, a: f64,
             _ => return AUTOSCALE_ERR_ARG,
         };
         region.note_activation(upstream, kind, a, b, now_us()) as c_int
+    })
+}
+
+/// Records that dependency `dependency` (1 redis, 2 etcd, 3 dns, 4 prometheus, 5 actuator, 6 consul, 7 kubernetes)
+/// of upstream `upstream` (`u32::MAX`: of none) stopped answering (`up` 0: a `dependency_down` event) or answers
+/// again (`up` 1: `dependency_up`, with the `failures` of the episode and `down_for` seconds). The caller writes one
+/// per episode, not one per attempt. Returns 1 when recorded, 0 for an unknown dependency.
+///
+/// # Errors
+/// `AUTOSCALE_ERR_NO_REGION`, `AUTOSCALE_ERR_UPSTREAM`.
+#[no_mangle]
+pub extern "C" fn autoscale_event_dependency(upstream: u32, dependency: u32, up: c_int, failures: u32, down_for: f64) -> c_int {
+    guard(|| {
+        let Some(region) = REGION.get() else { return AUTOSCALE_ERR_NO_REGION };
+        if upstream != u32::MAX && upstream >= region.params().max_upstreams {
+            return AUTOSCALE_ERR_UPSTREAM;
+        }
+        let down_for = if down_for.is_finite() { down_for.max(0.0) } else { 0.0 };
+        region.note_dependency(upstream, dependency, up != 0, failures as f64, down_for, now_us()) as c_int
     })
 }
 

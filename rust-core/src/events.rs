@@ -39,6 +39,11 @@ pub mod kind {
     pub const ACTIVATING: u32 = 19;
     pub const ACTIVATED: u32 = 20;
     pub const ACTIVATION_FAILED: u32 = 21;
+    /// A dependency (Redis, etcd, the DNS server, Prometheus, the scaling receiver) stopped answering: one per
+    /// episode, written by the Lua side when the first attempt fails ([`dependency_name`] names it).
+    pub const DEPENDENCY_DOWN: u32 = 22;
+    /// The dependency of a `dependency_down` answers again (once per episode, with the failed attempts and how long).
+    pub const DEPENDENCY_UP: u32 = 23;
 
     /// Name used in JSON and logs.
     pub fn name(k: u32) -> &'static str {
@@ -64,13 +69,23 @@ pub mod kind {
             ACTIVATING => "activating",
             ACTIVATED => "activated",
             ACTIVATION_FAILED => "activation_failed",
+            DEPENDENCY_DOWN => "dependency_down",
+            DEPENDENCY_UP => "dependency_up",
             _ => "unknown",
         }
     }
 
     /// Whether the event is a warning (something broke) rather than a notice.
     pub fn is_warning(k: u32) -> bool {
-        matches!(k, EJECTED | PANIC_ON | EJECTION_SKIPPED | FALLBACK | ACTIVATION_FAILED)
+        matches!(k, EJECTED | PANIC_ON | EJECTION_SKIPPED | FALLBACK | ACTIVATION_FAILED | DEPENDENCY_DOWN)
+    }
+
+    /// Dependencies of `dependency_down` / `dependency_up` events, by code (the event's `reason`).
+    pub const DEPENDENCIES: [&str; 8] = ["", "redis", "etcd", "dns", "prometheus", "actuator", "consul", "kubernetes"];
+
+    /// Name of dependency `code`, `None` when unknown.
+    pub fn dependency_name(code: u32) -> Option<&'static str> {
+        DEPENDENCIES.get(code as usize).copied().filter(|n| !n.is_empty())
     }
 }
 
@@ -237,6 +252,19 @@ impl Region {
         true
     }
 
+    /// A `dependency_down` (`up` false) or `dependency_up` event of dependency `dep` (a code of
+    /// [`kind::DEPENDENCIES`]) for upstream `up` (or `NO_PEER` for none): `failures` attempts failed in the episode,
+    /// `down_for` seconds. False (nothing written) for an unknown dependency or upstream.
+    pub fn note_dependency(&self, up: u32, dep: u32, back: bool, failures: f64, down_for: f64, now_us: u64) -> bool {
+        if kind::dependency_name(dep).is_none() || (up != NO_PEER && up >= self.params().max_upstreams) {
+            return false;
+        }
+        let k = if back { kind::DEPENDENCY_UP } else { kind::DEPENDENCY_DOWN };
+        let v = [dep as f64, failures, down_for, 0.0];
+        self.emit(now_us, k, None, up, NO_PEER, v);
+        true
+    }
+
     pub fn note_fallback(&self, up: u32, status: u32, now_us: u64, quiet_us: u64) -> bool {
         if up >= self.params().max_upstreams {
             return false;
@@ -293,8 +321,13 @@ impl Region {
             kind::ACTIVATING => &[("desired", v[0]), ("held", v[1])],
             kind::ACTIVATED => &[("cold_start", v[0]), ("ready", v[1])],
             kind::ACTIVATION_FAILED => &[("attempts", v[0]), ("retry_in", v[1])],
+            kind::DEPENDENCY_DOWN => &[("failures", v[1])],
+            kind::DEPENDENCY_UP => &[("failures", v[1]), ("down_for", v[2])],
             _ => &[],
         };
+        if let kind::DEPENDENCY_DOWN | kind::DEPENDENCY_UP = e.kind {
+            let _ = write!(s, ",\"dependency\":\"{}\"", kind::dependency_name(v[0] as u32).unwrap_or("unknown"));
+        }
         for (name, x) in fields {
             let _ = write!(s, ",\"{}\":{}", name, num(*x));
         }
@@ -399,5 +432,20 @@ mod tests {
         assert_eq!(r.claim_events(10_000 + ABANDON_US, &mut wait), (4, 6), "given up after ABANDON_US");
         let (n, next) = r.read_events(four, &mut out);
         assert_eq!((n, out[0].seq, next), (1, 5, 6), "the abandoned record is skipped");
+    }
+
+    #[test]
+    fn dependency_events_name_the_dependency() {
+        let r = Region::new_heap(Params { max_upstreams: 2, max_peers: 2, max_workers: 2, ..Params::default() }, 0).unwrap();
+        assert!(r.note_dependency(NO_PEER, 1, false, 1.0, 0.0, 1_000));
+        assert!(r.note_dependency(NO_PEER, 1, true, 7.0, 2.5, 2_000));
+        assert!(!r.note_dependency(NO_PEER, 0, false, 1.0, 0.0, 3_000), "unknown dependency");
+        assert!(!r.note_dependency(NO_PEER, 99, false, 1.0, 0.0, 3_000), "unknown dependency");
+        assert!(!r.note_dependency(5, 1, false, 1.0, 0.0, 3_000), "unknown upstream");
+        let mut out = vec![EventRecord::default(); 4];
+        assert_eq!(r.read_events(0, &mut out).0, 2);
+        assert_eq!(r.event_json(&out[0], 0), "{\"seq\":0,\"time\":0.001,\"event\":\"dependency_down\",\"dependency\":\"redis\",\"failures\":1}");
+        assert_eq!(r.event_json(&out[1], 0), "{\"seq\":1,\"time\":0.002,\"event\":\"dependency_up\",\"dependency\":\"redis\",\"failures\":7,\"down_for\":2.5}");
+        assert!(kind::is_warning(kind::DEPENDENCY_DOWN) && !kind::is_warning(kind::DEPENDENCY_UP));
     }
 }

@@ -147,4 +147,56 @@ function _M.until_served(port, path, body)
     return ok and ngx.now() - t0 or nil
 end
 
+-- proc, root = process.gateway{ dir =, name =, port =, init = Lua code that configures, workers = 1, http = extra
+-- http-level directives, server = extra server-level directives, seconds = 120 }: a gateway of its own, another nginx
+-- in `dir`/`name`/ listening on `port`, with the upstream `api` balanced by resty.autoscale (location / proxies to it,
+-- /scaling, /status and /events answer as autoscale does), started and waited for; `init_worker` is more Lua for
+-- init_worker_by_lua. Stop it with proc:stop().
+function _M.gateway(o)
+    local root = o.dir .. o.name .. "/"
+    os.execute("mkdir -p " .. root .. "conf " .. root .. "logs")
+    _M.write(root .. "conf/nginx.conf", table.concat({
+        "load_module /usr/lib/nginx/modules/ndk_http_module.so;",
+        "load_module /usr/lib/nginx/modules/ngx_http_lua_module.so;",
+        "pid " .. root .. "logs/nginx.pid;", "error_log " .. root .. "logs/error.log notice;",
+        "worker_processes " .. (o.workers or 1) .. ";", "events { worker_connections 4096; }", "http {",
+        "access_log off;",
+        "client_body_temp_path " .. root .. "cb; proxy_temp_path " .. root .. "px; fastcgi_temp_path " .. root .. "fc;",
+        "uwsgi_temp_path " .. root .. "uw; scgi_temp_path " .. root .. "sc;",
+        "lua_package_path '" .. package.path .. "'; lua_package_cpath '" .. package.cpath .. "';",
+        "lua_shared_dict autoscale_scaling 1m;",
+        o.http or "",
+        "init_by_lua_block { autoscale = require 'resty.autoscale'\n" .. o.init .. "\n}",
+        "init_worker_by_lua_block { autoscale.init_worker()\n" .. (o.init_worker or "") .. "\n}",
+        "upstream api { server 0.0.0.1; balancer_by_lua_block { autoscale.balance('api') } keepalive 32; }",
+        "server { listen 127.0.0.1:" .. o.port .. ";",
+        "location = /scaling { content_by_lua_block { autoscale.scaling_handler() } }",
+        "location = /status { content_by_lua_block { autoscale.status_handler() } }",
+        "location = /events { content_by_lua_block { ngx.say(require('cjson').encode(autoscale.events(500))) } }",
+        "location / { proxy_pass http://api; proxy_http_version 1.1; proxy_set_header Connection ''; "
+            .. "log_by_lua_block { autoscale.log() } }",
+        o.server or "", "}", "}",
+    }, "\n"))
+    local p = _M.start("/usr/sbin/nginx -p " .. root .. " -c conf/nginx.conf -g 'daemon off;'", root .. "stderr.log",
+                       o.seconds or 120)
+    assert(t.poll(function() return _M.listening(o.port) end, 5),
+           o.name .. " did not start: " .. _M.read(root .. "stderr.log") .. _M.read(root .. "logs/error.log"))
+    return p, root
+end
+
+-- list = process.events(port, kind): the events of kind `kind` (e.g. "dependency_down") the gateway on `port` lists
+function _M.events(port, kind)
+    local cjson = require "cjson"
+    local out = {}
+    local status, body = t.get(port, "/events")
+    if status == 200 then
+        for _, e in ipairs(cjson.decode(body)) do
+            if e.event == kind then
+                out[#out + 1] = e
+            end
+        end
+    end
+    return out
+end
+
 return _M

@@ -264,7 +264,8 @@ function _M.backoff(a, attempt)
     return d * (1 - a.jitter * random())
 end
 
--- ok, err, attempts = actuator.call(a, decision): runs the actuator with its retries; in a timer (it sleeps).
+-- ok, err, attempts, again = actuator.call(a, decision): runs the actuator with its retries; in a timer (it sleeps).
+-- `again` is true when the last failure was one worth retrying (no answer, a 5xx), false for a refusal.
 function _M.call(a, d)
     local kind = KINDS[a.type]
     local body = _M.body(d)
@@ -276,11 +277,11 @@ function _M.call(a, d)
             return true, nil, attempt
         end
         if not again or attempt > a.retries then
-            return nil, err, attempt
+            return nil, err, attempt, again
         end
         ngx.sleep(_M.backoff(a, attempt))
     end
-    return nil, err, a.retries + 1
+    return nil, err, a.retries + 1, again
 end
 
 return _M

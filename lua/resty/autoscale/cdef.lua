@@ -11,7 +11,7 @@ static const int AUTOSCALE_ERR_PANIC = -6;
 static const int AUTOSCALE_ERR_BUSY = -7;
 static const int AUTOSCALE_ERR_STALE = -8;
 static const int AUTOSCALE_NEED_DETAIL = 1;
-static const int AUTOSCALE_ABI_VERSION = 2;
+static const int AUTOSCALE_ABI_VERSION = 3;
 static const int AUTOSCALE_ADMIT = 0;
 static const int AUTOSCALE_SHED = 1;
 static const int AUTOSCALE_ADMISSION_OFF = 2;
@@ -348,6 +348,11 @@ int autoscale_event_activation(uint32_t upstream,
                                int kind,
                                double a,
                                double b);
+int autoscale_event_dependency(uint32_t upstream,
+                               uint32_t dependency,
+                               int up,
+                               uint32_t failures,
+                               double down_for);
 int autoscale_admin_peer_add(uint32_t upstream,
                              const uint8_t *addr,
                              size_t addr_len,

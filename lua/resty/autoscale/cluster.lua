@@ -85,22 +85,69 @@ function _M.validate(v)
         return fail("cluster.redis", "must be a table { host =, port =, password =, db =, timeout = } (got %s)",
                     type(r))
     end
-    ok, err = known("cluster.redis", r, { host = true, port = true, password = true, db = true, timeout = true })
+    ok, err = known("cluster.redis", r, { host = true, port = true, username = true, password = true, db = true,
+                                          timeout = true, sentinels = true, master_name = true,
+                                          sentinel_username = true, sentinel_password = true, ssl = true,
+                                          ssl_verify = true, server_name = true })
     if not ok then
         return nil, err
     end
-    out.redis = { host = r.host == nil and d.redis.host or r.host, password = r.password }
+    out.redis = { host = r.host == nil and d.redis.host or r.host }
     if type(out.redis.host) ~= "string" or out.redis.host == "" then
         return fail("cluster.redis.host", "must be a host name or address (got %s)", show(r.host))
     end
-    if r.password ~= nil and type(r.password) ~= "string" then
-        return fail("cluster.redis.password", "must be a string")
+    for _, k in ipairs { "username", "password", "sentinel_username", "sentinel_password" } do
+        if r[k] ~= nil and (type(r[k]) ~= "string" or r[k] == "" or r[k]:find("[%c]")) then
+            return fail("cluster.redis." .. k, "must be a non-empty string without control characters")
+        end
+        out.redis[k] = r[k]
+    end
+    for _, k in ipairs { "ssl", "ssl_verify" } do
+        if r[k] ~= nil and type(r[k]) ~= "boolean" then
+            return fail("cluster.redis." .. k, "must be true or false (got %s)", show(r[k]))
+        end
+    end
+    out.redis.ssl, out.redis.ssl_verify = r.ssl == true, r.ssl_verify ~= false
+    if r.server_name ~= nil and (type(r.server_name) ~= "string" or not r.server_name:find("^[%w%.%-]+$")) then
+        return fail("cluster.redis.server_name", "must be a host name (got %s)", show(r.server_name))
+    end
+    out.redis.server_name = r.server_name
+    if r.username and not r.password then
+        return fail("cluster.redis.username", "needs a password")
+    end
+    if r.sentinel_username and not r.sentinel_password then
+        return fail("cluster.redis.sentinel_username", "needs a sentinel_password")
     end
     for k, range in pairs { port = { 1, 65535, true }, db = { 0, 1000, true }, timeout = { 0.001, 10 } } do
         out.redis[k], err = number("cluster.redis." .. k, r[k] == nil and d.redis[k] or r[k], range[1], range[2],
                                    range[3])
         if not out.redis[k] then
             return nil, err
+        end
+    end
+    if r.sentinels ~= nil or r.master_name ~= nil then
+        if r.host ~= nil or r.port ~= nil then
+            return fail("cluster.redis", "takes either host/port or sentinels/master_name, not both")
+        end
+        if type(r.master_name) ~= "string" or not r.master_name:find("^[%w_%.%-]+$") or #r.master_name > 100 then
+            return fail("cluster.redis.master_name", "must be 1-100 of letters, digits, '_', '.', '-' (got %s)",
+                        show(r.master_name))
+        end
+        if type(r.sentinels) ~= "table" or #r.sentinels == 0 or #r.sentinels > 16 then
+            return fail("cluster.redis.sentinels", "must be a list of 1-16 \"host:port\" (got %s)",
+                        type(r.sentinels) == "table" and #r.sentinels .. " entries" or show(r.sentinels))
+        end
+        out.redis.master_name, out.redis.sentinels = r.master_name, {}
+        for i, a in ipairs(r.sentinels) do
+            local host, port
+            if type(a) == "string" then
+                host, port = a:match("^%[?([^%s%[%]]-)%]?:(%d+)$")
+            end
+            port = tonumber(port)
+            if not host or host == "" or not port or port < 1 or port > 65535 then
+                return fail("cluster.redis.sentinels[" .. i .. "]", "must be \"host:port\" (got %s)", show(a))
+            end
+            out.redis.sentinels[i] = { host = host, port = port }
         end
     end
     if not redis_client() then
@@ -126,30 +173,135 @@ redis.call('SET', KEYS[1], ARGV[1] .. '/' .. tok, 'PX', ARGV[2])
 return {1, tok}
 ]]
 
-local function connect(c)
+-- red, err = open(host, port, r, user, password, ssl): a connection (a fresh one over TLS when `ssl`, with the
+-- certificate checked against nginx's lua_ssl_trusted_certificate unless r.ssl_verify is false, then authenticated
+-- with `user`/`password`)
+local function open(host, port, r, user, password, ssl)
     local redis = redis_client()
     local red = redis:new()
-    local ms = floor(c.redis.timeout * 1000)
-    red:set_timeout(ms) -- (resty.redis 0.27 has no set_timeouts: an unknown method would become a Redis command)
-    local ok, err = red:connect(c.redis.host, c.redis.port)
+    red:set_timeout(floor(r.timeout * 1000)) -- (resty.redis 0.27 has no set_timeouts: an unknown method would
+                                             -- become a Redis command)
+    -- TLS connections are kept apart from plain ones, and by the name and check they were made with
+    local pool = ssl and { pool = host .. ":" .. port .. ":tls:" .. (r.server_name or host) .. (r.ssl_verify and ":v" or "") }
+    local ok, err = red:connect(host, port, pool)
     if not ok then
-        return nil, "redis " .. c.redis.host .. ":" .. c.redis.port .. ": " .. tostring(err)
+        return nil, "redis " .. host .. ":" .. port .. ": " .. tostring(err)
     end
-    if c.redis.password and (red:get_reused_times() or 0) == 0 then
-        ok, err = red:auth(c.redis.password)
+    if ssl and (red:get_reused_times() or 0) == 0 then
+        -- resty.redis 0.27 has no TLS option: the handshake on its cosocket, before any command
+        ok, err = rawget(red, "_sock"):sslhandshake(nil, r.server_name or host, r.ssl_verify)
         if not ok then
             red:close()
-            return nil, "redis auth: " .. tostring(err)
+            return nil, "redis " .. host .. ":" .. port .. " TLS: " .. tostring(err)
         end
     end
-    if c.redis.db ~= 0 then
-        ok, err = red:select(c.redis.db)
+    if password and (red:get_reused_times() or 0) == 0 then
+        if user then
+            ok, err = red:auth(user, password)
+        else
+            ok, err = red:auth(password)
+        end
+        if not ok then
+            red:close()
+            return nil, "redis " .. host .. ":" .. port .. " auth: " .. tostring(err)
+        end
+    end
+    return red
+end
+
+-- This worker's view of the master of each Sentinel-monitored configuration: { host =, port =, epoch =, at = }.
+local masters = setmetatable({}, { __mode = "k" })
+
+-- master, err = resolve(r): asks the Sentinels in turn (the last one that answered first) for the master of
+-- `r.master_name` and its configuration epoch (which grows with every failover).
+local function resolve(r)
+    local n = #r.sentinels
+    local first = r.sentinel_next or 1
+    local errs = {}
+    for k = 0, n - 1 do
+        local i = (first + k - 1) % n + 1
+        local s = r.sentinels[i]
+        local red, err = open(s.host, s.port, r, r.sentinel_username, r.sentinel_password)
+        local info
+        if red then
+            info, err = red:sentinel("master", r.master_name)
+            if type(info) == "table" then
+                red:set_keepalive(30000, 4)
+            else
+                red:close()
+            end
+        end
+        if type(info) == "table" then
+            local m = {}
+            for j = 1, #info - 1, 2 do
+                m[info[j]] = info[j + 1]
+            end
+            local port = tonumber(m.port)
+            local flags = tostring(m.flags)
+            if m.ip and port and not flags:find("o_down", 1, true) then
+                r.sentinel_next = i
+                ngx.update_time()
+                return { host = m.ip, port = port, epoch = tonumber(m["config-epoch"]) or 0, at = ngx.now() }
+            end
+            err = "master " .. tostring(m.ip) .. ":" .. tostring(m.port) .. " is " .. flags
+        end
+        errs[#errs + 1] = "sentinel " .. s.host .. ":" .. s.port .. ": " .. tostring(err)
+    end
+    return nil, "no Sentinel names a master for " .. r.master_name .. " (" .. table.concat(errs, "; ") .. ")"
+end
+
+-- red, err, epoch = connect(c): a connection to Redis (with Sentinels: to the master they name, checked with ROLE on
+-- every new connection, and asked again every lease or after any error; `epoch` is the master's configuration epoch,
+-- 0 without Sentinels).
+local function connect(c)
+    local r = c.redis
+    local host, port, epoch = r.host, r.port, 0
+    local m
+    if r.sentinels then
+        ngx.update_time()
+        m = masters[r]
+        if not m or ngx.now() - m.at >= c.lease then
+            local err
+            m, err = resolve(r)
+            if not m then
+                masters[r] = nil
+                return nil, err
+            end
+            masters[r] = m
+        end
+        host, port, epoch = m.host, m.port, m.epoch
+    end
+    local red, err = open(host, port, r, r.username, r.password, r.ssl)
+    if not red then
+        masters[r] = nil
+        return nil, err
+    end
+    local ok
+    if m and (red:get_reused_times() or 0) == 0 then
+        local role
+        role, err = red:role()
+        if type(role) ~= "table" or role[1] ~= "master" then
+            red:close()
+            masters[r] = nil
+            return nil, "redis " .. host .. ":" .. port .. " is not the master of " .. r.master_name .. " ("
+                        .. tostring(type(role) == "table" and role[1] or err) .. ")"
+        end
+    end
+    if r.db ~= 0 then
+        ok, err = red:select(r.db)
         if not ok then
             red:close()
             return nil, "redis select: " .. tostring(err)
         end
     end
-    return red
+    return red, nil, epoch
+end
+
+-- Forgets this worker's master after an error, so that the next exchange asks the Sentinels again.
+local function failed(c, red, err)
+    red:close()
+    masters[c.redis] = nil
+    return nil, "redis: " .. tostring(err)
 end
 
 -- view, err = cluster.exchange(c, name, demand)
@@ -158,7 +310,7 @@ end
 -- demand } (leader only), desired = the leader's last published decision (a table) or nil }. Any Redis error
 -- returns nil, err: the caller then decides locally.
 function _M.exchange(c, name, demand)
-    local red, err = connect(c)
+    local red, err, epoch = connect(c)
     if not red then
         return nil, err
     end
@@ -175,17 +327,18 @@ function _M.exchange(c, name, demand)
     local res
     res, err = red:commit_pipeline()
     if not res then
-        red:close()
-        return nil, "redis: " .. tostring(err)
+        return failed(c, red, err)
     end
     for i = 1, #res do
         if type(res[i]) == "table" and res[i][1] == false then
-            red:close()
-            return nil, "redis: " .. tostring(res[i][2])
+            return failed(c, red, res[i][2]) -- READONLY from a demoted master, NOAUTH, ...
         end
     end
     local lease, gateways, desired = res[4], res[5], res[6]
-    local view = { leader = lease[1] == 1, token = tonumber(lease[2]) or 0,
+    -- With Sentinels the token is epoch * 1e9 + the counter: the counter may lose its last increments in a failover
+    -- (replication is asynchronous), the epoch only grows, so a leader under a new master has a larger token than
+    -- any leader before the failover.
+    local view = { leader = lease[1] == 1, token = epoch * 1e9 + (tonumber(lease[2]) or 0),
                    desired = desired ~= ngx.null and cjson.decode(desired) or nil }
     view.holder = view.leader and c.gateway_id or lease[3]
     if view.leader and #gateways > 0 then
@@ -196,8 +349,7 @@ function _M.exchange(c, name, demand)
         local vals
         vals, err = red:mget(unpack(keys))
         if not vals then
-            red:close()
-            return nil, "redis: " .. tostring(err)
+            return failed(c, red, err)
         end
         view.demands = {}
         for i, v in ipairs(vals) do
@@ -221,8 +373,7 @@ function _M.publish(c, name, decision)
     local ok
     ok, err = red:set(c.prefix .. name .. ":desired", cjson.encode(decision), "PX", floor(c.lease * 10000))
     if not ok then
-        red:close()
-        return nil, "redis: " .. tostring(err)
+        return failed(c, red, err)
     end
     red:set_keepalive(30000, 4)
     return true

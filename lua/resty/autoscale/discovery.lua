@@ -25,6 +25,7 @@ require "resty.autoscale.lib" -- declares the C types
 local cjson = require "cjson.safe"
 local config = require "resty.autoscale.config"
 local control = require "resty.autoscale.control"
+local events = require "resty.autoscale.events"
 local addr = require "resty.autoscale.discovery.addr"
 local redact = require "resty.autoscale.redact"
 
@@ -405,6 +406,7 @@ local function ask(u, s)
         if not s.error then
             s.episodes, s.down_since = (s.episodes or 0) + 1, t
         end
+        events.dependency(u.idx, s.kind, false) -- one dependency_down event per episode
         s.error, s.failures, s.streak = tostring(interval), s.failures + 1, s.streak + 1
         -- watched sources back off: retry, doubled per failure in a row up to 8 times retry
         s.next_at = t + (s.watched and s.retry * 2 ^ (s.streak > 4 and 3 or s.streak - 1) or s.retry)
@@ -414,6 +416,7 @@ local function ask(u, s)
         ngx_log(ngx_NOTICE, "resty.autoscale: discovery of ", u.name, ": ", s.kind, " answers again after ",
                 s.streak, " failed attempts")
     end
+    events.dependency(u.idx, s.kind, true)
     s.error, s.streak, s.last_ok, s.next_at, s.down_since = nil, 0, t, t + interval, nil
     for key, why in pairs(bad or {}) do
         once(u, "bad " .. key, ngx_WARN, s.kind .. " " .. (s.watched and "entry " or "key ") .. key .. " skipped: "

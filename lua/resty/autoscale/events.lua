@@ -2,6 +2,7 @@
 -- the nginx error log exactly once across all workers (and optionally to a JSON-lines file), and readable as a list.
 
 local ffi = require "ffi"
+require "resty.autoscale.lib" -- declares the C types
 local cjson = require "cjson.safe"
 
 local ngx = ngx
@@ -97,6 +98,40 @@ function _M.recent(max, since)
         out = trimmed
     end
     return out
+end
+
+-- The dependencies of `dependency_down` / `dependency_up` events, by name (codes of autoscale_event_dependency).
+local DEPENDENCIES = { redis = 1, etcd = 2, dns = 3, prometheus = 4, actuator = 5, consul = 6, kubernetes = 7 }
+local episodes = {} -- this worker's open episodes: ["<upstream>/<dependency>"] = { since =, failures = }
+
+-- down = events.dependency(upstream, dependency, ok): the outcome of one attempt of this worker to reach
+-- `dependency` (a name of DEPENDENCIES) for upstream index `upstream` (nil: for none). The first failure opens an
+-- episode (one `dependency_down` event, logged like every event; the caller logs `err`); the next success closes it (one `dependency_up`
+-- event with the failed attempts and how long it lasted). Returns true while an episode is open. One event per
+-- episode, not per attempt: only the worker that talks to the dependency calls this.
+function _M.dependency(upstream, dependency, ok)
+    local code = DEPENDENCIES[dependency]
+    if not code or not lib then
+        return false
+    end
+    local up = upstream or 0xffffffff
+    local key = up .. "/" .. dependency
+    local ep = episodes[key]
+    ngx.update_time()
+    if ok then
+        if ep then
+            episodes[key] = nil
+            lib.autoscale_event_dependency(up, code, 1, ep.failures, ngx.now() - ep.since)
+        end
+        return false
+    end
+    if ep then
+        ep.failures = ep.failures + 1
+        return true
+    end
+    episodes[key] = { since = ngx.now(), failures = 1 }
+    lib.autoscale_event_dependency(up, code, 0, 1, 0)
+    return true
 end
 
 return _M

@@ -11,6 +11,7 @@ local cjson = require "cjson.safe"
 local config = require "resty.autoscale.config"
 local actuator = require "resty.autoscale.actuator"
 local cluster = require "resty.autoscale.cluster"
+local events = require "resty.autoscale.events"
 local http = require "resty.autoscale.http"
 local hold = require "resty.autoscale.hold"
 
@@ -442,7 +443,9 @@ local function actuate(premature, name, s, call)
     if premature then
         return
     end
-    local ok, err, attempts = actuator.call(s.actuator, call)
+    local ok, err, attempts, unreachable = actuator.call(s.actuator, call)
+    -- a refusal (4xx: a stale fencing token, a broken contract) is an answer; unreachable or 5xx opens an episode
+    events.dependency(index[name], "actuator", ok or not unreachable)
     if ok then
         ngx_log(ngx_NOTICE, "resty.autoscale scaling: ", cjson.encode { event = "actuated", service = name,
                 desired = call.desired, decision_id = call.decision_id, attempts = attempts })
@@ -569,6 +572,9 @@ local function tick(name, s, svc)
             view, err = cluster.exchange(c, name, own)
         else
             err = svc.redis_err
+        end
+        if ask then
+            events.dependency(index[name], "redis", view ~= nil) -- one dependency_down/up event per episode
         end
         if view then
             svc.redis_failures, svc.redis_retry = 0, nil
@@ -752,6 +758,7 @@ local function fetch_external(name, s, svc)
     local result = type(data) == "table" and type(data.data) == "table" and data.data.result
     local v = type(result) == "table" and type(result[1]) == "table" and type(result[1].value) == "table"
               and tonumber(result[1].value[2])
+    events.dependency(index[name], "prometheus", status ~= nil)
     if v and finite(v) then
         ngx.update_time()
         svc.external, svc.external_t = v, ngx.now()
