@@ -10,7 +10,8 @@
 -- Polled sources (dns, etcd) are asked by the discovery timer; watched ones (consul, kubernetes) by a timer of their
 -- own in the worker that holds the lease (their requests wait for a change), which hands each change to the same
 -- reconciliation. A source that answers an empty set after it had named peers is not believed for
--- `empty_grace` seconds: only an empty answer that still stands after that long empties it.
+-- `empty_grace` seconds: only an empty answer that still stands after that long empties it (at once when the
+-- upstream's scaler decided for zero instances: then the empty set is what was asked for).
 --
 -- Sources are asked in background timers, by one worker at a time (the lease the active health checks use: a worker
 -- that dies loses it). That worker brings the upstream's peer set to "static ∪ sources ∪ active standby" through
@@ -437,7 +438,8 @@ local function ask(u, s)
     sort(peers, function(x, y) return x.addr < y.addr end)
     if #peers == 0 and u.c.empty_grace > 0 then
         local had = s.peers and #s.peers or (u.carried and #u.carried or 0)
-        if had > 0 and not (s.empty_since and t - s.empty_since >= u.c.empty_grace) then
+        if had > 0 and not (s.empty_since and t - s.empty_since >= u.c.empty_grace)
+                and not require("resty.autoscale.scaler").scaled_to_zero(u.name) then
             -- not believed yet: the last set stays until the empty answer has stood for empty_grace
             if not s.empty_since then
                 s.empty_since = t

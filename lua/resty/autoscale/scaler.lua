@@ -472,6 +472,12 @@ local function act(name, s, r, current, ready, mode, c, now)
         r.action, r.suppressed = false, "an activation is under way (another worker)"
     end
     if r.action then
+        -- every gateway's discovery believes an empty answer at once after a decision for zero (discovery.lua)
+        if r.desired == 0 then
+            dict:set("to_zero:" .. name, true)
+        else
+            dict:delete("to_zero:" .. name)
+        end
         local boot = dict:get("boot") or 0
         local seq = dict:incr("seq", 1, 0)
         r.decision_id = format("%s-%s-%d-%d", r.gateway or "gw", name, boot, seq)
@@ -808,6 +814,12 @@ end
 -- pending = scaler.pending(name): true while an action for upstream `name` is in flight or its new capacity is
 -- awaited (until the serving peers reach the desired count or provision_timeout passes). Cheap: one shared-dict
 -- read, usable in any phase.
+-- Whether the last scaling decision for `name` was for zero instances: its sources' empty answer is then what was
+-- asked for, not a registry's hiccup (discovery believes it without `empty_grace`).
+function _M.scaled_to_zero(name)
+    return dict ~= nil and dict:get("to_zero:" .. name) == true
+end
+
 function _M.pending(name)
     return dict ~= nil and dict:get("pending:" .. name) ~= nil
 end
