@@ -12,6 +12,9 @@
 #   make check-config CONF=/etc/nginx/nginx.conf (or a .lua file returning the configuration): what nginx -t cannot see
 #                 (installed as $(BINDIR)/resty-autoscale-check, BINDIR=$(PREFIX)/bin)
 #   make cdef     regenerate include/resty_autoscale.h and lua/resty/autoscale/cdef.lua from src/lib.rs
+#   make fuzz     every coverage-guided fuzz target in fuzz/ for FUZZ_TIME seconds each (default 600), growing the
+#                 corpora in fuzz/corpus/ (FUZZ_TARGETS=..., FUZZ_SANITIZER=address|none; docs/fuzzing.md); `make test` runs
+#                 each target for FUZZ_SMOKE_TIME seconds (default 4) over its corpus (`make fuzz-smoke`)
 #
 # `run`, `test` and `bench` install the Debian packages they need first (`make deps`).
 
@@ -29,11 +32,12 @@ DEB_PACKAGES := nginx-core libnginx-mod-http-lua lua-resty-core lua-resty-lrucac
 	libtest-base-perl libtext-diff-perl libtest-longstring-perl liblist-moreutils-perl \
 	libhttp-message-perl libipc-run-perl liburi-perl \
 	lua-nginx-dns dnsmasq-base etcd-server etcd-client \
-	redis-server lua-nginx-redis openssl luarocks python3-yaml
+	redis-server lua-nginx-redis openssl luarocks python3-yaml g++
 
 SCENARIO ?= headline
 
-.PHONY: all deps build lib test test-rust test-nginx run bench bench-reconfigure demo lab install uninstall cdef clean check-config
+.PHONY: all deps build lib test test-rust test-nginx run bench bench-reconfigure demo lab install uninstall cdef clean check-config \
+	fuzz fuzz-build fuzz-smoke
 
 all: build
 
@@ -59,13 +63,52 @@ lib: $(LIB)
 $(LIB): $(RUST_SOURCES)
 	$(CARGO) build --release
 
-test: build test-rust test-nginx
+test: build test-rust test-nginx fuzz-smoke
 
 test-rust:
 	$(CARGO) test --release --workspace
 
 test-nginx:
 	$(PROVE) -r $(TESTS)
+
+# Coverage-guided fuzzing (docs/fuzzing.md): libFuzzer-linked binaries built with the stable toolchain by
+# fuzz/build.sh (FUZZ_SANITIZER=address by default, or none); corpora in fuzz/corpus/<target>, crashes in
+# fuzz/artifacts/<target>/ (not committed).
+FUZZ_TARGETS ?= addr ffi_config layout admission engine
+FUZZ_TIME ?= 600
+FUZZ_SMOKE_TIME ?= 4
+FUZZ_SANITIZER ?= address
+export FUZZ_SANITIZER
+FUZZ_BIN = fuzz/target/$(FUZZ_SANITIZER)/x86_64-unknown-linux-gnu/release
+
+fuzz-build: deps
+	fuzz/build.sh
+
+fuzz: fuzz-build
+	@set -e; for t in $(FUZZ_TARGETS); do \
+		mkdir -p fuzz/corpus/$$t fuzz/artifacts/$$t; \
+		echo "fuzz $$t for $(FUZZ_TIME) s"; \
+		nice -n 19 $(FUZZ_BIN)/$$t -max_total_time=$(FUZZ_TIME) \
+			-artifact_prefix=fuzz/artifacts/$$t/ -print_final_stats=1 fuzz/corpus/$$t 2>&1 | \
+			grep -E '^(stat::|Done|==[0-9]+== ERROR|SUMMARY|thread .* panicked)' || true; \
+		if ls fuzz/artifacts/$$t/crash-* fuzz/artifacts/$$t/timeout-* fuzz/artifacts/$$t/oom-* >/dev/null 2>&1; then \
+			echo "fuzz $$t: findings in fuzz/artifacts/$$t/"; exit 1; fi; \
+	done
+
+# Each target over its committed corpus (every input that ever found new coverage, and every past finding), then
+# FUZZ_SMOKE_TIME seconds of new inputs; nothing written into the repository.
+fuzz-smoke: fuzz-build
+	@set -e; tmp=$$(mktemp -d); trap 'rm -rf "$$tmp"' EXIT; pass=0; fail=0; \
+	for t in $(FUZZ_TARGETS); do \
+		mkdir -p $$tmp/$$t; \
+		if $(FUZZ_BIN)/$$t -max_total_time=$(FUZZ_SMOKE_TIME) -artifact_prefix=$$tmp/$$t- -print_final_stats=1 \
+			$$tmp/$$t fuzz/corpus/$$t > $$tmp/$$t.log 2>&1; then \
+			pass=$$((pass+1)); echo "ok - fuzz smoke $$t: $$(grep -m1 -o 'stat::number_of_executed_units: [0-9]*' $$tmp/$$t.log)"; \
+		else \
+			fail=$$((fail+1)); echo "not ok - fuzz smoke $$t"; tail -40 $$tmp/$$t.log; \
+		fi; \
+	done; \
+	echo "fuzz smoke: $$pass passed, $$fail failed"; [ $$fail = 0 ]
 
 run: build
 	scripts/demo
@@ -114,4 +157,5 @@ uninstall:
 
 clean:
 	$(CARGO) clean
+	rm -rf fuzz/target fuzz/artifacts
 	rm -rf t/servroot* .run lab/out
