@@ -14,7 +14,7 @@
 #   make cdef     regenerate include/resty_autoscale.h and lua/resty/autoscale/cdef.lua from src/lib.rs
 #   make fuzz     every coverage-guided fuzz target in fuzz/ for FUZZ_TIME seconds each (default 600), growing the
 #                 corpora in fuzz/corpus/ (FUZZ_TARGETS=..., FUZZ_SANITIZER=address|none; docs/fuzzing.md); `make test` runs
-#                 each target for FUZZ_SMOKE_TIME seconds (default 4) over its corpus (`make fuzz-smoke`)
+#                 each target for FUZZ_SMOKE_TIME seconds (default 3) over its corpus (`make fuzz-smoke`)
 #
 # `run`, `test` and `bench` install the Debian packages they need first (`make deps`).
 
@@ -76,7 +76,7 @@ test-nginx:
 # fuzz/artifacts/<target>/ (not committed).
 FUZZ_TARGETS ?= addr ffi_config layout admission engine
 FUZZ_TIME ?= 600
-FUZZ_SMOKE_TIME ?= 4
+FUZZ_SMOKE_TIME ?= 3
 FUZZ_SANITIZER ?= address
 export FUZZ_SANITIZER
 FUZZ_BIN = fuzz/target/$(FUZZ_SANITIZER)/x86_64-unknown-linux-gnu/release
