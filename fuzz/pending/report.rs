@@ -1,7 +1,8 @@
 //! Target of the load-report parsers (`autoscale_core::report`), ready for when that module is in this tree: move
 //! this file to fuzz/fuzz_targets/report.rs, add the `[[bin]]` commented out in fuzz/Cargo.toml, add `report` to
-//! FUZZ_TARGETS in the Makefile and a seed corpus in fuzz/corpus/report/ (e.g. `TEXT cpu_utilization=0.3`,
-//! `JSON {"cpu_utilization":0.3,"named_metrics":{"queue":4}}`, `73%`, `120`, `drain 50%`).
+//! FUZZ_TARGETS in the Makefile and move fuzz/pending/corpus-report/ to fuzz/corpus/report/ (grown from `TEXT
+//! cpu_utilization=0.3, ...`, `JSON {"cpu_utilization":0.3,"named_metrics":{"queue":4}}`, `73%`, `120`,
+//! `drain 50%`; the first input byte is the length of the metric name or path that the rest is read with).
 //!
 //! Any bytes as an ORCA `endpoint-load-metrics` header (TEXT and JSON), a plain load value, `Retry-After`, an agent
 //! answer, a polled JSON or Prometheus body: no panic; every value parsed is finite, >= 0 and <= MAX_VALUE; an

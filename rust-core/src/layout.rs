@@ -741,6 +741,7 @@ mod tests {
             let _ = r.latency_ranges(s);
         }
         let _ = r.configure(&ups, 1, &yes, 1);
+        r.admission_update(0, 1_000_000_000, false);
     }
 
     #[test]
