@@ -18,6 +18,9 @@
 #   make soak     10 minutes of keepalive load (2,000 req/s) through reloads, worker SIGKILLs, peer churn, admin
 #                 changes and scaling; SOAK_SECONDS=600, SOAK_RATE=2000; report in lab/out/soak.html (t/060-soak.t)
 #   make cdef     regenerate include/resty_autoscale.h and lua/resty/autoscale/cdef.lua from src/lib.rs
+#   make fuzz     every coverage-guided fuzz target in fuzz/ for FUZZ_TIME seconds each (default 600), growing the
+#                 corpora in fuzz/corpus/ (FUZZ_TARGETS=..., FUZZ_SANITIZER=address|none; docs/fuzzing.md); `make test` runs
+#                 each target for FUZZ_SMOKE_TIME seconds (default 3) over its corpus (`make fuzz-smoke`)
 #
 # `run`, `test` and `bench` install the Debian packages they need first (`make deps`).
 
@@ -36,11 +39,12 @@ DEB_PACKAGES := nginx-core libnginx-mod-http-lua lua-resty-core lua-resty-lrucac
 	libhttp-message-perl libipc-run-perl liburi-perl \
 	lua-nginx-dns dnsmasq-base etcd-server etcd-client \
 	redis-server redis-sentinel lua-nginx-redis openssl luarocks python3-yaml \
-	nginx-dev libclang-dev
+	nginx-dev libclang-dev g++
 
 SCENARIO ?= headline
 
-.PHONY: all deps build lib module test test-rust test-nginx test-native test-native-long test-discovery-long run bench bench-reconfigure demo lab install uninstall cdef clean check-config soak
+.PHONY: all deps build lib module test test-rust test-nginx test-native test-native-long test-discovery-long run bench \
+	bench-reconfigure demo lab install uninstall cdef clean check-config soak fuzz fuzz-build fuzz-smoke
 
 all: build
 
@@ -79,7 +83,7 @@ lib: $(LIB)
 $(LIB): $(RUST_SOURCES)
 	$(CARGO) build --release
 
-test: build test-rust test-nginx test-native
+test: build test-rust test-nginx test-native fuzz-smoke
 
 test-rust:
 	$(CARGO) test --release --workspace
@@ -101,6 +105,45 @@ test-native-long:
 # The Consul registry away for 30 s under load (make test runs the same with 3 s).
 test-discovery-long: build
 	TEST_AUTOSCALE_OUTAGE=30 $(PROVE) t/050-discovery-consul.t
+
+# Coverage-guided fuzzing (docs/fuzzing.md): libFuzzer-linked binaries built with the stable toolchain by
+# fuzz/build.sh (FUZZ_SANITIZER=address by default, or none); corpora in fuzz/corpus/<target>, crashes in
+# fuzz/artifacts/<target>/ (not committed).
+FUZZ_TARGETS ?= addr ffi_config layout admission engine
+FUZZ_TIME ?= 600
+FUZZ_SMOKE_TIME ?= 3
+FUZZ_SANITIZER ?= address
+export FUZZ_SANITIZER
+FUZZ_BIN = fuzz/target/$(FUZZ_SANITIZER)/x86_64-unknown-linux-gnu/release
+
+fuzz-build: deps
+	fuzz/build.sh
+
+fuzz: fuzz-build
+	@set -e; for t in $(FUZZ_TARGETS); do \
+		mkdir -p fuzz/corpus/$$t fuzz/artifacts/$$t; \
+		echo "fuzz $$t for $(FUZZ_TIME) s"; \
+		nice -n 19 $(FUZZ_BIN)/$$t -max_total_time=$(FUZZ_TIME) \
+			-artifact_prefix=fuzz/artifacts/$$t/ -print_final_stats=1 fuzz/corpus/$$t 2>&1 | \
+			grep -E '^(stat::|Done|==[0-9]+== ERROR|SUMMARY|thread .* panicked)' || true; \
+		if ls fuzz/artifacts/$$t/crash-* fuzz/artifacts/$$t/timeout-* fuzz/artifacts/$$t/oom-* >/dev/null 2>&1; then \
+			echo "fuzz $$t: findings in fuzz/artifacts/$$t/"; exit 1; fi; \
+	done
+
+# Each target over its committed corpus (every input that ever found new coverage, and every past finding), then
+# FUZZ_SMOKE_TIME seconds of new inputs; nothing written into the repository.
+fuzz-smoke: fuzz-build
+	@set -e; tmp=$$(mktemp -d); trap 'rm -rf "$$tmp"' EXIT; pass=0; fail=0; \
+	for t in $(FUZZ_TARGETS); do \
+		mkdir -p $$tmp/$$t; \
+		if $(FUZZ_BIN)/$$t -max_total_time=$(FUZZ_SMOKE_TIME) -artifact_prefix=$$tmp/$$t- -print_final_stats=1 \
+			$$tmp/$$t fuzz/corpus/$$t > $$tmp/$$t.log 2>&1; then \
+			pass=$$((pass+1)); echo "ok - fuzz smoke $$t: $$(grep -m1 -o 'stat::number_of_executed_units: [0-9]*' $$tmp/$$t.log)"; \
+		else \
+			fail=$$((fail+1)); echo "not ok - fuzz smoke $$t"; tail -40 $$tmp/$$t.log; \
+		fi; \
+	done; \
+	echo "fuzz smoke: $$pass passed, $$fail failed"; [ $$fail = 0 ]
 
 run: build
 	scripts/demo
@@ -159,4 +202,5 @@ uninstall:
 
 clean:
 	$(CARGO) clean
+	rm -rf fuzz/target fuzz/artifacts
 	rm -rf t/servroot* .run lab/out

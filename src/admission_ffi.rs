@@ -318,8 +318,11 @@ pub extern "C" fn autoscale_admission_wait(req: *const c_void, upstream: u32, de
                 st.waiters[st.nwait] = (req as usize, upstream);
                 st.nwait += 1;
                 region.admission_wait(upstream, col, 1);
-            } else if delta < 0 && st.unwait(req as usize).is_some() {
-                region.admission_wait(upstream, col, -1);
+            } else if delta < 0 {
+                // Uncounted where it was counted: a call naming another upstream must not move both counts.
+                if let Some(up) = st.unwait(req as usize) {
+                    region.admission_wait(up, col, -1);
+                }
             }
             AUTOSCALE_OK
         }),

@@ -137,3 +137,22 @@ fn a_request_aborted_during_its_queue_wait_is_uncounted_by_its_log_phase() {
     assert_eq!(autoscale_admission_done(req(40), 499), AUTOSCALE_OK);
     assert_eq!(waiting(&mut st), 0, "Retry-After no longer counts it");
 }
+
+/// Found by the `admission` fuzz target: a request counted as waiting on one upstream and uncounted with another
+/// upstream's index left the first counted for good and took the second below 0.
+#[test]
+fn a_wait_is_uncounted_on_the_upstream_it_was_counted_on() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    init();
+    let mut st: autoscale_admission_stats_t = unsafe { std::mem::zeroed() };
+    let mut waiting = |up: u32| {
+        assert_eq!(unsafe { autoscale_admission_stats(up, &mut st) }, AUTOSCALE_OK);
+        st.waiting
+    };
+    let (w0, w1) = (waiting(0), waiting(1));
+    assert_eq!(autoscale_admission_wait(req(50), 0, 1), AUTOSCALE_OK);
+    assert_eq!(autoscale_admission_wait(req(50), 1, -1), AUTOSCALE_OK);
+    assert_eq!((waiting(0), waiting(1)), (w0, w1), "uncounted where it was counted");
+    assert_eq!(autoscale_admission_done(req(50), 200), AUTOSCALE_OK);
+    assert_eq!((waiting(0), waiting(1)), (w0, w1));
+}

@@ -373,9 +373,15 @@ fn put(a: &AtomicU64, v: f64) {
 
 fn params_of(h: &AdmissionHead) -> LimitParams {
     let v = |i: usize| get(&h.params[i]);
+    // The bounds are used with `f64::clamp`, which panics unless min <= max (neither NaN): a region that does not
+    // hold what `admission_configure` wrote (damaged) gets the default bounds rather than a panic.
+    let (min, max) = match (v(0), v(1)) {
+        (min, max) if min.is_finite() && max.is_finite() && min <= max => (min, max),
+        _ => (LimitParams::default().min, LimitParams::default().max),
+    };
     LimitParams {
-        min: v(0),
-        max: v(1),
+        min,
+        max,
         initial: v(2),
         buffer: v(3),
         min_rtt_interval_us: v(4) as u64,
@@ -594,7 +600,10 @@ impl Region {
         let p = params_of(h);
         let sum = h.lat_sum_us.swap(0, AcqRel);
         let count = h.lat_count.swap(0, AcqRel);
-        let sheds: u64 = h.shed.iter().map(|r| r[reason::CONCURRENCY].load(Relaxed) + r[reason::QUEUE_TIMEOUT].load(Relaxed)).sum();
+        // Only compared for a change: wrapping sums (counters a damaged region holds may be anything).
+        let sheds = h.shed.iter().fold(0u64, |a, r| {
+            a.wrapping_add(r[reason::CONCURRENCY].load(Relaxed)).wrapping_add(r[reason::QUEUE_TIMEOUT].load(Relaxed))
+        });
         let shed = h.shed_seen.swap(sheds, AcqRel) != sheds;
         let npeers = self.upstream(up).head.npeers.load(Acquire);
         let before = h.npeers.swap(npeers, AcqRel);

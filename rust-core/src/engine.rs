@@ -537,7 +537,7 @@ impl Region {
         self.validate(ups)?;
         let me = owner::word_of(procs, pid);
         self.lock_writer(me, procs, now_us)?;
-        let epoch = self.header().config_epoch.fetch_add(1, AcqRel) + 1;
+        let epoch = self.header().config_epoch.fetch_add(1, AcqRel).wrapping_add(1);
         let p = *self.params();
 
         // 1. Retire every peer and upstream that the new configuration does not keep, so their records can serve

@@ -724,6 +724,14 @@ impl Region {
         Ok(())
     }
 
+    /// The whole region as 64-bit words, for tools and tests that inspect it or damage it on purpose (the fuzz
+    /// target of the layout check writes garbage through it). Nothing on the request path uses it.
+    pub fn words(&self) -> &[AtomicU64] {
+        // SAFETY: the region is `total` bytes from a 64-aligned base and `total` is a multiple of 8 (every record
+        // size is); AtomicU64 is valid for any bit pattern and only accessed through shared references.
+        unsafe { self.slice_at(0, self.layout.total / 8) }
+    }
+
     /// The layout in force.
     pub fn layout(&self) -> &Layout {
         &self.layout
@@ -863,6 +871,34 @@ fn random_u64(salt: u64) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Found by the `layout` fuzz target (built with overflow checks): records holding garbage behind an intact
+    /// header (a configuration epoch and latency sums near 2^64) overflowed an addition instead of being read.
+    #[test]
+    fn garbage_records_behind_an_intact_header_are_read_without_overflow() {
+        use crate::engine::{PeerConf, UpstreamConf, UpstreamParams};
+        let params = Params { max_upstreams: 1, max_peers: 2, max_workers: 1, window_buckets: 2, bucket_ms: 100, rate_slots: 64 };
+        let r = Region::new_heap(params, 0).unwrap();
+        let ups = [UpstreamConf {
+            name: "a".into(),
+            params: UpstreamParams::default(),
+            peers: vec![PeerConf { addr: "127.0.0.1:1".parse().unwrap(), weight: 1 }],
+        }];
+        let yes = |_: u32| true;
+        r.configure(&ups, 1, &yes, 0).unwrap();
+        let header = std::mem::size_of::<Header>() / 8;
+        for w in &r.words()[header..] {
+            w.store(u64::MAX, Relaxed);
+        }
+        r.header().config_epoch.store(u64::MAX, Relaxed);
+        assert!(r.check(&params).is_ok());
+        for s in 0..2 {
+            let _ = r.snapshot(s, 1_000_000);
+            let _ = r.latency_ranges(s);
+        }
+        let _ = r.configure(&ups, 1, &yes, 1);
+        r.admission_update(0, 1_000_000_000, false);
+    }
 
     #[test]
     fn sizes_are_multiples_of_eight() {

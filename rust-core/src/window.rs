@@ -272,7 +272,7 @@ impl WindowBucket {
     /// Adds this bucket's latency sketch to `out`, by range of [`LE_BOUNDS_US`].
     fn sum_ranges(&self, out: &mut [u64; LE_RANGES]) {
         for (k, h) in self.hist.iter().enumerate() {
-            out[RANGE_OF[k] as usize] += h.load(Relaxed) as u64;
+            out[RANGE_OF[k] as usize] = out[RANGE_OF[k] as usize].wrapping_add(h.load(Relaxed) as u64);
         }
     }
 
@@ -357,7 +357,7 @@ impl WindowBucket {
         for (d, s) in sum.hist.iter_mut().zip(part.hist.iter()) {
             *d += s;
         }
-        sum.latency_sum_us += part.latency_sum_us;
+        sum.latency_sum_us = sum.latency_sum_us.wrapping_add(part.latency_sum_us);
         true
     }
 }

@@ -752,6 +752,16 @@ function _M.wake(name)
     end
 end
 
+-- v = scaler.external_value(body): the value of the first sample of a Prometheus instant-query answer
+-- (`{"data":{"result":[{"value":[t,"v"]}]}}`), a finite number; nil for any other body.
+function _M.external_value(body)
+    local data = type(body) == "string" and cjson.decode(body)
+    local result = type(data) == "table" and type(data.data) == "table" and data.data.result
+    local v = type(result) == "table" and type(result[1]) == "table" and type(result[1].value) == "table"
+              and tonumber(result[1].value[2])
+    return v and finite(v) and v or nil
+end
+
 -- The external signal: one Prometheus instant query, its first sample's value.
 local function fetch_external(name, s, svc)
     if not svc.holder then
@@ -760,12 +770,9 @@ local function fetch_external(name, s, svc)
     local e = s.external
     local status, body = http.request { url = e.url .. "/api/v1/query?query=" .. ngx.escape_uri(e.query),
                                         timeout = e.timeout, max_body = MAX_PROMETHEUS_BODY }
-    local data = status == 200 and cjson.decode(body)
-    local result = type(data) == "table" and type(data.data) == "table" and data.data.result
-    local v = type(result) == "table" and type(result[1]) == "table" and type(result[1].value) == "table"
-              and tonumber(result[1].value[2])
+    local v = status == 200 and _M.external_value(body)
     events.dependency(index[name], "prometheus", status ~= nil)
-    if v and finite(v) then
+    if v then
         ngx.update_time()
         svc.external, svc.external_t = v, ngx.now()
     else

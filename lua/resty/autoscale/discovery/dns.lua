@@ -22,6 +22,7 @@ local tostring = tostring
 local io_open = io.open
 local min = math.min
 local max = math.max
+local floor = math.floor
 local fail, number, known, show = config.fail, config.number, config.known, config.show
 
 local _M = {}
@@ -155,8 +156,11 @@ local function query(c, name, qtype, additional)
     if not answers then
         return nil, err
     end
+    if type(answers) ~= "table" then
+        return nil, "the resolver library answered " .. type(answers)
+    end
     if answers.errcode then
-        return nil, (answers.errstr or "error") .. " (rcode " .. answers.errcode .. ")"
+        return nil, tostring(answers.errstr or "error") .. " (rcode " .. tostring(answers.errcode) .. ")"
     end
     return answers
 end
@@ -165,13 +169,18 @@ local function lower(name)
     return type(name) == "string" and name:lower():gsub("%.$", "") or ""
 end
 
+-- A record's TTL as a number of seconds (0 when it has none that is a number).
+local function seconds(ttl)
+    return type(ttl) == "number" and ttl == ttl and ttl or 0
+end
+
 -- The addresses of the A (then AAAA) records in `answers` named `name` (any name when nil), and their least TTL.
 local function addresses(answers, name, qtype)
     local out, ttl = {}, nil
     for _, a in ipairs(answers) do
-        if a.type == qtype and type(a.address) == "string" and (name == nil or lower(a.name) == name) then
+        if type(a) == "table" and a.type == qtype and type(a.address) == "string" and (name == nil or lower(a.name) == name) then
             out[#out + 1] = a.address
-            ttl = min(ttl or a.ttl or 0, a.ttl or 0)
+            ttl = min(ttl or seconds(a.ttl), seconds(a.ttl))
         end
     end
     return out, ttl
@@ -218,14 +227,18 @@ function _M.fetch(c)
     else
         -- RFC 2782: only the lowest priority is used; the others are for when it is gone.
         local best
+        local function srv(a)
+            return type(a) == "table" and a.type == TYPES.SRV and a.section == 1 and type(a.priority) == "number"
+                   and a.priority == a.priority
+        end
         for _, a in ipairs(answers) do
-            if a.type == TYPES.SRV and a.section == 1 and type(a.priority) == "number" then
+            if srv(a) then
                 best = best and min(best, a.priority) or a.priority
             end
         end
         for _, a in ipairs(answers) do
-            if a.type == TYPES.SRV and a.section == 1 and a.priority == best and (a.port or 0) > 0 then
-                ttl = min(ttl or a.ttl or 0, a.ttl or 0)
+            if srv(a) and a.priority == best and type(a.port) == "number" and a.port > 0 then
+                ttl = min(ttl or seconds(a.ttl), seconds(a.ttl))
                 local list, t = target_addresses(c, answers, lower(a.target))
                 if not list then
                     return nil, t
@@ -234,7 +247,8 @@ function _M.fetch(c)
                 for _, ip in ipairs(list) do
                     local text = addr.join(ip, a.port)
                     if text then
-                        peers[#peers + 1] = { addr = text, weight = max(1, min(10000, a.weight or 1)) }
+                        local w = type(a.weight) == "number" and a.weight == a.weight and floor(a.weight) or 1
+                        peers[#peers + 1] = { addr = text, weight = max(1, min(10000, w)) }
                     end
                 end
             end
