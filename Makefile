@@ -109,7 +109,7 @@ test-discovery-long: build
 # Coverage-guided fuzzing (docs/fuzzing.md): libFuzzer-linked binaries built with the stable toolchain by
 # fuzz/build.sh (FUZZ_SANITIZER=address by default, or none); corpora in fuzz/corpus/<target>, crashes in
 # fuzz/artifacts/<target>/ (not committed).
-FUZZ_TARGETS ?= addr ffi_config layout admission engine
+FUZZ_TARGETS ?= addr ffi_config layout admission engine report
 FUZZ_TIME ?= 600
 FUZZ_SMOKE_TIME ?= 3
 FUZZ_SANITIZER ?= address

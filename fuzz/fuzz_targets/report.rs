@@ -1,6 +1,4 @@
-//! Target of the load-report parsers (`autoscale_core::report`), ready for when that module is in this tree: move
-//! this file to fuzz/fuzz_targets/report.rs, add the `[[bin]]` commented out in fuzz/Cargo.toml, add `report` to
-//! FUZZ_TARGETS in the Makefile and move fuzz/pending/corpus-report/ to fuzz/corpus/report/ (grown from `TEXT
+//! Target of the load-report parsers (`autoscale_core::report`). Corpus in fuzz/corpus/report/ (grown from `TEXT
 //! cpu_utilization=0.3, ...`, `JSON {"cpu_utilization":0.3,"named_metrics":{"queue":4}}`, `73%`, `120`,
 //! `drain 50%`; the first input byte is the length of the metric name or path that the rest is read with).
 //!
